@@ -1,0 +1,242 @@
+"""Llama-family decoder as pure functions over a parameter pytree.
+
+Parameter layout (the loaders in `ppow_jax.weights` produce exactly this; matrices are stored
+[in, out] so that a forward is `x @ w`):
+
+    {"embed": [V, D],
+     "layers": [{"attn_norm": [D], "wq": [D, H*hd], "wk": [D, KV*hd], "wv": [D, KV*hd],
+                 "wo": [H*hd, D], "mlp_norm": [D], "w_gate": [D, F], "w_up": [D, F],
+                 "w_down": [F, D],
+                 # optional: "bq": [H*hd], "bk"/"bv": [KV*hd] (Qwen2),
+                 #           "q_norm"/"k_norm": [hd] (Qwen3)
+                 }, ...],                       # one dict per layer
+     "final_norm": [D],
+     "lm_head": [D, V]}                         # absent when embeddings are tied
+
+Layers are a Python list rather than a stacked array: the forward unrolls them, and each layer
+reads its own buffers with no slicing copy, which matters for memory-bound decoding.
+
+The KV cache has a static size and a per-row length. Token t of row b is written at cache slot
+`positions[b, t]`, and a query at position p attends to slots 0..p. Slots past a row's length may
+hold stale keys (a rejected draft, padding); they are never visible, because any slot a query can
+see has been rewritten by the time that query runs. Rolling back a rejected draft is therefore
+just a smaller `lengths`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ppow_jax import sharding
+from ppow_jax.models.config import ModelConfig
+
+Params = dict[str, Any]
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Static-size key/value cache with one length per batch row."""
+
+    k: tuple[jax.Array, ...]  # per layer: [B, S, KV, hd]
+    v: tuple[jax.Array, ...]
+    lengths: jax.Array  # [B] int32: number of valid positions in each row
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+
+class ForwardOutput(NamedTuple):
+    logits: jax.Array  # [B, T, V] (logits_at="all") or [B, V] (logits_at="last"); float32
+    hidden_states: Optional[jax.Array]  # [n, B, T, D] outputs of the requested layers, or None
+    cache: KVCache
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
+    dtype = dtype or config.compute_jnp_dtype
+    shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+                   lengths=jnp.zeros((batch_size,), jnp.int32))
+
+
+def init_params(config: ModelConfig, key: jax.Array, std: float = 0.02) -> Params:
+    """Random parameters (unit tests, benchmarks with random weights of the real shapes)."""
+    d, f, hd = config.hidden_size, config.intermediate_size, config.head_dim
+    h, kv = config.num_heads, config.num_kv_heads
+    dtype = config.params_jnp_dtype
+    keys = iter(jax.random.split(key, 16 * config.num_layers + 4))
+
+    def normal(shape):
+        return (std * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+
+    def norm_weight(n):
+        # Not exactly ones, so that tests notice a missing or misplaced norm weight.
+        return (1.0 + 0.1 * jax.random.normal(next(keys), (n,), jnp.float32)).astype(dtype)
+
+    layers = []
+    for _ in range(config.num_layers):
+        layer = {"attn_norm": norm_weight(d), "wq": normal((d, h * hd)), "wk": normal((d, kv * hd)),
+                 "wv": normal((d, kv * hd)), "wo": normal((h * hd, d)), "mlp_norm": norm_weight(d),
+                 "w_gate": normal((d, f)), "w_up": normal((d, f)), "w_down": normal((f, d))}
+        if config.attention_bias:
+            layer.update(bq=normal((h * hd,)), bk=normal((kv * hd,)), bv=normal((kv * hd,)))
+        if config.qk_norm:
+            layer.update(q_norm=norm_weight(hd), k_norm=norm_weight(hd))
+        layers.append(layer)
+    params = {"embed": normal((config.vocab_size, d)), "layers": layers, "final_norm": norm_weight(d)}
+    if not config.tie_word_embeddings:
+        params["lm_head"] = normal((d, config.vocab_size))
+    return params
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
+    """RoPE inverse frequencies, with Llama-3 scaling of the low frequencies when configured."""
+    hd = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq.astype(np.float32)
+    low_freq_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_freq_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor)
+              / (scaling.high_freq_factor - scaling.low_freq_factor))
+    smoothed = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotary embedding in the half-split layout ([x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin])."""
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, hd/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed.astype(x.dtype) * weight.astype(x.dtype))
+
+
+def _attention(layer: Params, x: jax.Array, positions: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+               config: ModelConfig, inv_freq: np.ndarray):
+    batch, seq, _ = x.shape
+    h, kv, hd = config.num_heads, config.num_kv_heads, config.head_dim
+    dtype = x.dtype
+    q = x @ layer["wq"].astype(dtype)
+    k = x @ layer["wk"].astype(dtype)
+    v = x @ layer["wv"].astype(dtype)
+    if config.attention_bias:
+        q, k, v = q + layer["bq"].astype(dtype), k + layer["bk"].astype(dtype), v + layer["bv"].astype(dtype)
+    q = q.reshape(batch, seq, h, hd)
+    k = k.reshape(batch, seq, kv, hd)
+    v = v.reshape(batch, seq, kv, hd)
+    if config.qk_norm:
+        q = rms_norm(q, layer["q_norm"], config.rms_norm_eps)
+        k = rms_norm(k, layer["k_norm"], config.rms_norm_eps)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+
+    # Write the new keys/values at their positions; positions past the cache are dropped
+    # (only padding can land there: callers size the cache for every real token).
+    rows = jnp.arange(batch)[:, None]
+    k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+    k_cache = sharding.constrain(k_cache, sharding.CACHE_AXES)
+    v_cache = sharding.constrain(v_cache, sharding.CACHE_AXES)
+
+    groups = h // kv
+    q = q.reshape(batch, seq, kv, groups, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_cache.astype(dtype),
+                        preferred_element_type=jnp.float32) / math.sqrt(hd)
+    slots = jnp.arange(k_cache.shape[1])
+    visible = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache.astype(dtype))
+    out = out.reshape(batch, seq, h * hd) @ layer["wo"].astype(dtype)
+    return out, k_cache, v_cache
+
+
+def _mlp(layer: Params, x: jax.Array) -> jax.Array:
+    dtype = x.dtype
+    gate = x @ layer["w_gate"].astype(dtype)
+    up = x @ layer["w_up"].astype(dtype)
+    hidden = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
+    return hidden @ layer["w_down"].astype(dtype)
+
+
+def lm_head(params: Params, x: jax.Array, config: ModelConfig) -> jax.Array:
+    """Final-normed hidden states [..., D] -> float32 logits [..., V]."""
+    if config.tie_word_embeddings:
+        return jnp.einsum("...d,vd->...v", x, params["embed"].astype(x.dtype),
+                          preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", x, params["lm_head"].astype(x.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def forward(params: Params, tokens: jax.Array, cache: KVCache, config: ModelConfig, *,
+            positions: Optional[jax.Array] = None, num_valid: Optional[jax.Array] = None,
+            hidden_layers: Sequence[int] = (), logits_at: str = "all") -> ForwardOutput:
+    """Runs tokens [B, T] against the cache and appends them to it.
+
+    Args:
+      positions: [B, T] positions of the tokens; default `cache.lengths[:, None] + arange(T)`.
+      num_valid: [B] how many of the T tokens in each row are real (the rest is right padding);
+        the row's cache length grows by this much. Default T.
+      hidden_layers: indices of decoder layers whose outputs are returned (the drafter features).
+      logits_at: "all" for logits at every position, "last" for the last valid token of each row
+        only (prefill: avoids a [B, T, V] product).
+    """
+    batch, seq = tokens.shape
+    if num_valid is None:
+        num_valid = jnp.full((batch,), seq, jnp.int32)
+    if positions is None:
+        positions = cache.lengths[:, None] + jnp.arange(seq, dtype=jnp.int32)[None, :]
+    for index in hidden_layers:
+        if not 0 <= index < config.num_layers:
+            raise ValueError(f"hidden layer {index} is out of range for a {config.num_layers}-layer model")
+    dtype = config.compute_jnp_dtype
+    inv_freq = rope_inverse_frequencies(config)
+
+    x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
+    x = sharding.constrain(x, ("batch", "seq", "embed"))
+    new_k, new_v, collected = [], [], {}
+    for index, layer in enumerate(params["layers"]):
+        attn_out, k_layer, v_layer = _attention(
+            layer, rms_norm(x, layer["attn_norm"], config.rms_norm_eps), positions,
+            cache.k[index], cache.v[index], config, inv_freq)
+        x = x + attn_out
+        x = x + _mlp(layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
+        x = sharding.constrain(x, ("batch", "seq", "embed"))
+        new_k.append(k_layer)
+        new_v.append(v_layer)
+        if index in hidden_layers:
+            collected[index] = x
+    x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
+    if logits_at == "last":
+        last = jnp.take_along_axis(x, (num_valid - 1)[:, None, None], axis=1)[:, 0]
+        logits = lm_head(params, last, config)
+    elif logits_at == "all":
+        logits = lm_head(params, x, config)
+    else:
+        raise ValueError(f"logits_at must be 'all' or 'last', got {logits_at!r}")
+    hidden = jnp.stack([collected[i] for i in hidden_layers]) if hidden_layers else None
+    new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), lengths=cache.lengths + num_valid.astype(jnp.int32))
+    return ForwardOutput(logits=logits, hidden_states=hidden, cache=new_cache)
