@@ -14,14 +14,21 @@ from ppow_jax.models import llama
 CONFIG = tiny_config()
 PARAMS = tiny_params(CONFIG)
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]]
-_full_forward = jax.jit(lambda p, t: llama.forward(p, t, llama.init_cache(CONFIG, 1, t.shape[1]), CONFIG).logits)
+_REFERENCE_LEN = 64
+_full_forward = jax.jit(lambda p, t: llama.forward(p, t, llama.init_cache(CONFIG, 1, _REFERENCE_LEN), CONFIG).logits)
 
 
 def naive_greedy(prompt, n, eos=()):
-    """Reference: recompute the whole sequence for every new token, no cache."""
+    """Reference: recompute the whole sequence for every new token, no cache.
+
+    The sequence is right-padded to a fixed length (one compilation); causal attention keeps the
+    padding from affecting the logits at the last real position.
+    """
     tokens = list(prompt)
     for _ in range(n):
-        token = int(jnp.argmax(_full_forward(PARAMS, jnp.asarray([tokens]))[0, -1]))
+        padded = np.zeros((1, _REFERENCE_LEN), np.int32)
+        padded[0, :len(tokens)] = tokens
+        token = int(jnp.argmax(_full_forward(PARAMS, jnp.asarray(padded))[0, len(tokens) - 1]))
         tokens.append(token)
         if token in eos:
             break

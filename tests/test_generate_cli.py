@@ -1,0 +1,73 @@
+"""`python -m ppow_jax.generate`: real generation with SmolLM2, and clear errors for bad input."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from ppow_jax import generate
+from ppow_jax.weights.registry import DEFAULT_MODEL
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as a user would run it
+    return subprocess.run([sys.executable, "-m", "ppow_jax.generate", *args], capture_output=True, text=True,
+                          cwd=REPO_ROOT, env=env, timeout=600)
+
+
+def test_generates_real_text_with_smollm2():
+    proc = run_cli("--prompt", "What is the capital of France?", "--chat", "--max-new-tokens", "12")
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+    assert "loaded" not in proc.stdout and "loaded" in proc.stderr  # diagnostics stay on stderr
+
+
+def test_ignore_eos_generates_exactly_n_tokens_and_errors_exit_cleanly():
+    proc = run_cli("--prompt", "Hi", "--chat", "--max-new-tokens", "20", "--ignore-eos", "--temperature", "0.8",
+                   "--seed", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "20 new tokens" in proc.stderr
+    proc = run_cli("--prompt", "Hi", "--top-p", "2")
+    assert proc.returncode == 2
+    assert "top_p" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", ""], "empty"),
+    (["--prompt", "   "], "empty"),
+    (["--prompt", "hi", "--temperature", "-0.5"], "temperature"),
+    (["--prompt", "hi", "--temperature", "nan"], "temperature"),
+    (["--prompt", "hi", "--top-k", "-1"], "top_k"),
+    (["--prompt", "hi", "--top-p", "0"], "top_p"),
+    (["--prompt", "hi", "--max-new-tokens", "0"], "max-new-tokens"),
+    (["--prompt", "hi", "--mesh", "data=two"], "--mesh"),
+    (["--prompt", "hi", "--mesh", "data=64"], "needs 64 devices"),
+    (["--prompt", "hi", "--model", "no-such-model"], "no-such-model"),
+])
+def test_bad_input_gets_a_clear_error(args, message, capsys):
+    assert generate.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+
+
+def test_bad_checkpoint_files_get_a_clear_error(tmp_path, capsys):
+    text = tmp_path / "notes.gguf"
+    text.write_text("this is not a model\n")
+    truncated = tmp_path / "truncated.gguf"
+    from ppow_jax.weights.registry import resolve_model_path
+    with open(resolve_model_path(DEFAULT_MODEL), "rb") as f:
+        truncated.write_bytes(f.read(1 << 20))
+    for path in (text, truncated, tmp_path / "missing.gguf", tmp_path):
+        assert generate.main(["--prompt", "hi", "--model", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and str(path.name) in err
+
+
+def test_prompt_longer_than_the_context_window(capsys):
+    long_prompt = "word " * 9000  # SmolLM2's window is 8192 tokens
+    assert generate.main(["--prompt", long_prompt, "--max-new-tokens", "4"]) == 2
+    assert "context window" in capsys.readouterr().err
