@@ -52,7 +52,8 @@ def test_sharded_forward_and_decoding_equal_single_device(axes, single_device_re
 def test_parameters_are_actually_split():
     mesh = sharding.make_mesh(fsdp=4, tensor=2)
     specs = jax.tree.map(lambda s: s.spec, sharding.param_shardings(PARAMS, mesh))
-    assert specs["layers"][0]["wq"] == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert specs["layers"][0]["wqkv"] == jax.sharding.PartitionSpec("fsdp", "tensor", None, None)
+    assert specs["layers"][0]["w_gate_up"] == jax.sharding.PartitionSpec("fsdp", None, "tensor")
     assert specs["layers"][0]["w_down"] == jax.sharding.PartitionSpec("tensor", "fsdp")
     # An axis the mesh cannot divide evenly stays replicated (3 heads over tensor=2).
     spec = sharding.logical_to_spec(("batch", "cache_seq", "kv_heads", "head_dim"), (8, 16, 3, 8),

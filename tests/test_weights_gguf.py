@@ -14,6 +14,7 @@ from conftest_weights import (eval_questions, gguf_tensors_from_hf, hf_logits, h
                               to_jax, write_gguf)
 from ppow_jax.errors import CheckpointError
 from ppow_jax.weights import registry
+from ppow_jax.models.llama import fuse_projections, split_projections
 from ppow_jax.weights.gguf_loader import load_gguf
 
 torch = pytest.importorskip("torch")
@@ -39,8 +40,8 @@ def test_smollm2_config(smollm2):
     assert config.tie_word_embeddings and "lm_head" not in smollm2.params
     assert config.rope_theta == 100000.0 and config.rope_scaling is None
     assert config.max_position_embeddings == 8192
-    assert smollm2.params["layers"][0]["wq"].shape == (576, 576)
-    assert smollm2.params["layers"][0]["wk"].shape == (576, 192)
+    assert smollm2.params["layers"][0]["wqkv"].shape == (576, 3, 5, 64)  # 3 KV groups of 3 q heads + k + v
+    assert smollm2.params["layers"][0]["w_gate_up"].shape == (576, 2, 1536)
 
 
 def test_smollm2_logits_match_transformers(smollm2, hf_smollm2_model):
@@ -106,9 +107,11 @@ def test_converted_gguf_matches_transformers(tmp_path, kind, arch, kwargs):
                        reference) > 1e-2
     if arch == "llama":
         # Without the un-permutation the logits are clearly wrong, so the check above has teeth.
-        for layer in params["layers"]:
+        for i, fused in enumerate(params["layers"]):
+            layer = split_projections(fused, config)
             layer["wq"] = permute_rows(layer["wq"].T, config.num_heads).T
             layer["wk"] = permute_rows(layer["wk"].T, config.num_kv_heads).T
+            params["layers"][i] = fuse_projections(layer, config)
         assert rel_err(our_logits(config, to_jax(params), tokens), reference) > 1e-2
 
 
@@ -154,7 +157,7 @@ def test_quantized_tensors_round_trip(tmp_path, quant_model, qtype):
         if qtype == Q.F16:
             stored = {name: tensors[name].astype(np.float16).astype(np.float32) for name in matrices}
     config, params = load_gguf(path)
-    layer = params["layers"][0]
+    layer = split_projections(params["layers"][0], config)
     loaded = {"token_embd.weight": params["embed"], "output.weight": params["lm_head"].T,
               "blk.0.attn_q.weight": permute_rows(layer["wq"].T, config.num_heads),
               "blk.0.attn_k.weight": permute_rows(layer["wk"].T, config.num_kv_heads),
@@ -177,7 +180,7 @@ def test_bfloat16_params(tmp_path, quant_model):
     write_gguf(path, "llama", model.config, tensors)
     config, params = load_gguf(path, param_dtype="bfloat16")
     assert config.param_dtype == config.compute_dtype == "bfloat16"
-    assert params["embed"].dtype.name == "bfloat16" and params["layers"][0]["wq"].dtype.name == "bfloat16"
+    assert params["embed"].dtype.name == "bfloat16" and params["layers"][0]["wqkv"].dtype.name == "bfloat16"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ def test_old_style_rope_config_and_bfloat16(tmp_path):
     config, params = load_hf_directory(directory, param_dtype="bfloat16")
     assert config.param_dtype == config.compute_dtype == "bfloat16"
     assert config.rope_scaling.factor == 8.0
-    assert params["layers"][0]["wq"].dtype.name == "bfloat16"
+    assert params["layers"][0]["wqkv"].dtype.name == "bfloat16"
     f32_config = config.with_dtypes("float32")
     error = rel_err(our_logits(f32_config, to_jax(params), TOKENS), hf_logits(model, TOKENS))
     assert error <= 3e-2, error  # bfloat16 weights, float32 compute

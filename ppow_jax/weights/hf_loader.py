@@ -16,6 +16,7 @@ import numpy as np
 
 from ppow_jax.errors import CheckpointError, InputError
 from ppow_jax.models.config import ModelConfig, RopeScaling
+from ppow_jax.models.llama import fuse_projections
 
 _PARAM_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
@@ -212,7 +213,7 @@ def load_hf_directory(path: Union[str, pathlib.Path], param_dtype: str = "float3
         if config.qk_norm:
             layer["q_norm"] = get(p + "self_attn.q_norm.weight", (hd,))
             layer["k_norm"] = get(p + "self_attn.k_norm.weight", (hd,))
-        layers.append(layer)
+        layers.append(fuse_projections(layer, config))
     params["layers"] = layers
     params["final_norm"] = get("model.norm.weight", (d,))
     if not config.tie_word_embeddings:
