@@ -34,7 +34,7 @@ RULES: dict[str, Optional[tuple[str, ...]]] = {
     "norm": None,
 }
 
-CACHE_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
+CACHE_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")
 
 # Logical axes of each parameter, by its name in the pytree (see `ppow_jax.models.llama`).
 PARAM_AXES: dict[str, tuple[str, ...]] = {
