@@ -65,7 +65,7 @@ def test_compiles_once_per_bucket():
     decoder.generate([[1, 2, 3]], 10)
     decoder.generate([[4, 5, 6, 7, 8, 9, 10]], 12)  # same prompt bucket, same buffer bucket
     decoder.generate([[4, 5, 6]], 16, on_tokens=lambda rows: None, stream_every=3)  # streamed in chunks
-    key = (1, bucket(7), bucket(bucket(7) + 12))
+    key = (1, bucket(7), bucket(7 + 12))
     assert decoder._prefill_fns[key]._cache_size() == 1
     for fn in decoder._decode_fns.values():
         assert fn._cache_size() == 1

@@ -111,28 +111,7 @@ class AutoregressiveDecoder:
 
     def prepare(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> tuple[np.ndarray, np.ndarray, int]:
         """Validates prompts and pads them into a [B, bucket] array; returns (tokens, lengths, cache_len)."""
-        if not prompts:
-            raise InputError("no prompts given")
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        lengths = np.array([len(p) for p in prompts], np.int32)
-        if (lengths == 0).any():
-            raise InputError(f"prompt {int(np.argmin(lengths))} is empty (no tokens)")
-        limit = self.config.max_position_embeddings
-        longest = int(lengths.max())
-        if longest + max_new_tokens > limit:
-            raise InputError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's "
-                             f"context window of {limit} tokens")
-        for p in prompts:
-            bad = [t for t in p if not 0 <= t < self.config.vocab_size]
-            if bad:
-                raise InputError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
-        prompt_len = bucket(longest)
-        tokens = np.full((len(prompts), prompt_len), self.pad_token_id, np.int32)
-        for row, p in enumerate(prompts):
-            tokens[row, :len(p)] = p
-        cache_len = min(bucket(prompt_len + max_new_tokens), bucket(limit))
-        return tokens, lengths, cache_len
+        return pad_prompts(self.config, prompts, max_new_tokens, self.pad_token_id)
 
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray, cache_len: int):
         fn = self._prefill_fn(tokens.shape[0], tokens.shape[1], cache_len)
@@ -189,6 +168,38 @@ class AutoregressiveDecoder:
         eos = set(np.asarray(self.eos_token_ids).tolist())
         return GenerationResult(tokens=rows, finished_by_eos=[bool(r) and r[-1] in eos and not ignore_eos for r in rows],
                                 prefill_seconds=prefill_seconds, decode_seconds=decode_seconds)
+
+
+def pad_prompts(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_token_id: int,
+                extra_cache: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+    """Validates prompts and right-pads them to a bucketed [B, T] array.
+
+    Returns (tokens, lengths, cache_len); the cache holds the prompt bucket, the new tokens and
+    `extra_cache` more positions (speculative decoding writes a whole window past the last token).
+    """
+    if not prompts:
+        raise InputError("no prompts given")
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    if (lengths == 0).any():
+        raise InputError(f"prompt {int(np.argmin(lengths))} is empty (no tokens)")
+    limit = config.max_position_embeddings
+    longest = int(lengths.max())
+    if longest + max_new_tokens > limit:
+        raise InputError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's "
+                         f"context window of {limit} tokens")
+    for p in prompts:
+        bad = [t for t in p if not 0 <= t < config.vocab_size]
+        if bad:
+            raise InputError(f"token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
+    prompt_len = bucket(longest)
+    tokens = np.full((len(prompts), prompt_len), pad_token_id, np.int32)
+    for row, p in enumerate(prompts):
+        tokens[row, :len(p)] = p
+    # Padding positions past the cache are dropped on write, so the cache needs only the real tokens.
+    cache_len = bucket(longest + max_new_tokens + extra_cache)
+    return tokens, lengths, cache_len
 
 
 def _rows(state: DecodeState) -> list[list[int]]:

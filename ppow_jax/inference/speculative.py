@@ -1,0 +1,318 @@
+"""Speculative decoding: draft a window, verify it in one target pass, accept losslessly.
+
+One cycle (METHOD.md §1), all inside one `lax.while_loop` with static shapes:
+  1. the drafter consumes the tokens it has not seen yet (1 or 2 per row) and then drafts up to
+     K_max tokens; a window policy decides per row how many of them are proposed, and the draft
+     loop exits early once no row proposes more;
+  2. the target scores [pending token, d_1 .. d_K] in one forward over K_max + 1 positions;
+  3. the longest acceptable prefix of the proposed drafts is kept (greedy: equal to the target's
+     argmax; sampling: the Leviathan/Chen rejection rule), plus one target token (the correction
+     at the first rejection, or a bonus token after a fully accepted window);
+  4. caches roll back by resetting per-row lengths; nothing is copied.
+
+Invariant between cycles: both caches hold every emitted token except the last one (`pending`);
+the drafter additionally may lack the last accepted draft, which it then consumes together with
+`pending` at the start of the next cycle (`draft_chunk`, 1 or 2 tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Optional, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from ppow_jax import sharding
+from ppow_jax.drafters.lm import LMDrafter, check_vocabulary
+from ppow_jax.inference.autoregressive import bucket, pad_prompts
+from ppow_jax.inference.sampling import SamplingParams, processed_logprobs, sample_tokens
+from ppow_jax.inference.windows import WindowPolicy
+from ppow_jax.models import llama
+from ppow_jax.models.config import ModelConfig
+
+
+@flax.struct.dataclass
+class SpecState:
+    tokens: jax.Array  # [B, N] generated tokens
+    num_generated: jax.Array  # [B]
+    budget: jax.Array  # [B]
+    done: jax.Array  # [B] bool
+    pending: jax.Array  # [B] last emitted token, in neither cache yet
+    draft_chunk: jax.Array  # [B, 2] tokens the drafter consumes first in the next cycle
+    draft_chunk_len: jax.Array  # [B] 1 or 2
+    target_cache: llama.KVCache
+    drafter_cache: llama.KVCache
+    key: jax.Array
+    cycles: jax.Array  # [B] verify passes run for each row
+    accept_hist: jax.Array  # [K_max + 1] how many cycles accepted k = 0..K_max drafts (all rows)
+    saw_nan: jax.Array  # [B] bool
+    ignore_eos: jax.Array  # scalar bool
+
+
+@dataclasses.dataclass
+class SpeculativeResult:
+    tokens: list[list[int]]
+    finished_by_eos: list[bool]
+    cycles: list[int]  # verify passes per row
+    accept_hist: list[int]  # index k: cycles that accepted k drafts
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def tau(self) -> float:
+        """Mean acceptance length: tokens per verify pass (accepted drafts + 1), over all cycles."""
+        cycles = sum(self.accept_hist)
+        return sum((k + 1) * n for k, n in enumerate(self.accept_hist)) / cycles if cycles else float("nan")
+
+
+def _leading_true(mask: jax.Array) -> jax.Array:
+    """[B, K] bool -> [B] number of leading True values."""
+    return jnp.sum(jnp.cumprod(mask.astype(jnp.int32), axis=-1), axis=-1)
+
+
+def accept_greedy(drafts: jax.Array, window: jax.Array, target_logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Greedy acceptance -> (k accepted drafts [B], the target token after them [B])."""
+    target_choice = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [B, K + 1]
+    k_max = drafts.shape[1]
+    proposed = jnp.arange(k_max)[None, :] < window[:, None]
+    k = _leading_true((drafts == target_choice[:, :k_max]) & proposed)
+    return k, jnp.take_along_axis(target_choice, k[:, None], axis=1)[:, 0]
+
+
+def accept_sampling(key: jax.Array, drafts: jax.Array, window: jax.Array, draft_logprobs: jax.Array,
+                    target_logits: jax.Array, sampling: SamplingParams) -> tuple[jax.Array, jax.Array]:
+    """Lossless speculative sampling (Leviathan et al. 2023; Chen et al. 2023).
+
+    drafts [B, K] were sampled from exp(draft_logprobs) [B, K, V]; target_logits [B, K + 1, V].
+    Draft i is accepted with probability min(1, p_i(x_i) / q_i(x_i)); at the first rejection the
+    token is drawn from norm(max(0, p - q)); after a fully accepted window, from p (the bonus).
+    Returns (k accepted drafts [B], the target token after them [B]).
+    """
+    accept_key, residual_key = jax.random.split(key)
+    batch, k_max = drafts.shape
+    target_logprobs = processed_logprobs(target_logits, sampling)  # the distribution plain sampling uses
+    p_draft = jnp.take_along_axis(target_logprobs[:, :k_max], drafts[..., None], axis=-1)[..., 0]
+    q_draft = jnp.take_along_axis(draft_logprobs, drafts[..., None], axis=-1)[..., 0]
+    uniform = jax.random.uniform(accept_key, (batch, k_max))
+    proposed = jnp.arange(k_max)[None, :] < window[:, None]
+    # u < p/q, written in log space; a draft with q = 0 cannot have been sampled, and p = 0 rejects.
+    accepted = (jnp.log(uniform) < p_draft - q_draft) & proposed
+    k = _leading_true(accepted)
+
+    rows = jnp.arange(batch)
+    p_next = jnp.exp(target_logprobs[rows, k])  # [B, V]
+    q_next = jnp.exp(draft_logprobs[rows, jnp.minimum(k, k_max - 1)])
+    residual = jnp.maximum(p_next - q_next, 0.0)
+    # When p = q the residual is all zeros (rejection then has probability 0, but float rounding
+    # can still get here): fall back to p instead of dividing by zero.
+    residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, p_next)
+    bonus = (k >= window)[:, None]
+    distribution = jnp.where(bonus, p_next, residual)
+    token = jax.random.categorical(residual_key, jnp.log(distribution), axis=-1).astype(jnp.int32)
+    return k, token
+
+
+class SpeculativeDecoder:
+    """Batched speculative decoding of a target with an LM drafter on a device mesh."""
+
+    def __init__(self, target_config: ModelConfig, target_params: llama.Params, drafter: LMDrafter,
+                 drafter_params: llama.Params, *, eos_token_ids: Sequence[int], pad_token_id: int = 0,
+                 mesh: Optional[Mesh] = None):
+        check_vocabulary(drafter.config, target_config)
+        self.target_config, self.drafter = target_config, drafter
+        self.mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
+        self.eos_token_ids = jnp.asarray(list(eos_token_ids) or [-1], jnp.int32)
+        self.pad_token_id = pad_token_id
+        self.target_shardings = sharding.param_shardings(target_params, self.mesh)
+        self.drafter_shardings = sharding.param_shardings(drafter_params, self.mesh)
+        self.target_params = jax.device_put(target_params, self.target_shardings)
+        self.drafter_params = jax.device_put(drafter_params, self.drafter_shardings)
+        self._compiled: dict = {}
+
+    def _state_shardings(self, state: SpecState) -> SpecState:
+        by_batch = lambda a: sharding.batch_sharding(self.mesh, a.shape)
+        replicated = sharding.replicated(self.mesh)
+        batch_fields = {f.name: by_batch(getattr(state, f.name)) for f in dataclasses.fields(state)
+                        if f.name not in ("target_cache", "drafter_cache", "key", "accept_hist", "ignore_eos")}
+        return SpecState(**batch_fields, target_cache=sharding.cache_shardings(state.target_cache, self.mesh),
+                         drafter_cache=sharding.cache_shardings(state.drafter_cache, self.mesh),
+                         key=replicated, accept_hist=replicated, ignore_eos=replicated)
+
+    def _start_fn(self, batch: int, prompt_len: int, cache_len: int, buffer: int, sampling: SamplingParams,
+                  window: WindowPolicy):
+        key = ("start", batch, prompt_len, cache_len, buffer, sampling, window.k_max)
+        if key not in self._compiled:
+            target_config, drafter_config = self.target_config, self.drafter.config
+
+            def start(target_params, drafter_params, tokens, lengths, budget, rng, ignore_eos):
+                target = llama.forward(target_params, tokens, llama.init_cache(target_config, batch, cache_len),
+                                       target_config, num_valid=lengths, logits_at="last")
+                drafter = llama.forward(drafter_params, tokens, llama.init_cache(drafter_config, batch, cache_len),
+                                        drafter_config, num_valid=lengths, logits_at="last")
+                rng, first_key = jax.random.split(rng)
+                first = sample_tokens(first_key, target.logits, sampling)
+                saw_nan = jnp.any(jnp.isnan(target.logits), axis=-1)
+                hit_eos = jnp.any(first[:, None] == self.eos_token_ids[None], axis=-1) & ~ignore_eos
+                return SpecState(
+                    tokens=jnp.full((batch, buffer), self.pad_token_id, jnp.int32).at[:, 0].set(first),
+                    num_generated=jnp.ones((batch,), jnp.int32), budget=budget,
+                    done=hit_eos | (budget <= 1) | saw_nan, pending=first,
+                    draft_chunk=jnp.stack([first, jnp.full_like(first, self.pad_token_id)], axis=1),
+                    draft_chunk_len=jnp.ones((batch,), jnp.int32), target_cache=target.cache,
+                    drafter_cache=drafter.cache, key=rng, cycles=jnp.zeros((batch,), jnp.int32),
+                    accept_hist=jnp.zeros((window.k_max + 1,), jnp.int32), saw_nan=saw_nan, ignore_eos=ignore_eos)
+
+            self._compiled[key] = jax.jit(start)
+        return self._compiled[key]
+
+    def _loop_fn(self, state: SpecState, sampling: SamplingParams, window: WindowPolicy):
+        key = ("loop", state.tokens.shape, state.target_cache.max_len, sampling, window)
+        if key not in self._compiled:
+            state_sh = self._state_shardings(state)
+            loop = functools.partial(_speculative_loop, target_config=self.target_config,
+                                     drafter_config=self.drafter.config, sampling=sampling, window=window,
+                                     eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id)
+            self._compiled[key] = jax.jit(loop, in_shardings=(self.target_shardings, self.drafter_shardings, state_sh),
+                                          out_shardings=state_sh, donate_argnums=(2,))
+        return self._compiled[key]
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 sampling: SamplingParams = SamplingParams(), window: WindowPolicy = WindowPolicy(), *,
+                 seed: int = 0, ignore_eos: bool = False) -> SpeculativeResult:
+        # The caches must hold a whole window (K_max + 1 positions) past the last emitted token.
+        tokens, lengths, cache_len = pad_prompts(self.target_config, prompts, max_new_tokens, self.pad_token_id,
+                                                 extra_cache=window.k_max + 2)
+        batch = tokens.shape[0]
+        start_fn = self._start_fn(batch, tokens.shape[1], cache_len, bucket(max_new_tokens), sampling, window)
+        start = time.perf_counter()
+        with jax.set_mesh(self.mesh):
+            state = start_fn(self.target_params, self.drafter_params, tokens, lengths,
+                             jnp.full((batch,), max_new_tokens, jnp.int32), jax.random.key(seed), jnp.asarray(ignore_eos))
+            jax.block_until_ready(state)
+            prefill_seconds = time.perf_counter() - start
+            state = jax.device_put(state, self._state_shardings(state))
+            start = time.perf_counter()
+            state = self._loop_fn(state, sampling, window)(self.target_params, self.drafter_params, state)
+            jax.block_until_ready(state)
+        decode_seconds = time.perf_counter() - start
+        if bool(jnp.any(state.saw_nan)):
+            rows = np.flatnonzero(np.asarray(state.saw_nan)).tolist()
+            raise FloatingPointError(f"NaN logits in rows {rows}; no token was sampled from them")
+        out, counts, cycles, hist = jax.device_get((state.tokens, state.num_generated, state.cycles, state.accept_hist))
+        rows = [row[:n].tolist() for row, n in zip(out, counts)]
+        eos = set(np.asarray(self.eos_token_ids).tolist())
+        return SpeculativeResult(tokens=rows, finished_by_eos=[bool(r) and r[-1] in eos and not ignore_eos for r in rows],
+                                 cycles=cycles.tolist(), accept_hist=hist.tolist(), prefill_seconds=prefill_seconds,
+                                 decode_seconds=decode_seconds)
+
+
+def _draft(drafter_params, state: SpecState, key: jax.Array, *, config: ModelConfig, sampling: SamplingParams,
+           window: WindowPolicy):
+    """Runs the drafter: consume `draft_chunk`, then draft up to K_max tokens.
+
+    Returns (drafts [B, K], draft_logprobs [B, K, V] or None for greedy, window [B], steps run,
+    drafter cache whose lengths still count every drafted token).
+    """
+    batch, k_max = state.pending.shape[0], window.k_max
+    out = llama.forward(drafter_params, state.draft_chunk, state.drafter_cache, config,
+                        num_valid=state.draft_chunk_len, logits_at="last")
+    keys = jax.random.split(key, k_max)
+    keep_logprobs = not sampling.greedy
+    vocab = config.vocab_size
+
+    def propose(step, logits):
+        if sampling.greedy:
+            logprobs = jax.nn.log_softmax(logits, axis=-1)
+            token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        else:
+            logprobs = processed_logprobs(logits, sampling)
+            token = jax.random.categorical(keys[step], logprobs, axis=-1).astype(jnp.int32)
+        return token, logprobs
+
+    token, logprobs = propose(0, out.logits)
+    proposing = window.keep_drafting(0, logprobs) & ~state.done
+    drafts = jnp.zeros((batch, k_max), jnp.int32).at[:, 0].set(token)
+    draft_logprobs = (jnp.zeros((batch, k_max, vocab), jnp.float32).at[:, 0].set(logprobs)
+                      if keep_logprobs else jnp.zeros((batch, k_max, 0), jnp.float32))
+    carry = (jnp.ones((), jnp.int32), out.cache, drafts, draft_logprobs, proposing, proposing.astype(jnp.int32))
+
+    def cond(c):
+        step, _, _, _, proposing, _ = c
+        return (step < k_max) & jnp.any(proposing)
+
+    def body(c):
+        step, cache, drafts, draft_logprobs, proposing, window_len = c
+        previous = jax.lax.dynamic_slice_in_dim(drafts, step - 1, 1, axis=1)
+        out = llama.forward(drafter_params, previous, cache, config, logits_at="last")
+        token, logprobs = propose(step, out.logits)
+        drafts = drafts.at[:, step].set(token)
+        if keep_logprobs:
+            draft_logprobs = draft_logprobs.at[:, step].set(logprobs)
+        proposing = proposing & window.keep_drafting(step, logprobs)
+        return step + 1, out.cache, drafts, draft_logprobs, proposing, window_len + proposing.astype(jnp.int32)
+
+    steps, cache, drafts, draft_logprobs, _, window_len = jax.lax.while_loop(cond, body, carry)
+    return drafts, (draft_logprobs if keep_logprobs else None), window_len, steps, cache
+
+
+def _speculative_loop(target_params, drafter_params, state: SpecState, *, target_config: ModelConfig,
+                      drafter_config: ModelConfig, sampling: SamplingParams, window: WindowPolicy,
+                      eos_token_ids: jax.Array, pad_token_id: int) -> SpecState:
+    k_max = window.k_max
+
+    def cond(s: SpecState):
+        return ~jnp.all(s.done)
+
+    def body(s: SpecState) -> SpecState:
+        key, draft_key, accept_key = jax.random.split(s.key, 3)
+        active = ~s.done
+        batch = active.shape[0]
+        drafts, draft_logprobs, window_len, steps, drafter_cache = _draft(
+            drafter_params, s, draft_key, config=drafter_config, sampling=sampling, window=window)
+        window_len = jnp.maximum(window_len, 1)  # rows that finished still carry a (masked) window
+
+        verify_tokens = jnp.concatenate([s.pending[:, None], drafts], axis=1)  # [B, K + 1]
+        verified = llama.forward(target_params, verify_tokens, s.target_cache, target_config,
+                                 num_valid=jnp.where(active, k_max + 1, 0))
+        saw_nan = jnp.any(jnp.isnan(verified.logits), axis=(1, 2)) & active
+        if sampling.greedy:
+            k, next_token = accept_greedy(drafts, window_len, verified.logits)
+        else:
+            k, next_token = accept_sampling(accept_key, drafts, window_len, draft_logprobs, verified.logits, sampling)
+
+        # Emit d_1..d_k and the target token, cut at the first EOS and at the row's budget.
+        positions = jnp.arange(k_max + 1)[None, :]
+        emitted = jnp.where(positions < k[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), next_token[:, None])
+        is_eos = jnp.any(emitted[..., None] == eos_token_ids, axis=-1) & (positions <= k[:, None]) & ~s.ignore_eos
+        first_eos = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1), k_max + 1)
+        count = jnp.minimum(jnp.minimum(k + 1, first_eos + 1), s.budget - s.num_generated)
+        count = jnp.where(active & ~saw_nan, count, 0)
+        slots = jnp.where(positions < count[:, None], s.num_generated[:, None] + positions, s.tokens.shape[1])
+        tokens = s.tokens.at[jnp.arange(batch)[:, None], slots].set(emitted, mode="drop")
+        num_generated = s.num_generated + count
+        done = s.done | saw_nan | (first_eos < count) | (num_generated >= s.budget)
+
+        # Roll back: the target keeps pending + k drafts; the drafter keeps what it consumed plus
+        # the accepted drafts it has already processed (all but the last when every step was accepted).
+        target_lengths = s.target_cache.lengths + jnp.where(active, 1 + k, 0)
+        drafter_base = s.drafter_cache.lengths + s.draft_chunk_len
+        drafter_lengths = jnp.where(active, drafter_base + jnp.minimum(k, steps - 1), s.drafter_cache.lengths)
+        last_draft = jnp.take_along_axis(drafts, jnp.maximum(k - 1, 0)[:, None], axis=1)[:, 0]
+        needs_last = k == steps
+        chunk = jnp.where(needs_last[:, None], jnp.stack([last_draft, next_token], axis=1),
+                          jnp.stack([next_token, jnp.full_like(next_token, pad_token_id)], axis=1))
+        hist = s.accept_hist + jnp.zeros((k_max + 1,), jnp.int32).at[k].add(active.astype(jnp.int32))
+        return s.replace(
+            tokens=tokens, num_generated=num_generated, done=done, pending=next_token, draft_chunk=chunk,
+            draft_chunk_len=jnp.where(needs_last, 2, 1).astype(jnp.int32),
+            target_cache=verified.cache.replace(lengths=target_lengths),
+            drafter_cache=drafter_cache.replace(lengths=drafter_lengths), key=key,
+            cycles=s.cycles + active.astype(jnp.int32), accept_hist=hist, saw_nan=s.saw_nan | saw_nan)
+
+    return jax.lax.while_loop(cond, body, state)

@@ -1,0 +1,191 @@
+"""Speculative decoding: greedy equality with autoregressive decoding, lossless sampling, one compile."""
+
+import itertools
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from scipy import stats
+
+from conftest import tiny_config, tiny_params
+from ppow_jax.drafters.lm import LMDrafter, self_speculative
+from ppow_jax.errors import InputError
+from ppow_jax.inference.autoregressive import AutoregressiveDecoder
+from ppow_jax.inference.sampling import SamplingParams, processed_logprobs
+from ppow_jax.inference.speculative import SpeculativeDecoder, accept_greedy, accept_sampling
+from ppow_jax.inference.windows import WindowPolicy
+from ppow_jax.models import llama
+
+CONFIG = tiny_config(vocab_size=32)
+PARAMS = tiny_params(CONFIG)
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22], [3]]
+SMALL = tiny_config(vocab_size=32, num_layers=1)
+
+
+def drafters():
+    return {
+        "self:1": self_speculative(CONFIG, PARAMS, 1),  # disagrees often: rejection paths
+        "self:2": self_speculative(CONFIG, PARAMS, 2),
+        "independent": (LMDrafter(SMALL), tiny_params(SMALL, seed=7)),  # random: almost always rejected
+        "target-itself": (LMDrafter(CONFIG), PARAMS),  # always accepted: bonus tokens, 2-token catch-up
+    }
+
+
+@pytest.fixture(scope="module")
+def autoregressive_reference():
+    return AutoregressiveDecoder(CONFIG, PARAMS, eos_token_ids=[]).generate(PROMPTS, 24).tokens
+
+
+@pytest.mark.parametrize("drafter_name", list(drafters()))
+@pytest.mark.parametrize("window", [WindowPolicy("fixed", 1), WindowPolicy("fixed", 4),
+                                    WindowPolicy("confidence", 6, 0.6)], ids=["fixed1", "fixed4", "conf6"])
+def test_greedy_equals_autoregressive(drafter_name, window, autoregressive_reference):
+    drafter, drafter_params = drafters()[drafter_name]
+    decoder = SpeculativeDecoder(CONFIG, PARAMS, drafter, drafter_params, eos_token_ids=[])
+    result = decoder.generate(PROMPTS, 24, window=window)
+    assert result.tokens == autoregressive_reference
+    assert sum(result.accept_hist) == sum(result.cycles)
+    if drafter_name == "target-itself" and window.kind == "fixed":
+        assert result.tau == window.k_max + 1 or result.accept_hist[:-1] == [0] * window.k_max
+
+
+@pytest.mark.parametrize("batch", [1, 2, 4])
+def test_batch_sizes_and_eos_inside_a_window(batch, autoregressive_reference):
+    eos = autoregressive_reference[1][6]  # row 1 produces it mid-generation
+    prompts = PROMPTS[:batch] if batch > 1 else PROMPTS[1:2]
+    expected = AutoregressiveDecoder(CONFIG, PARAMS, eos_token_ids=[eos]).generate(prompts, 24).tokens
+    for drafter, drafter_params in (drafters()["target-itself"], drafters()["self:2"]):
+        decoder = SpeculativeDecoder(CONFIG, PARAMS, drafter, drafter_params, eos_token_ids=[eos])
+        result = decoder.generate(prompts, 24, window=WindowPolicy("fixed", 5))
+        assert result.tokens == expected
+        forced = decoder.generate(prompts, 24, window=WindowPolicy("fixed", 5), ignore_eos=True)
+        assert all(len(row) == 24 for row in forced.tokens)
+
+
+def test_compiles_once_across_varying_acceptance():
+    drafter, drafter_params = drafters()["self:2"]
+    decoder = SpeculativeDecoder(CONFIG, PARAMS, drafter, drafter_params, eos_token_ids=[])
+    window = WindowPolicy("confidence", 5, 0.5)
+    histograms = [decoder.generate([p], 20, window=window).accept_hist for p in ([1, 2, 3], [9, 8, 7, 6], [4])]
+    assert len({tuple(h) for h in histograms}) > 1  # acceptance really varied
+    loops = [fn for key, fn in decoder._compiled.items() if key[0] == "loop"]
+    assert len(loops) == 1 and loops[0]._cache_size() == 1
+
+
+def exact_joint(params_sampling: SamplingParams, prompt: list[int], length: int) -> np.ndarray:
+    """P(t_1..t_length | prompt) under the target's sampling distribution, by enumeration."""
+    vocab = CONFIG.vocab_size
+    sequences = np.array([prompt + list(seq) for seq in itertools.product(range(vocab), repeat=length - 1)])
+    cache = llama.init_cache(CONFIG, len(sequences), sequences.shape[1])
+    logits = jax.jit(lambda p, t, c: llama.forward(p, t, c, CONFIG).logits)(PARAMS, jnp.asarray(sequences), cache)
+    logp = np.asarray(processed_logprobs(logits[:, len(prompt) - 1:], params_sampling), np.float64)
+    joint = np.zeros((vocab,) * length)
+    for row, seq in enumerate(itertools.product(range(vocab), repeat=length - 1)):
+        prefix_logp = sum(logp[row, i, seq[i]] for i in range(length - 1))
+        joint[seq] = np.exp(prefix_logp + logp[row, length - 1])
+    return joint
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, top_k=4),
+                                      SamplingParams(temperature=1.2, top_p=0.7)], ids=["T1", "topk", "topp"])
+def test_speculative_sampling_is_lossless(sampling):
+    """Chi-square: the joint law of 3 generated tokens equals the target's (tiny vocabulary)."""
+    config = tiny_config(vocab_size=6)
+    global CONFIG, PARAMS
+    saved = CONFIG, PARAMS
+    CONFIG, PARAMS = config, tiny_params(config, std=0.5)
+    try:
+        small = tiny_config(vocab_size=6, num_layers=1)
+        decoder = SpeculativeDecoder(CONFIG, PARAMS, LMDrafter(small), tiny_params(small, seed=3, std=0.5),
+                                     eos_token_ids=[])
+        prompt, n = [1, 2, 3], 6000
+        result = decoder.generate([prompt] * n, 3, sampling, window=WindowPolicy("fixed", 2), seed=11)
+        assert result.accept_hist[0] > 0 and sum(result.accept_hist[1:]) > 0  # both paths taken
+        samples = np.array(result.tokens)
+        observed = np.zeros((6,) * 3)
+        np.add.at(observed, tuple(samples.T), 1)
+        expected = exact_joint(sampling, prompt, 3) * n
+        assert observed[expected == 0].sum() == 0, "sampled a sequence outside the target's support"
+        # Pool cells with small expectation so the chi-square approximation holds.
+        big = expected >= 5
+        obs, exp = observed[big], expected[big]
+        if expected[~big].sum() > 0:
+            obs, exp = np.append(obs, observed[~big].sum()), np.append(exp, expected[~big].sum())
+        exp *= obs.sum() / exp.sum()
+        _, p_value = stats.chisquare(obs, exp)
+        assert p_value > 1e-3, p_value
+    finally:
+        CONFIG, PARAMS = saved
+
+
+@settings(max_examples=40, deadline=None)
+@given(drafts=hnp.arrays(np.int32, (3, 4), elements=st.integers(0, 4)),
+       window=hnp.arrays(np.int32, (3,), elements=st.integers(1, 4)),
+       logits=hnp.arrays(np.float32, (3, 5, 5), elements=st.floats(-3, 3, width=32)))
+def test_greedy_acceptance_properties(drafts, window, logits):
+    k, token = accept_greedy(jnp.asarray(drafts), jnp.asarray(window), jnp.asarray(logits))
+    choice = logits.argmax(-1)
+    for row in range(3):
+        expected = 0
+        while expected < window[row] and drafts[row, expected] == choice[row, expected]:
+            expected += 1
+        assert int(k[row]) == expected
+        assert int(token[row]) == choice[row, expected]
+
+
+@settings(max_examples=40, deadline=None)
+@given(logits=hnp.arrays(np.float32, (2, 4, 6), elements=st.floats(-4, 4, width=32), unique=True),
+       seed=st.integers(0, 2**16), window=st.integers(1, 3))
+def test_sampling_acceptance_properties(logits, seed, window):
+    sampling = SamplingParams(temperature=1.0, top_k=4)
+    target = jnp.asarray(logits)
+    q = processed_logprobs(target[:, :3], sampling)  # drafter == target: ratio 1, all accepted
+    key_draft, key_accept = jax.random.split(jax.random.key(seed))
+    drafts = jax.random.categorical(key_draft, q, axis=-1).astype(jnp.int32)
+    windows = jnp.full((2,), window, jnp.int32)
+    k, token = accept_sampling(key_accept, drafts, windows, q, target, sampling)
+    assert (np.asarray(k) == window).all()
+    p = np.exp(np.asarray(processed_logprobs(target, sampling)))
+    assert all(p[r, window, int(token[r])] > 0 for r in range(2))  # bonus token in the target's support
+    # A drafter that proposes a token the target rules out (p = 0 after top-k) is always rejected.
+    outside = jnp.asarray(p[:, :3].argmin(-1), jnp.int32)
+    assert all(p[r, i, int(outside[r, i])] == 0 for r in range(2) for i in range(3))  # unique logits: no ties
+    uniform_q = jnp.full((2, 3, 6), -np.log(6.0), jnp.float32)
+    k, token = accept_sampling(key_accept, outside, windows, uniform_q, target, sampling)
+    assert (np.asarray(k) == 0).all()
+    assert all(p[r, 0, int(token[r])] > 0 for r in range(2))
+
+
+def test_bad_input():
+    with pytest.raises(InputError, match="vocabulary"):
+        SpeculativeDecoder(CONFIG, PARAMS, LMDrafter(tiny_config(vocab_size=33, num_layers=1)),
+                           tiny_params(tiny_config(vocab_size=33, num_layers=1)), eos_token_ids=[])
+    with pytest.raises(InputError, match="k_max"):
+        WindowPolicy("fixed", 0)
+    with pytest.raises(InputError, match="k_max"):
+        WindowPolicy("fixed", 99)
+    with pytest.raises(InputError, match="unknown window policy"):
+        WindowPolicy("telepathic", 4)
+    with pytest.raises(InputError, match="self-speculative"):
+        self_speculative(CONFIG, PARAMS, CONFIG.num_layers)
+
+
+def test_self_speculative_smollm2_equals_greedy_autoregressive():
+    """Real weights: SmolLM2 with its first 8 layers as drafter, batch of 2 chat prompts."""
+    from ppow_jax.weights.registry import DEFAULT_MODEL, load_model
+
+    model = load_model(DEFAULT_MODEL)
+    tok = model.tokenizer
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]))
+               for q in ("Name three primary colors.", "What is 12 times 7?")]
+    reference = AutoregressiveDecoder(model.config, model.params, eos_token_ids=tok.eos_token_ids,
+                                      pad_token_id=tok.pad_token_id).generate(prompts, 32)
+    drafter, drafter_params = self_speculative(model.config, model.params, 8)
+    decoder = SpeculativeDecoder(model.config, model.params, drafter, drafter_params,
+                                 eos_token_ids=tok.eos_token_ids, pad_token_id=tok.pad_token_id)
+    result = decoder.generate(prompts, 32, window=WindowPolicy("fixed", 4))
+    assert result.tokens == reference.tokens
+    assert result.tau > 1.0  # the truncated target does agree with the full one sometimes
