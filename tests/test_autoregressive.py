@@ -62,10 +62,11 @@ def test_per_row_eos_stops_only_that_row():
 
 def test_compiles_once_per_bucket():
     decoder = AutoregressiveDecoder(CONFIG, PARAMS, eos_token_ids=[], pad_token_id=0)
-    decoder.generate([[1, 2, 3]], 10)
-    decoder.generate([[4, 5, 6, 7, 8, 9, 10]], 12)  # same prompt bucket, same buffer bucket
-    decoder.generate([[4, 5, 6]], 16, on_tokens=lambda rows: None, stream_every=3)  # streamed in chunks
-    key = (1, bucket(7), bucket(7 + 12))
+    # Prompt, cache and buffer sizes all fall in the same buckets (16, 16, 16).
+    decoder.generate([[1, 2, 3]], 12)
+    decoder.generate([[4, 5, 6, 7]], 12)
+    decoder.generate([[4, 5, 6]], 13, on_tokens=lambda rows: None, stream_every=3)  # streamed in chunks
+    key = (1, bucket(4), bucket(4 + 12))
     assert decoder._prefill_fns[key]._cache_size() == 1
     for fn in decoder._decode_fns.values():
         assert fn._cache_size() == 1

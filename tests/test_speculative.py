@@ -121,10 +121,10 @@ def test_speculative_sampling_is_lossless(sampling):
         CONFIG, PARAMS = saved
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None)  # XLA on CPU flushes subnormals to zero: keep them out
 @given(drafts=hnp.arrays(np.int32, (3, 4), elements=st.integers(0, 4)),
        window=hnp.arrays(np.int32, (3,), elements=st.integers(1, 4)),
-       logits=hnp.arrays(np.float32, (3, 5, 5), elements=st.floats(-3, 3, width=32)))
+       logits=hnp.arrays(np.float32, (3, 5, 5), elements=st.floats(-3, 3, width=32, allow_subnormal=False)))
 def test_greedy_acceptance_properties(drafts, window, logits):
     k, token = accept_greedy(jnp.asarray(drafts), jnp.asarray(window), jnp.asarray(logits))
     choice = logits.argmax(-1)
@@ -136,8 +136,8 @@ def test_greedy_acceptance_properties(drafts, window, logits):
         assert int(token[row]) == choice[row, expected]
 
 
-@settings(max_examples=40, deadline=None)
-@given(logits=hnp.arrays(np.float32, (2, 4, 6), elements=st.floats(-4, 4, width=32), unique=True),
+@settings(max_examples=40, deadline=None)  # XLA on CPU flushes subnormals to zero: keep them out
+@given(logits=hnp.arrays(np.float32, (2, 4, 6), elements=st.floats(-4, 4, width=32, allow_subnormal=False), unique=True),
        seed=st.integers(0, 2**16), window=st.integers(1, 3))
 def test_sampling_acceptance_properties(logits, seed, window):
     sampling = SamplingParams(temperature=1.0, top_k=4)

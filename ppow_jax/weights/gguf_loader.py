@@ -16,8 +16,9 @@ import numpy as np
 
 from ppow_jax.errors import CheckpointError
 from ppow_jax.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling
-from ppow_jax.models.llama import fuse_projections, rope_inverse_frequencies
+from ppow_jax.models.llama import rope_inverse_frequencies
 from ppow_jax.weights.hf_loader import cast_array, check_param_dtype
+from ppow_jax.weights.layout import GGUF_NAMES, assemble_params
 
 logger = logging.getLogger(__name__)
 
@@ -207,12 +208,10 @@ def load_gguf(path: Union[str, pathlib.Path], param_dtype: str = "float32",
     reader = reader or open_gguf(path)
     tensors = {t.name: t for t in reader.tensors}
     config = _config_from_metadata(reader, path, tensors).with_dtypes(param_dtype)
-    d, f, hd = config.hidden_size, config.intermediate_size, config.head_dim
-    h, kv = config.num_heads, config.num_kv_heads
     permuted = config.architecture == "llama"
     used = {"rope_freqs.weight"}
 
-    def get(name: str, shape: tuple[int, ...], transpose: bool = False, heads: int = 0) -> np.ndarray:
+    def get(name: str, shape: tuple[int, ...], transpose: bool, heads: int) -> np.ndarray:
         tensor = tensors.get(name)
         if tensor is None:
             raise CheckpointError(f"{path}: tensor {name!r} is missing")
@@ -226,33 +225,7 @@ def load_gguf(path: Union[str, pathlib.Path], param_dtype: str = "float32",
             raise CheckpointError(f"{path}: tensor {name!r} has shape {array.shape}, expected {shape}")
         return cast_array(array, param_dtype)
 
-    params: dict[str, Any] = {"embed": get("token_embd.weight", (config.vocab_size, d))}
-    layers = []
-    for i in range(config.num_layers):
-        p = f"blk.{i}."
-        layer = {
-            "attn_norm": get(p + "attn_norm.weight", (d,)),
-            "wq": get(p + "attn_q.weight", (d, h * hd), transpose=True, heads=h),
-            "wk": get(p + "attn_k.weight", (d, kv * hd), transpose=True, heads=kv),
-            "wv": get(p + "attn_v.weight", (d, kv * hd), transpose=True),
-            "wo": get(p + "attn_output.weight", (h * hd, d), transpose=True),
-            "mlp_norm": get(p + "ffn_norm.weight", (d,)),
-            "w_gate": get(p + "ffn_gate.weight", (d, f), transpose=True),
-            "w_up": get(p + "ffn_up.weight", (d, f), transpose=True),
-            "w_down": get(p + "ffn_down.weight", (f, d), transpose=True),
-        }
-        if config.attention_bias:
-            layer["bq"] = get(p + "attn_q.bias", (h * hd,), heads=h)
-            layer["bk"] = get(p + "attn_k.bias", (kv * hd,), heads=kv)
-            layer["bv"] = get(p + "attn_v.bias", (kv * hd,))
-        if config.qk_norm:
-            layer["q_norm"] = get(p + "attn_q_norm.weight", (hd,))
-            layer["k_norm"] = get(p + "attn_k_norm.weight", (hd,))
-        layers.append(fuse_projections(layer, config))
-    params["layers"] = layers
-    params["final_norm"] = get("output_norm.weight", (d,))
-    if not config.tie_word_embeddings:
-        params["lm_head"] = get("output.weight", (d, config.vocab_size), transpose=True)
+    params = assemble_params(config, get, GGUF_NAMES)
     unused = sorted(set(tensors) - used)
     if unused:
         logger.warning("%s: ignoring %d unexpected tensors, e.g. %s", path, len(unused), unused[:3])

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import ml_dtypes
 import numpy as np
 
 from ppow_jax.errors import CheckpointError, InputError
 from ppow_jax.models.config import ModelConfig, RopeScaling
-from ppow_jax.models.llama import fuse_projections
+from ppow_jax.weights.layout import HF_NAMES, assemble_params
 
 _PARAM_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
@@ -177,10 +177,8 @@ def load_hf_directory(path: Union[str, pathlib.Path], param_dtype: str = "float3
         raise CheckpointError(f"{config_path} is not valid JSON: {e}") from e
     tensors = _open_tensors(path)
     config = config_from_hf(cfg, "lm_head.weight" in tensors).with_dtypes(param_dtype)
-    d, f, hd = config.hidden_size, config.intermediate_size, config.head_dim
-    h, kv = config.num_heads, config.num_kv_heads
 
-    def get(name: str, shape: tuple[int, ...], transpose: bool = False) -> np.ndarray:
+    def get(name: str, shape: tuple[int, ...], transpose: bool, heads: int) -> np.ndarray:
         file = tensors.get(name)
         if file is None:
             raise CheckpointError(f"{path}: tensor {name!r} is missing")
@@ -191,31 +189,5 @@ def load_hf_directory(path: Union[str, pathlib.Path], param_dtype: str = "float3
             raise CheckpointError(f"{path}: tensor {name!r} has shape {array.shape}, expected {shape}")
         return cast_array(array, param_dtype)
 
-    params: dict[str, Any] = {"embed": get("model.embed_tokens.weight", (config.vocab_size, d))}
-    layers = []
-    for i in range(config.num_layers):
-        p = f"model.layers.{i}."
-        layer = {
-            "attn_norm": get(p + "input_layernorm.weight", (d,)),
-            "wq": get(p + "self_attn.q_proj.weight", (d, h * hd), transpose=True),
-            "wk": get(p + "self_attn.k_proj.weight", (d, kv * hd), transpose=True),
-            "wv": get(p + "self_attn.v_proj.weight", (d, kv * hd), transpose=True),
-            "wo": get(p + "self_attn.o_proj.weight", (h * hd, d), transpose=True),
-            "mlp_norm": get(p + "post_attention_layernorm.weight", (d,)),
-            "w_gate": get(p + "mlp.gate_proj.weight", (d, f), transpose=True),
-            "w_up": get(p + "mlp.up_proj.weight", (d, f), transpose=True),
-            "w_down": get(p + "mlp.down_proj.weight", (f, d), transpose=True),
-        }
-        if config.attention_bias:
-            layer["bq"] = get(p + "self_attn.q_proj.bias", (h * hd,))
-            layer["bk"] = get(p + "self_attn.k_proj.bias", (kv * hd,))
-            layer["bv"] = get(p + "self_attn.v_proj.bias", (kv * hd,))
-        if config.qk_norm:
-            layer["q_norm"] = get(p + "self_attn.q_norm.weight", (hd,))
-            layer["k_norm"] = get(p + "self_attn.k_norm.weight", (hd,))
-        layers.append(fuse_projections(layer, config))
-    params["layers"] = layers
-    params["final_norm"] = get("model.norm.weight", (d,))
-    if not config.tie_word_embeddings:
-        params["lm_head"] = get("lm_head.weight", (d, config.vocab_size), transpose=True)
+    params = assemble_params(config, get, HF_NAMES)
     return config, params
