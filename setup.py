@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "safetensors==0.8.0",
     "jinja2>=3.1,<4",
     "tqdm>=4.66",
+    "matplotlib==3.10.7",  # eval plots
 ]
 
 EXTRAS = {

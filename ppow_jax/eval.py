@@ -1,0 +1,208 @@
+"""`python -m ppow_jax.eval`: speculative vs plain decoding on question sets, measured the field's way.
+
+For every turn of every question, the target answers twice from the same prompt with the same
+token budget and seed: plain autoregressive decoding, then speculative decoding. Per category and
+overall it reports τ (tokens per target verify pass), the acceptance-length histogram, tokens/s of
+both and the speedup, and, for greedy runs, whether every output equals the autoregressive one.
+Multi-turn questions ask the next turn after the model's own answer (the autoregressive one).
+Programs are compiled on the first use of each shape bucket, untimed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+from typing import Optional, Sequence
+
+from ppow_jax.errors import InputError, PPOWError
+from ppow_jax.weights.registry import DEFAULT_MODEL
+
+METRIC_KEYS = ("tau", "speedup", "tokens_per_s", "ar_tokens_per_s", "greedy_match", "n_questions", "new_tokens",
+               "accept_hist")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ppow_jax.eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default=DEFAULT_MODEL, help="registered name, .gguf file or HF directory")
+    parser.add_argument("--drafter", required=True,
+                        help="self:N (the target's first N layers) or a path to a drafter LM sharing the vocabulary")
+    parser.add_argument("--questions", nargs="+", required=True, help="JSONL question files (MT-bench format)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--window", default="fixed", help="window policy: fixed | confidence")
+    parser.add_argument("--k-max", type=int, default=5, help="largest window (drafted tokens per cycle)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="confidence window: stop below this")
+    parser.add_argument("--limit", type=int, default=0, help="questions per file (0: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--out", required=True, help="output directory for results.json, results.md and plots")
+    return parser
+
+
+def load_drafter(spec: str, target):
+    """A drafter SPEC -> (LMDrafter, params)."""
+    from ppow_jax.drafters.lm import LMDrafter, check_vocabulary, self_speculative
+    from ppow_jax.weights.registry import load_model
+
+    if spec.startswith("self:"):
+        layers = spec[len("self:"):]
+        if not layers.isdigit():
+            raise InputError(f"drafter spec {spec!r}: expected self:N with N a number of layers")
+        return self_speculative(target.config, target.params, int(layers))
+    if not pathlib.Path(spec).exists():
+        raise InputError(f"unknown drafter spec {spec!r}: expected self:N or a path to a drafter checkpoint")
+    drafter = load_model(spec, param_dtype=target.config.param_dtype)
+    check_vocabulary(drafter.config, target.config)
+    return LMDrafter(config=drafter.config, name=spec), drafter.params
+
+
+def summarize(records: list[dict], greedy: bool) -> dict:
+    """Aggregates per-turn records into the metrics of one category (or all)."""
+    hist = [sum(r["accept_hist"][k] for r in records) for k in range(len(records[0]["accept_hist"]))]
+    cycles = sum(hist)
+    spec_tokens = sum(r["spec_new_tokens"] for r in records)
+    ar_tokens = sum(r["ar_new_tokens"] for r in records)
+    spec_rate = spec_tokens / sum(r["spec_seconds"] for r in records)
+    ar_rate = ar_tokens / sum(r["ar_seconds"] for r in records)
+    return {"tau": sum((k + 1) * n for k, n in enumerate(hist)) / cycles if cycles else None,
+            "speedup": spec_rate / ar_rate, "tokens_per_s": spec_rate, "ar_tokens_per_s": ar_rate,
+            "greedy_match": all(r["match"] for r in records) if greedy else None,
+            "n_questions": len({(r["category"], r["question_id"]) for r in records}), "new_tokens": spec_tokens,
+            "accept_hist": hist}
+
+
+def write_report(out: pathlib.Path, results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    rows = list(results["categories"].items()) + [("overall", results["overall"])]
+    lines = [f"# {results['config']['drafter']} on {results['config']['target']}", "",
+             f"window {results['config']['window']} (k_max {results['config']['k_max']}), temperature "
+             f"{results['config']['temperature']}, {results['config']['max_new_tokens']} new tokens; {results['machine']}",
+             "", "| category | questions | τ | tokens/s | AR tokens/s | speedup | greedy match |", "|---|---|---|---|---|---|---|"]
+    for name, m in rows:
+        tau = f"{m['tau']:.2f}" if m["tau"] is not None else "-"
+        match = "-" if m["greedy_match"] is None else ("yes" if m["greedy_match"] else "**NO**")
+        lines.append(f"| {name} | {m['n_questions']} | {tau} | {m['tokens_per_s']:.1f} | {m['ar_tokens_per_s']:.1f} "
+                     f"| {m['speedup']:.2f}x | {match} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+    names = [n for n, _ in rows]
+    for key, filename, label in (("tau", "tau.png", "τ (tokens per verify pass)"),
+                                 ("speedup", "speedup.png", "speedup over autoregressive")):
+        fig, ax = plt.subplots(figsize=(max(5, len(names) * 0.8), 3.5))
+        ax.bar(names, [m[key] or 0 for _, m in rows], color="tab:blue")
+        ax.set_ylabel(label)
+        ax.tick_params(axis="x", rotation=45)
+        fig.tight_layout()
+        fig.savefig(out / filename, dpi=100)
+        plt.close(fig)
+    hist = results["overall"]["accept_hist"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.bar([str(k) for k in range(len(hist))], hist, color="tab:green")
+    ax.set_xlabel("accepted drafts per cycle")
+    ax.set_ylabel("cycles")
+    fig.tight_layout()
+    fig.savefig(out / "accept_hist.png", dpi=100)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    import jax
+    from tqdm import tqdm
+
+    from ppow_jax.evaluation.questions import load_questions
+    from ppow_jax.inference.autoregressive import AutoregressiveDecoder, bucket
+    from ppow_jax.inference.sampling import SamplingParams
+    from ppow_jax.inference.speculative import SpeculativeDecoder
+    from ppow_jax.inference.windows import WindowPolicy
+    from ppow_jax.weights.registry import load_model
+
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    window = WindowPolicy(kind=args.window, k_max=args.k_max, threshold=args.threshold)
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.limit < 0:
+        raise InputError(f"--limit must be >= 0, got {args.limit}")
+    questions = [q for path in args.questions for q in load_questions(path, args.limit)]
+
+    target = load_model(args.target, param_dtype=args.dtype)
+    tok = target.tokenizer
+    drafter, drafter_params = load_drafter(args.drafter, target)
+    ar = AutoregressiveDecoder(target.config, target.params, eos_token_ids=tok.eos_token_ids,
+                               pad_token_id=tok.pad_token_id)
+    spec = SpeculativeDecoder(target.config, target.params, drafter, drafter_params, eos_token_ids=tok.eos_token_ids,
+                              pad_token_id=tok.pad_token_id)
+    compiled: set = set()
+    records = []
+    for question in tqdm(questions, desc="questions", file=sys.stderr):
+        messages = []
+        for turn_index, turn in enumerate(question.turns):
+            messages.append({"role": "user", "content": turn})
+            prompt = tok.encode(tok.apply_chat_template(messages))
+            n = args.max_new_tokens
+            shape_key = (bucket(len(prompt)), bucket(len(prompt) + n), bucket(len(prompt) + n + window.k_max + 2))
+            if shape_key not in compiled:  # compile both programs for this bucket, untimed
+                ar.generate([prompt], n, sampling, seed=args.seed)
+                spec.generate([prompt], n, sampling, window, seed=args.seed)
+                compiled.add(shape_key)
+            start = time.perf_counter()
+            plain = ar.generate([prompt], n, sampling, seed=args.seed)
+            ar_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            fast = spec.generate([prompt], n, sampling, window, seed=args.seed)
+            spec_seconds = time.perf_counter() - start
+            match = plain.tokens[0] == fast.tokens[0]
+            if sampling.greedy and not match:
+                print(f"error: greedy speculative output differs from autoregressive output on question "
+                      f"{question.question_id} turn {turn_index + 1}", file=sys.stderr)
+            records.append({"category": question.category, "question_id": question.question_id, "turn": turn_index,
+                            "ar_new_tokens": len(plain.tokens[0]), "spec_new_tokens": len(fast.tokens[0]),
+                            "ar_seconds": ar_seconds, "spec_seconds": spec_seconds,
+                            "accept_hist": fast.accept_hist, "match": match})
+            messages.append({"role": "assistant", "content": tok.decode(plain.tokens[0])})
+
+    categories = {}
+    for record in records:
+        categories.setdefault(record["category"], []).append(record)
+    devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
+    results = {"categories": {name: summarize(recs, sampling.greedy) for name, recs in categories.items()},
+               "overall": summarize(records, sampling.greedy),
+               "config": {"target": args.target, "drafter": args.drafter, "window": args.window, "k_max": args.k_max,
+                          "threshold": args.threshold, "temperature": args.temperature, "top_k": args.top_k,
+                          "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "limit": args.limit,
+                          "seed": args.seed, "dtype": args.dtype, "questions": args.questions},
+               "machine": f"jax {jax.__version__} on {devices}", "turns": records}
+    out = pathlib.Path(args.out)
+    write_report(out, results)
+    overall = results["overall"]
+    print((out / "results.md").read_text())
+    print(f"overall: tau {overall['tau']:.2f}, speedup {overall['speedup']:.2f}x; results in {out}", file=sys.stderr)
+    if sampling.greedy and not overall["greedy_match"]:
+        print("error: greedy speculative outputs differ from autoregressive outputs (see results.json)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except PPOWError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

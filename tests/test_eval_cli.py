@@ -1,0 +1,83 @@
+"""`python -m ppow_jax.eval`: question files, results layout, and clear errors for bad input."""
+
+import json
+
+import pytest
+
+from ppow_jax import eval as eval_cli
+from ppow_jax.errors import InputError
+from ppow_jax.evaluation.questions import load_questions
+
+
+def test_reads_every_shared_question_set(shared_data_root):
+    for name in ("mt_bench", "humaneval", "gsm8k", "alpaca"):
+        questions = load_questions(shared_data_root / "eval" / name / "question.jsonl")
+        assert len(questions) == 80 and all(q.category.startswith(name) for q in questions)
+    mt_bench = load_questions(shared_data_root / "eval" / "mt_bench" / "question.jsonl", limit=3)
+    assert len(mt_bench) == 3 and len(mt_bench[0].turns) == 2 and mt_bench[0].category == "mt_bench/writing"
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"question_id": 1, "category": "x", "turns": ["hi"]}\n{not json}\n', ":2: not valid JSON"),
+    ('{"question_id": 1, "turns": []}\n', ":1: 'turns' must be"),
+    ('{"category": "x", "turns": ["hi"]}\n', ":1: missing 'question_id'"),
+    ('[1, 2]\n', ":1: expected a JSON object"),
+    ('\n\n', "holds no questions"),
+])
+def test_malformed_question_files_name_file_and_line(tmp_path, content, message):
+    path = tmp_path / "question.jsonl"
+    path.write_text(content)
+    with pytest.raises(InputError, match=message) as info:
+        load_questions(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--drafter", "self:8", "--questions", "/no/such/file.jsonl"], "does not exist"),
+    (["--drafter", "eagle-magic", "--questions", "{q}"], "unknown drafter spec"),
+    (["--drafter", "self:x", "--questions", "{q}"], "self:N"),
+    (["--drafter", "self:30", "--questions", "{q}"], "1 <= N < 30"),
+    (["--drafter", "self:8", "--questions", "{q}", "--k-max", "0"], "k_max"),
+    (["--drafter", "self:8", "--questions", "{q}", "--window", "psychic"], "unknown window policy"),
+    (["--drafter", "self:8", "--questions", "{q}", "--temperature", "-1"], "temperature"),
+])
+def test_bad_input_gets_a_clear_error(tmp_path, capsys, extra, message):
+    questions = tmp_path / "question.jsonl"
+    questions.write_text(json.dumps({"question_id": 1, "category": "c", "turns": ["Say hi."]}) + "\n")
+    args = [a.replace("{q}", str(questions)) for a in extra] + ["--out", str(tmp_path / "out")]
+    assert eval_cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and message in err
+
+
+def test_drafter_vocabulary_must_match(tmp_path, capsys):
+    """A drafter checkpoint over another vocabulary is refused (tiny safetensors model, 101 tokens)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    model.save_pretrained(tmp_path / "drafter", safe_serialization=True)
+    questions = tmp_path / "question.jsonl"
+    questions.write_text(json.dumps({"question_id": 1, "category": "c", "turns": ["Say hi."]}) + "\n")
+    code = eval_cli.main(["--drafter", str(tmp_path / "drafter"), "--questions", str(questions),
+                          "--out", str(tmp_path / "out")])
+    assert code == 2 and "vocabulary" in capsys.readouterr().err
+
+
+def test_end_to_end_results_layout(tmp_path, shared_data_root):
+    out = tmp_path / "results"
+    code = eval_cli.main(["--drafter", "self:10", "--questions",
+                          str(shared_data_root / "eval" / "mt_bench" / "question.jsonl"),
+                          str(shared_data_root / "eval" / "gsm8k" / "question.jsonl"), "--limit", "1",
+                          "--max-new-tokens", "12", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["categories"]) == {"mt_bench/writing", "gsm8k/math"}
+    for metrics in list(results["categories"].values()) + [results["overall"]]:
+        assert set(eval_cli.METRIC_KEYS) <= set(metrics)
+        assert metrics["greedy_match"] is True and metrics["tau"] >= 1.0
+    assert results["categories"]["mt_bench/writing"]["n_questions"] == 1
+    assert len([t for t in results["turns"] if t["category"] == "mt_bench/writing"]) == 2  # both turns
+    assert all((out / name).is_file() for name in ("results.md", "tau.png", "speedup.png", "accept_hist.png"))
