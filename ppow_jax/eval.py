@@ -17,7 +17,8 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from ppow_jax.errors import InputError, PPOWError
+from ppow_jax.cli import run_entry_point
+from ppow_jax.errors import InputError
 from ppow_jax.weights.registry import DEFAULT_MODEL
 
 METRIC_KEYS = ("tau", "speedup", "tokens_per_s", "ar_tokens_per_s", "greedy_match", "n_questions", "new_tokens",
@@ -196,12 +197,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except PPOWError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_entry_point(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
