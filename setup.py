@@ -19,6 +19,9 @@ INSTALL_REQUIRES = [
     "jinja2>=3.1,<4",
     "tqdm>=4.66",
     "matplotlib==3.10.7",  # eval plots
+    "grain==0.2.18",  # input pipeline
+    "array-record==0.8.6",  # self-distillation and feature caches
+    "tensorboardX==2.6.4",  # training logs TensorBoard reads (no TensorFlow)
 ]
 
 EXTRAS = {

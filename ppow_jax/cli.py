@@ -21,3 +21,39 @@ def run_entry_point(parser: argparse.ArgumentParser, run: Callable[[argparse.Nam
     except FloatingPointError as err:  # the model produced NaN logits
         print(f"error: {err}", file=sys.stderr)
         return 1
+
+
+def run_config_entry_point(main: Callable[["ml_collections.ConfigDict"], int], argv: Optional[Sequence[str]] = None,
+                           doc: str = "") -> int:
+    """Entry points driven by an ml-collections config: `--config FILE [--config.KEY=VALUE ...]`.
+
+    Flags are parsed by absl's config_flags (the ml-collections convention); errors are handled as
+    in `run_entry_point`.
+    """
+    from absl import flags
+    from ml_collections import config_flags
+
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "path to a configs/*.py file", flag_values=flag_values,
+                                    lock_config=True)
+    argv = list(sys.argv if argv is None else [sys.argv[0], *argv])
+    if any(a in ("-h", "--help") for a in argv[1:]):
+        print(doc or main.__doc__ or "")
+        print("flags: --config FILE [--config.KEY=VALUE ...]")
+        return 0
+    try:
+        flag_values(argv)
+    except (flags.Error, ValueError, FileNotFoundError, AttributeError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if flag_values.config is None:
+        print("error: --config FILE is required", file=sys.stderr)
+        return 2
+    try:
+        return main(flag_values.config)
+    except PPOWError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except FloatingPointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1

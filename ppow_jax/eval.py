@@ -30,15 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default=DEFAULT_MODEL, help="registered name, .gguf file or HF directory")
     parser.add_argument("--drafter", required=True,
-                        help="self:N (the target's first N layers) or a path to a drafter LM sharing the vocabulary")
+                        help="self:N (the target's first N layers), a trained drafter directory (python -m ppow_jax.train), "
+                             "or a drafter LM checkpoint sharing the vocabulary")
     parser.add_argument("--questions", nargs="+", required=True, help="JSONL question files (MT-bench format)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--window", default="fixed", help="window policy: fixed | confidence")
+    parser.add_argument("--window", default="fixed", help="window policy: fixed | confidence | divergence")
     parser.add_argument("--k-max", type=int, default=5, help="largest window (drafted tokens per cycle)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="confidence window: stop below this")
+    parser.add_argument("--threshold", type=float, default=0.5,
+                        help="confidence window: least top probability; divergence window: largest mean criticality")
     parser.add_argument("--limit", type=int, default=0, help="questions per file (0: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -47,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_drafter(spec: str, target):
-    """A drafter SPEC -> (LMDrafter, params)."""
-    from ppow_jax.drafters.lm import LMDrafter, check_vocabulary, self_speculative
+    """A drafter SPEC -> (drafter, params): self:N, a trained drafter directory, or an LM checkpoint."""
+    from ppow_jax.drafters.lm import LMDrafter, self_speculative
+    from ppow_jax.drafters.store import is_drafter_dir, load_drafter as load_trained_drafter
     from ppow_jax.weights.registry import load_model
 
     if spec.startswith("self:"):
@@ -58,8 +61,9 @@ def load_drafter(spec: str, target):
         return self_speculative(target.config, target.params, int(layers))
     if not pathlib.Path(spec).exists():
         raise InputError(f"unknown drafter spec {spec!r}: expected self:N or a path to a drafter checkpoint")
+    if is_drafter_dir(spec):  # a trained feature drafter (python -m ppow_jax.train)
+        return load_trained_drafter(spec, target.config)
     drafter = load_model(spec, param_dtype=target.config.param_dtype)
-    check_vocabulary(drafter.config, target.config)
     return LMDrafter(config=drafter.config, name=spec), drafter.params
 
 
@@ -152,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
             messages.append({"role": "user", "content": turn})
             prompt = tok.encode(tok.apply_chat_template(messages))
             n = args.max_new_tokens
-            shape_key = (bucket(len(prompt)), bucket(len(prompt) + n), bucket(len(prompt) + n + window.k_max + 2))
+            shape_key = (bucket(len(prompt)), bucket(len(prompt) + n), bucket(len(prompt) + n + drafter.cache_margin(window.k_max)))
             if shape_key not in compiled:  # compile both programs for this bucket, untimed
                 ar.generate([prompt], n, sampling, seed=args.seed)
                 spec.generate([prompt], n, sampling, window, seed=args.seed)

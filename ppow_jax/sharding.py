@@ -50,6 +50,11 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "k_norm": ("head_dim",),
     "w_gate_up": ("embed", None, "mlp"),
     "w_down": ("mlp", "embed"),
+    # EAGLE-3 drafter (ppow_jax.drafters.eagle)
+    "fc": (None, "embed"),
+    "embed_norm": ("norm",),
+    "hidden_norm": ("norm",),
+    "d2t": (None,),
 }
 
 

@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 from scipy import stats
 
 from conftest import tiny_config, tiny_params
+from ppow_jax.drafters.eagle import Eagle3Drafter
 from ppow_jax.drafters.lm import LMDrafter, self_speculative
 from ppow_jax.errors import InputError
 from ppow_jax.inference.autoregressive import AutoregressiveDecoder
@@ -31,7 +32,15 @@ def drafters():
         "self:2": self_speculative(CONFIG, PARAMS, 2),
         "independent": (LMDrafter(SMALL), tiny_params(SMALL, seed=7)),  # random: almost always rejected
         "target-itself": (LMDrafter(CONFIG), PARAMS),  # always accepted: bonus tokens, 2-token catch-up
+        "eagle3": eagle_drafter(CONFIG, draft_vocab=20),  # reduced vocabulary: some target tokens undraftable
+        "eagle3-full-vocab": eagle_drafter(CONFIG, draft_vocab=CONFIG.vocab_size, feature_layers=(0, 2)),
     }
+
+
+def eagle_drafter(config, draft_vocab, feature_layers=(0, 1, 2), seed=5, std=0.3):
+    drafter = Eagle3Drafter.for_target(config, feature_layers, draft_vocab, intermediate_size=64)
+    d2t = np.random.default_rng(seed).permutation(config.vocab_size)[:draft_vocab]
+    return drafter, drafter.init_params(jax.random.key(seed), d2t=d2t, std=std)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +50,8 @@ def autoregressive_reference():
 
 @pytest.mark.parametrize("drafter_name", list(drafters()))
 @pytest.mark.parametrize("window", [WindowPolicy("fixed", 1), WindowPolicy("fixed", 4),
-                                    WindowPolicy("confidence", 6, 0.6)], ids=["fixed1", "fixed4", "conf6"])
+                                    WindowPolicy("confidence", 6, 0.6), WindowPolicy("divergence", 5, 0.3)],
+                         ids=["fixed1", "fixed4", "conf6", "div5"])
 def test_greedy_equals_autoregressive(drafter_name, window, autoregressive_reference):
     drafter, drafter_params = drafters()[drafter_name]
     decoder = SpeculativeDecoder(CONFIG, PARAMS, drafter, drafter_params, eos_token_ids=[])
@@ -57,7 +67,7 @@ def test_batch_sizes_and_eos_inside_a_window(batch, autoregressive_reference):
     eos = autoregressive_reference[1][6]  # row 1 produces it mid-generation
     prompts = PROMPTS[:batch] if batch > 1 else PROMPTS[1:2]
     expected = AutoregressiveDecoder(CONFIG, PARAMS, eos_token_ids=[eos]).generate(prompts, 24).tokens
-    for drafter, drafter_params in (drafters()["target-itself"], drafters()["self:2"]):
+    for drafter, drafter_params in (drafters()["target-itself"], drafters()["self:2"], drafters()["eagle3"]):
         decoder = SpeculativeDecoder(CONFIG, PARAMS, drafter, drafter_params, eos_token_ids=[eos])
         result = decoder.generate(prompts, 24, window=WindowPolicy("fixed", 5))
         assert result.tokens == expected
@@ -89,9 +99,11 @@ def exact_joint(params_sampling: SamplingParams, prompt: list[int], length: int)
     return joint
 
 
-@pytest.mark.parametrize("sampling", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, top_k=4),
-                                      SamplingParams(temperature=1.2, top_p=0.7)], ids=["T1", "topk", "topp"])
-def test_speculative_sampling_is_lossless(sampling):
+@pytest.mark.parametrize("sampling,drafter_kind", [
+    (SamplingParams(temperature=1.0), "lm"), (SamplingParams(temperature=0.8, top_k=4), "lm"),
+    (SamplingParams(temperature=1.2, top_p=0.7), "lm"), (SamplingParams(temperature=1.0), "eagle3")],
+    ids=["T1", "topk", "topp", "T1-eagle3"])
+def test_speculative_sampling_is_lossless(sampling, drafter_kind):
     """Chi-square: the joint law of 3 generated tokens equals the target's (tiny vocabulary)."""
     config = tiny_config(vocab_size=6)
     global CONFIG, PARAMS
@@ -99,8 +111,10 @@ def test_speculative_sampling_is_lossless(sampling):
     CONFIG, PARAMS = config, tiny_params(config, std=0.5)
     try:
         small = tiny_config(vocab_size=6, num_layers=1)
-        decoder = SpeculativeDecoder(CONFIG, PARAMS, LMDrafter(small), tiny_params(small, seed=3, std=0.5),
-                                     eos_token_ids=[])
+        # The EAGLE-3 drafter can only propose 4 of the 6 tokens (q = 0 on the others).
+        drafter, drafter_params = ((LMDrafter(small), tiny_params(small, seed=3, std=0.5)) if drafter_kind == "lm"
+                                   else eagle_drafter(CONFIG, draft_vocab=4, std=0.5))
+        decoder = SpeculativeDecoder(CONFIG, PARAMS, drafter, drafter_params, eos_token_ids=[])
         prompt, n = [1, 2, 3], 6000
         result = decoder.generate([prompt] * n, 3, sampling, window=WindowPolicy("fixed", 2), seed=11)
         assert result.accept_hist[0] > 0 and sum(result.accept_hist[1:]) > 0  # both paths taken
@@ -167,6 +181,12 @@ def test_bad_input():
         WindowPolicy("fixed", 0)
     with pytest.raises(InputError, match="k_max"):
         WindowPolicy("fixed", 99)
+    with pytest.raises(InputError, match="feature layers"):
+        Eagle3Drafter.for_target(CONFIG, (0, CONFIG.num_layers), 8)
+    with pytest.raises(InputError, match="draft vocabulary"):
+        Eagle3Drafter.for_target(CONFIG, (0,), CONFIG.vocab_size + 1)
+    with pytest.raises(InputError, match="distinct"):
+        Eagle3Drafter.for_target(CONFIG, (0,), 4).init_params(jax.random.key(0), d2t=np.array([1, 1, 2, 3]))
     with pytest.raises(InputError, match="unknown window policy"):
         WindowPolicy("telepathic", 4)
     with pytest.raises(InputError, match="self-speculative"):

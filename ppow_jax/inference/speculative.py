@@ -10,9 +10,10 @@ One cycle (METHOD.md §1), all inside one `lax.while_loop` with static shapes:
      at the first rejection, or a bonus token after a fully accepted window);
   4. caches roll back by resetting per-row lengths; nothing is copied.
 
-Invariant between cycles: both caches hold every emitted token except the last one (`pending`);
-the drafter additionally may lack the last accepted draft, which it then consumes together with
-`pending` at the start of the next cycle (`draft_chunk`, 1 or 2 tokens).
+Invariant between cycles: the target's cache holds every emitted token except the last one
+(`pending`); the drafter's cache may lack more (an LM drafter the last accepted draft, a feature
+drafter every token of the last window), which it consumes as a `Chunk` at the start of the next
+cycle. Drafters plug in through `ppow_jax.drafters.interface.Drafter`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ppow_jax import sharding
-from ppow_jax.drafters.lm import LMDrafter, check_vocabulary
+from ppow_jax.drafters.interface import Chunk, DraftCache, Drafter, concat_features
+from ppow_jax.errors import InputError
 from ppow_jax.inference.autoregressive import bucket, pad_prompts
 from ppow_jax.inference.sampling import SamplingParams, processed_logprobs, sample_tokens
 from ppow_jax.inference.windows import WindowPolicy
@@ -44,10 +46,9 @@ class SpecState:
     budget: jax.Array  # [B]
     done: jax.Array  # [B] bool
     pending: jax.Array  # [B] last emitted token, in neither cache yet
-    draft_chunk: jax.Array  # [B, 2] tokens the drafter consumes first in the next cycle
-    draft_chunk_len: jax.Array  # [B] 1 or 2
+    chunk: Chunk  # what the drafter consumes first in the next cycle
     target_cache: llama.KVCache
-    drafter_cache: llama.KVCache
+    drafter_cache: DraftCache
     key: jax.Array
     cycles: jax.Array  # [B] verify passes run for each row
     accept_hist: jax.Array  # [K_max + 1] how many cycles accepted k = 0..K_max drafts (all rows)
@@ -119,12 +120,14 @@ def accept_sampling(key: jax.Array, drafts: jax.Array, window: jax.Array, draft_
 
 
 class SpeculativeDecoder:
-    """Batched speculative decoding of a target with an LM drafter on a device mesh."""
+    """Batched speculative decoding of a target with any drafter on a device mesh."""
 
-    def __init__(self, target_config: ModelConfig, target_params: llama.Params, drafter: LMDrafter,
-                 drafter_params: llama.Params, *, eos_token_ids: Sequence[int], pad_token_id: int = 0,
+    def __init__(self, target_config: ModelConfig, target_params: llama.Params, drafter: Drafter,
+                 drafter_params, *, eos_token_ids: Sequence[int], pad_token_id: int = 0,
                  mesh: Optional[Mesh] = None):
-        check_vocabulary(drafter.config, target_config)
+        if drafter.vocab_size != target_config.vocab_size:
+            raise InputError(f"drafter vocabulary ({drafter.vocab_size} tokens) does not match the target's "
+                             f"({target_config.vocab_size} tokens)")
         self.target_config, self.drafter = target_config, drafter
         self.mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
         self.eos_token_ids = jnp.asarray(list(eos_token_ids) or [-1], jnp.int32)
@@ -139,45 +142,62 @@ class SpeculativeDecoder:
         by_batch = lambda a: sharding.batch_sharding(self.mesh, a.shape)
         replicated = sharding.replicated(self.mesh)
         batch_fields = {f.name: by_batch(getattr(state, f.name)) for f in dataclasses.fields(state)
-                        if f.name not in ("target_cache", "drafter_cache", "key", "accept_hist", "ignore_eos")}
-        return SpecState(**batch_fields, target_cache=sharding.cache_shardings(state.target_cache, self.mesh),
-                         drafter_cache=sharding.cache_shardings(state.drafter_cache, self.mesh),
+                        if f.name not in ("chunk", "target_cache", "drafter_cache", "key", "accept_hist", "ignore_eos")}
+        return SpecState(**batch_fields, chunk=jax.tree_util.tree_map(by_batch, state.chunk),
+                         target_cache=sharding.cache_shardings(state.target_cache, self.mesh),
+                         drafter_cache=DraftCache(kv=sharding.cache_shardings(state.drafter_cache.kv, self.mesh),
+                                                  hidden=by_batch(state.drafter_cache.hidden)),
                          key=replicated, accept_hist=replicated, ignore_eos=replicated)
 
+    def _start(self, target_params, drafter_params, tokens, lengths, budget, rng, ignore_eos, *, cache_len: int,
+               buffer: int, sampling: SamplingParams, k_max: int) -> SpecState:
+        """Prefills both models on the prompts and samples the first token from the target."""
+        batch = tokens.shape[0]
+        drafter = self.drafter
+        target = llama.forward(target_params, tokens, llama.init_cache(self.target_config, batch, cache_len),
+                               self.target_config, num_valid=lengths, hidden_layers=drafter.feature_layers,
+                               logits_at="last")
+        features = concat_features(target.hidden_states)
+        _, drafter_cache = drafter.prefill(drafter_params, target_params, drafter.init_cache(batch, cache_len),
+                                           tokens, lengths, features)
+        rng, first_key = jax.random.split(rng)
+        first = sample_tokens(first_key, target.logits, sampling)
+        saw_nan = jnp.any(jnp.isnan(target.logits), axis=-1)
+        hit_eos = jnp.any(first[:, None] == self.eos_token_ids[None], axis=-1) & ~ignore_eos
+        return SpecState(
+            tokens=jnp.full((batch, buffer), self.pad_token_id, jnp.int32).at[:, 0].set(first),
+            num_generated=jnp.ones((batch,), jnp.int32), budget=budget,
+            done=hit_eos | (budget <= 1) | saw_nan, pending=first,
+            chunk=drafter.start_chunk(first, features, lengths, self.pad_token_id, k_max),
+            target_cache=target.cache, drafter_cache=drafter_cache, key=rng, cycles=jnp.zeros((batch,), jnp.int32),
+            accept_hist=jnp.zeros((k_max + 1,), jnp.int32), saw_nan=saw_nan, ignore_eos=ignore_eos)
+
     def _start_fn(self, batch: int, prompt_len: int, cache_len: int, buffer: int, sampling: SamplingParams,
-                  window: WindowPolicy):
-        key = ("start", batch, prompt_len, cache_len, buffer, sampling, window.k_max)
+                  k_max: int):
+        key = ("start", batch, prompt_len, cache_len, buffer, sampling, k_max)
         if key not in self._compiled:
-            target_config, drafter_config = self.target_config, self.drafter.config
-
-            def start(target_params, drafter_params, tokens, lengths, budget, rng, ignore_eos):
-                target = llama.forward(target_params, tokens, llama.init_cache(target_config, batch, cache_len),
-                                       target_config, num_valid=lengths, logits_at="last")
-                drafter = llama.forward(drafter_params, tokens, llama.init_cache(drafter_config, batch, cache_len),
-                                        drafter_config, num_valid=lengths, logits_at="last")
-                rng, first_key = jax.random.split(rng)
-                first = sample_tokens(first_key, target.logits, sampling)
-                saw_nan = jnp.any(jnp.isnan(target.logits), axis=-1)
-                hit_eos = jnp.any(first[:, None] == self.eos_token_ids[None], axis=-1) & ~ignore_eos
-                return SpecState(
-                    tokens=jnp.full((batch, buffer), self.pad_token_id, jnp.int32).at[:, 0].set(first),
-                    num_generated=jnp.ones((batch,), jnp.int32), budget=budget,
-                    done=hit_eos | (budget <= 1) | saw_nan, pending=first,
-                    draft_chunk=jnp.stack([first, jnp.full_like(first, self.pad_token_id)], axis=1),
-                    draft_chunk_len=jnp.ones((batch,), jnp.int32), target_cache=target.cache,
-                    drafter_cache=drafter.cache, key=rng, cycles=jnp.zeros((batch,), jnp.int32),
-                    accept_hist=jnp.zeros((window.k_max + 1,), jnp.int32), saw_nan=saw_nan, ignore_eos=ignore_eos)
-
-            self._compiled[key] = jax.jit(start)
+            start = functools.partial(self._start, cache_len=cache_len, buffer=buffer, sampling=sampling,
+                                      k_max=k_max)
+            by_batch = lambda *shape: sharding.batch_sharding(self.mesh, (batch, *shape))
+            replicated = sharding.replicated(self.mesh)
+            abstract = jax.eval_shape(start, self.target_params, self.drafter_params,
+                                      jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32),
+                                      jax.ShapeDtypeStruct((batch,), jnp.int32),
+                                      jax.ShapeDtypeStruct((batch,), jnp.int32), jax.random.key(0),
+                                      jax.ShapeDtypeStruct((), bool))
+            self._compiled[key] = jax.jit(
+                start, in_shardings=(self.target_shardings, self.drafter_shardings, by_batch(prompt_len), by_batch(),
+                                     by_batch(), replicated, replicated),
+                out_shardings=self._state_shardings(abstract))
         return self._compiled[key]
 
     def _loop_fn(self, state: SpecState, sampling: SamplingParams, window: WindowPolicy):
         key = ("loop", state.tokens.shape, state.target_cache.max_len, sampling, window)
         if key not in self._compiled:
             state_sh = self._state_shardings(state)
-            loop = functools.partial(_speculative_loop, target_config=self.target_config,
-                                     drafter_config=self.drafter.config, sampling=sampling, window=window,
-                                     eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id)
+            loop = functools.partial(_speculative_loop, target_config=self.target_config, drafter=self.drafter,
+                                     sampling=sampling, window=window, eos_token_ids=self.eos_token_ids,
+                                     pad_token_id=self.pad_token_id)
             self._compiled[key] = jax.jit(loop, in_shardings=(self.target_shardings, self.drafter_shardings, state_sh),
                                           out_shardings=state_sh, donate_argnums=(2,))
         return self._compiled[key]
@@ -185,18 +205,17 @@ class SpeculativeDecoder:
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: SamplingParams = SamplingParams(), window: WindowPolicy = WindowPolicy(), *,
                  seed: int = 0, ignore_eos: bool = False) -> SpeculativeResult:
-        # The caches must hold a whole window (K_max + 1 positions) past the last emitted token.
+        # The caches must hold a whole cycle's writes past the last emitted token.
         tokens, lengths, cache_len = pad_prompts(self.target_config, prompts, max_new_tokens, self.pad_token_id,
-                                                 extra_cache=window.k_max + 2)
+                                                 extra_cache=self.drafter.cache_margin(window.k_max))
         batch = tokens.shape[0]
-        start_fn = self._start_fn(batch, tokens.shape[1], cache_len, bucket(max_new_tokens), sampling, window)
+        start_fn = self._start_fn(batch, tokens.shape[1], cache_len, bucket(max_new_tokens), sampling, window.k_max)
         start = time.perf_counter()
         with jax.set_mesh(self.mesh):
             state = start_fn(self.target_params, self.drafter_params, tokens, lengths,
-                             jnp.full((batch,), max_new_tokens, jnp.int32), jax.random.key(seed), jnp.asarray(ignore_eos))
+                             np.full((batch,), max_new_tokens, np.int32), jax.random.key(seed), np.asarray(ignore_eos))
             jax.block_until_ready(state)
             prefill_seconds = time.perf_counter() - start
-            state = jax.device_put(state, self._state_shardings(state))
             start = time.perf_counter()
             state = self._loop_fn(state, sampling, window)(self.target_params, self.drafter_params, state)
             jax.block_until_ready(state)
@@ -212,19 +231,17 @@ class SpeculativeDecoder:
                                  decode_seconds=decode_seconds)
 
 
-def _draft(drafter_params, state: SpecState, key: jax.Array, *, config: ModelConfig, sampling: SamplingParams,
-           window: WindowPolicy):
-    """Runs the drafter: consume `draft_chunk`, then draft up to K_max tokens.
+def _draft(drafter: Drafter, drafter_params, target_params, state: SpecState, key: jax.Array, *,
+           sampling: SamplingParams, window: WindowPolicy):
+    """Runs the drafter: consume the pending chunk, then draft up to K_max tokens.
 
     Returns (drafts [B, K], draft_logprobs [B, K, V] or None for greedy, window [B], steps run,
     drafter cache whose lengths still count every drafted token).
     """
     batch, k_max = state.pending.shape[0], window.k_max
-    out = llama.forward(drafter_params, state.draft_chunk, state.drafter_cache, config,
-                        num_valid=state.draft_chunk_len, logits_at="last")
+    logits, cache = drafter.consume(drafter_params, target_params, state.drafter_cache, state.chunk)
     keys = jax.random.split(key, k_max)
     keep_logprobs = not sampling.greedy
-    vocab = config.vocab_size
 
     def propose(step, logits):
         if sampling.greedy:
@@ -235,34 +252,39 @@ def _draft(drafter_params, state: SpecState, key: jax.Array, *, config: ModelCon
             token = jax.random.categorical(keys[step], logprobs, axis=-1).astype(jnp.int32)
         return token, logprobs
 
-    token, logprobs = propose(0, out.logits)
-    proposing = window.keep_drafting(0, logprobs) & ~state.done
+    token, logprobs = propose(0, logits)
+    window_state = window.init(batch)
+    proposing, window_state = window.keep_drafting(0, logprobs, window_state)
+    proposing = proposing & ~state.done
     drafts = jnp.zeros((batch, k_max), jnp.int32).at[:, 0].set(token)
-    draft_logprobs = (jnp.zeros((batch, k_max, vocab), jnp.float32).at[:, 0].set(logprobs)
+    draft_logprobs = (jnp.zeros((batch, k_max, logprobs.shape[-1]), jnp.float32).at[:, 0].set(logprobs)
                       if keep_logprobs else jnp.zeros((batch, k_max, 0), jnp.float32))
-    carry = (jnp.ones((), jnp.int32), out.cache, drafts, draft_logprobs, proposing, proposing.astype(jnp.int32))
+    carry = (jnp.ones((), jnp.int32), cache, drafts, draft_logprobs, proposing, proposing.astype(jnp.int32),
+             window_state)
 
     def cond(c):
-        step, _, _, _, proposing, _ = c
+        step, _, _, _, proposing, _, _ = c
         return (step < k_max) & jnp.any(proposing)
 
     def body(c):
-        step, cache, drafts, draft_logprobs, proposing, window_len = c
-        previous = jax.lax.dynamic_slice_in_dim(drafts, step - 1, 1, axis=1)
-        out = llama.forward(drafter_params, previous, cache, config, logits_at="last")
-        token, logprobs = propose(step, out.logits)
+        step, cache, drafts, draft_logprobs, proposing, window_len, window_state = c
+        previous = jax.lax.dynamic_index_in_dim(drafts, step - 1, axis=1, keepdims=False)
+        logits, cache = drafter.step(drafter_params, target_params, cache, previous)
+        token, logprobs = propose(step, logits)
         drafts = drafts.at[:, step].set(token)
         if keep_logprobs:
             draft_logprobs = draft_logprobs.at[:, step].set(logprobs)
-        proposing = proposing & window.keep_drafting(step, logprobs)
-        return step + 1, out.cache, drafts, draft_logprobs, proposing, window_len + proposing.astype(jnp.int32)
+        keep, window_state = window.keep_drafting(step, logprobs, window_state)
+        proposing = proposing & keep
+        return (step + 1, cache, drafts, draft_logprobs, proposing, window_len + proposing.astype(jnp.int32),
+                window_state)
 
-    steps, cache, drafts, draft_logprobs, _, window_len = jax.lax.while_loop(cond, body, carry)
+    steps, cache, drafts, draft_logprobs, _, window_len, _ = jax.lax.while_loop(cond, body, carry)
     return drafts, (draft_logprobs if keep_logprobs else None), window_len, steps, cache
 
 
 def _speculative_loop(target_params, drafter_params, state: SpecState, *, target_config: ModelConfig,
-                      drafter_config: ModelConfig, sampling: SamplingParams, window: WindowPolicy,
+                      drafter: Drafter, sampling: SamplingParams, window: WindowPolicy,
                       eos_token_ids: jax.Array, pad_token_id: int) -> SpecState:
     k_max = window.k_max
 
@@ -274,12 +296,12 @@ def _speculative_loop(target_params, drafter_params, state: SpecState, *, target
         active = ~s.done
         batch = active.shape[0]
         drafts, draft_logprobs, window_len, steps, drafter_cache = _draft(
-            drafter_params, s, draft_key, config=drafter_config, sampling=sampling, window=window)
+            drafter, drafter_params, target_params, s, draft_key, sampling=sampling, window=window)
         window_len = jnp.maximum(window_len, 1)  # rows that finished still carry a (masked) window
 
         verify_tokens = jnp.concatenate([s.pending[:, None], drafts], axis=1)  # [B, K + 1]
         verified = llama.forward(target_params, verify_tokens, s.target_cache, target_config,
-                                 num_valid=jnp.where(active, k_max + 1, 0))
+                                 num_valid=jnp.where(active, k_max + 1, 0), hidden_layers=drafter.feature_layers)
         saw_nan = jnp.any(jnp.isnan(verified.logits), axis=(1, 2)) & active
         if sampling.greedy:
             k, next_token = accept_greedy(drafts, window_len, verified.logits)
@@ -298,21 +320,15 @@ def _speculative_loop(target_params, drafter_params, state: SpecState, *, target
         num_generated = s.num_generated + count
         done = s.done | saw_nan | (first_eos < count) | (num_generated >= s.budget)
 
-        # Roll back: the target keeps pending + k drafts; the drafter keeps what it consumed plus
-        # the accepted drafts it has already processed (all but the last when every step was accepted).
+        # Roll back: the target keeps pending + k drafts; the drafter decides what it keeps.
         target_lengths = s.target_cache.lengths + jnp.where(active, 1 + k, 0)
-        drafter_base = s.drafter_cache.lengths + s.draft_chunk_len
-        drafter_lengths = jnp.where(active, drafter_base + jnp.minimum(k, steps - 1), s.drafter_cache.lengths)
-        last_draft = jnp.take_along_axis(drafts, jnp.maximum(k - 1, 0)[:, None], axis=1)[:, 0]
-        needs_last = k == steps
-        chunk = jnp.where(needs_last[:, None], jnp.stack([last_draft, next_token], axis=1),
-                          jnp.stack([next_token, jnp.full_like(next_token, pad_token_id)], axis=1))
+        drafter_cache, chunk = drafter.after_verify(
+            s.drafter_cache, drafter_cache, s.chunk, drafts, k, steps, next_token,
+            concat_features(verified.hidden_states), active, pad_token_id)
         hist = s.accept_hist + jnp.zeros((k_max + 1,), jnp.int32).at[k].add(active.astype(jnp.int32))
         return s.replace(
-            tokens=tokens, num_generated=num_generated, done=done, pending=next_token, draft_chunk=chunk,
-            draft_chunk_len=jnp.where(needs_last, 2, 1).astype(jnp.int32),
-            target_cache=verified.cache.replace(lengths=target_lengths),
-            drafter_cache=drafter_cache.replace(lengths=drafter_lengths), key=key,
+            tokens=tokens, num_generated=num_generated, done=done, pending=next_token, chunk=chunk,
+            target_cache=verified.cache.replace(lengths=target_lengths), drafter_cache=drafter_cache, key=key,
             cycles=s.cycles + active.astype(jnp.int32), accept_hist=hist, saw_nan=s.saw_nan | saw_nan)
 
     return jax.lax.while_loop(cond, body, state)

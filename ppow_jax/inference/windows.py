@@ -1,28 +1,46 @@
 """Window policies: how many drafted tokens of each row go to verification.
 
 Every policy is static-shape and masked: the drafter always runs up to K_max steps (the loop exits
-early only when no row wants more), and a policy returns, per row, how many leading drafts the
-acceptance step may accept. Learned policies (PPOW's, LTD's) plug in as further kinds.
+early only when no row wants more), and a policy decides, per row and step, whether the draft just
+made is proposed; the first draft always is. A policy carries a small per-row state through the
+draft loop, so learned policies (PPOW's, LTD's) plug in as further kinds.
+
+- fixed: propose all K_max drafts.
+- confidence: stop at the first draft whose probability under the drafter is below `threshold`.
+- divergence (ADAW at inference, METHOD.md §3 item 7): the window's score is the running mean of
+  the estimated token criticality v_t = C(P_t)·KL(P_t‖Q_t); stop once it exceeds `threshold`, so
+  one uncertain token after confident ones does not end the window, but a run of them does.
+  P_t is unknown before verification; the training-free estimate puts the drafter's own
+  distribution in its place: v̂_t = H(Q_t)/log|V|, the normalised entropy (a drafter that spreads
+  its mass is the one expected to diverge). A learned estimator replaces it (PPOW).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 
 from ppow_jax.errors import InputError
 
-POLICIES = ("fixed", "confidence")
+POLICIES = ("fixed", "confidence", "divergence")
 MAX_WINDOW = 32
+
+
+def normalised_entropy(logprobs: jax.Array) -> jax.Array:
+    """H(Q)/log|V| in [0, 1] for logprobs [B, V] (-inf entries allowed) -> [B]."""
+    probs = jnp.exp(logprobs)
+    entropy = -jnp.sum(jnp.where(probs > 0, probs * logprobs, 0.0), axis=-1)
+    return entropy / math.log(logprobs.shape[-1])
 
 
 @dataclasses.dataclass(frozen=True)
 class WindowPolicy:
     kind: str = "fixed"
     k_max: int = 5
-    threshold: float = 0.5  # "confidence": keep drafting while the drafter's top probability >= this
+    threshold: float = 0.5  # confidence: least top probability; divergence: largest mean criticality
 
     def __post_init__(self):
         if self.kind not in POLICIES:
@@ -30,15 +48,23 @@ class WindowPolicy:
         if isinstance(self.k_max, bool) or not isinstance(self.k_max, int) or not 1 <= self.k_max <= MAX_WINDOW:
             raise InputError(f"k_max must be an integer in [1, {MAX_WINDOW}], got {self.k_max}")
         if not 0.0 <= self.threshold <= 1.0:
-            raise InputError(f"confidence threshold must be in [0, 1], got {self.threshold}")
+            raise InputError(f"window threshold must be in [0, 1], got {self.threshold}")
 
-    def keep_drafting(self, step: int | jax.Array, draft_logprobs: jax.Array) -> jax.Array:
-        """Whether each row proposes the draft just made at `step` (0-based) -> [B] bool.
+    def init(self, batch: int) -> jax.Array:
+        """Per-row policy state: the sum of criticality estimates so far (divergence)."""
+        return jnp.zeros((batch,), jnp.float32)
 
-        `draft_logprobs` [B, V] is the drafter's distribution at that step. The first draft is
-        always proposed, so every cycle verifies at least one drafted token.
+    def keep_drafting(self, step: int | jax.Array, draft_logprobs: jax.Array,
+                      state: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Whether each row proposes the draft just made at `step` (0-based) -> ([B] bool, new state).
+
+        `draft_logprobs` [B, V] is the drafter's distribution at that step.
         """
+        first = step == 0
         if self.kind == "fixed":
-            return jnp.ones(draft_logprobs.shape[:1], bool)
-        confidence = jnp.exp(jnp.max(draft_logprobs, axis=-1))
-        return (confidence >= self.threshold) | (step == 0)
+            return jnp.ones(draft_logprobs.shape[:1], bool), state
+        if self.kind == "confidence":
+            confidence = jnp.exp(jnp.max(draft_logprobs, axis=-1))
+            return (confidence >= self.threshold) | first, state
+        total = state + normalised_entropy(draft_logprobs)
+        return (total / (step + 1) <= self.threshold) | first, total

@@ -181,7 +181,7 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (normed.astype(x.dtype) * weight.astype(x.dtype))
 
 
-def _attention(layer: Params, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array],
+def attention(layer: Params, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array],
                k_cache: jax.Array, v_cache: jax.Array, config: ModelConfig):
     batch, seq, _ = x.shape
     h, kv, hd = config.num_heads, config.num_kv_heads, config.head_dim
@@ -226,7 +226,7 @@ def _attention(layer: Params, x: jax.Array, positions: jax.Array, rope: tuple[ja
     return out, k_cache, v_cache
 
 
-def _mlp(layer: Params, x: jax.Array) -> jax.Array:
+def mlp(layer: Params, x: jax.Array) -> jax.Array:
     dtype = x.dtype
     w_gate_up = layer["w_gate_up"].astype(dtype)
     gate_up = (x @ w_gate_up.reshape(w_gate_up.shape[0], -1)).reshape(*x.shape[:-1], *w_gate_up.shape[1:])
@@ -272,11 +272,11 @@ def forward(params: Params, tokens: jax.Array, cache: KVCache, config: ModelConf
     x = sharding.constrain(x, ("batch", "seq", "embed"))
     new_k, new_v, collected = [], [], {}
     for index, layer in enumerate(params["layers"]):
-        attn_out, k_layer, v_layer = _attention(
+        attn_out, k_layer, v_layer = attention(
             layer, rms_norm(x, layer["attn_norm"], config.rms_norm_eps), positions, rope,
             cache.k[index], cache.v[index], config)
         x = x + attn_out
-        x = x + _mlp(layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
+        x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
         x = sharding.constrain(x, ("batch", "seq", "embed"))
         new_k.append(k_layer)
         new_v.append(v_layer)

@@ -1,0 +1,56 @@
+"""Token-level (KD) training of an EAGLE-3-style drafter for SmolLM2-135M-Instruct.
+
+python -m ppow_jax.distill --config configs/smollm2_135m_kd.py   # the target answers the prompts
+python -m ppow_jax.train --config configs/smollm2_135m_kd.py     # the drafter learns from it
+Any value can be overridden: --config.train.steps=2000 --config.data.max_prompts=4096.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.target = "smollm2-135m-instruct"
+    config.param_dtype = "float32"
+    # Data root (data README): `train/` prompts and `eval/` question sets; env PPOW_DATA_ROOT wins.
+    config.data_root = "../shared/data"
+    config.workdir = "runs/smollm2-135m-instruct/kd"
+    config.seed = 0
+    config.export_dtype = "bfloat16"  # the exported drafter's storage dtype (computation runs in the target's)
+
+    config.data = ml_collections.ConfigDict()
+    config.data.folders = ("sharegpt", "alpaca_cleaned_1k", "alpaca_en_demo", "alpaca_seed_tasks", "gsm8k_train",
+                           "c4_demo", "wiki_demo")
+    config.data.cache_dir = "runs/smollm2-135m-instruct/distill"
+    config.data.max_prompts = 2048  # a seeded sample of the ~13k prompts; extend later, the cache resumes
+    config.data.max_prompt_tokens = 384
+    config.data.max_new_tokens = 256
+    config.data.temperature = 0.0  # the target's greedy answers
+    config.data.top_p = 1.0
+    config.data.batch_size = 32
+    config.data.seq_len = 384  # training sequences: prompt + response, the last seq_len tokens, right-padded
+    config.data.num_epochs = 0  # 0: repeat until train.steps
+    config.data.feature_batch_size = 8  # sequences per target forward when caching features
+
+    config.drafter = ml_collections.ConfigDict()
+    config.drafter.kind = "eagle3"
+    config.drafter.feature_layers = (2, 15, 27)  # low, middle, high layers of the 30-layer target (EAGLE-3)
+    config.drafter.draft_vocab_size = 8192  # most frequent target tokens in the self-distilled data
+    config.drafter.intermediate_size = 1536
+
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 8
+    config.train.steps = 3000
+    config.train.unroll_steps = 5  # training-time test: drafter steps fed its own hidden state
+    config.train.learning_rate = 3e-4
+    config.train.warmup_steps = 100
+    config.train.end_learning_rate_factor = 0.1
+    config.train.b1 = 0.9
+    config.train.b2 = 0.95  # EAGLE-3's AdamW betas
+    config.train.weight_decay = 0.0
+    config.train.grad_clip = 0.5  # EAGLE-3's clip
+    config.train.log_every = 20
+    config.train.checkpoint_every = 200
+    config.train.keep_checkpoints = 3
+    config.train.mesh = ""  # e.g. "data=8" on a pod slice; default one device
+    return config

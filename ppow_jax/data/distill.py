@@ -1,0 +1,156 @@
+"""Self-distillation: the target answers the training prompts; the answers are cached on disk.
+
+Drafters learn to predict the target, so they are trained on the target's own responses (EAGLE and
+Medusa do the same). Generation is batched and written as ArrayRecord shards, one per batch, each
+renamed into place only when complete; `manifest.json` lists the finished shards. A rerun after an
+interruption skips the prompts already answered, and refuses to mix settings (model, budget,
+sampling) with a cache made under different ones.
+
+A record is JSON: {"key", "prompt": [ids], "response": [ids], "eos": bool}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import random
+from typing import Iterable, Optional, Sequence
+
+from array_record.python import array_record_module
+from tqdm import tqdm
+
+from ppow_jax.data.sources import Prompt
+from ppow_jax.errors import InputError
+from ppow_jax.inference.autoregressive import AutoregressiveDecoder
+from ppow_jax.inference.sampling import SamplingParams
+from ppow_jax.text.tokenizer import Tokenizer
+
+MANIFEST = "manifest.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSettings:
+    """Everything that decides a cached response; a cache is only extended under equal settings."""
+
+    model: str
+    max_prompt_tokens: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
+    return tokenizer.encode(tokenizer.apply_chat_template(list(prompt.messages), add_generation_prompt=True))
+
+
+def read_manifest(cache_dir: pathlib.Path) -> dict:
+    path = cache_dir / MANIFEST
+    if not path.exists():
+        return {"settings": None, "shards": [], "skipped_too_long": []}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path} is corrupt ({err}); delete the cache directory to regenerate it") from None
+
+
+def _write_manifest(cache_dir: pathlib.Path, manifest: dict) -> None:
+    tmp = cache_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, cache_dir / MANIFEST)  # atomic: a crash leaves the old manifest
+
+
+def shard_paths(cache_dir: str | pathlib.Path) -> list[pathlib.Path]:
+    """The finished shards of a cache, in order; an empty or missing cache is an error."""
+    cache_dir = pathlib.Path(cache_dir)
+    shards = read_manifest(cache_dir)["shards"]
+    if not shards:
+        raise InputError(f"no self-distilled data in {cache_dir}: run `python -m ppow_jax.distill` first")
+    paths = [cache_dir / s["file"] for s in shards]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise InputError(f"cache {cache_dir} lists shards that are missing: {', '.join(missing[:3])}")
+    return paths
+
+
+def _write_shard(path: pathlib.Path, records: Iterable[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1")
+    for record in records:
+        writer.write(json.dumps(record).encode())
+    writer.close()
+    os.replace(tmp, path)
+
+
+def _batches(items: Sequence, batch_size: int, sort_window: int) -> Iterable[list]:
+    """Batches of similar prompt length (less padding), sorted within windows of `sort_window`."""
+    for start in range(0, len(items), sort_window):
+        window = sorted(items[start:start + sort_window], key=lambda item: len(item[1]))
+        for i in range(0, len(window), batch_size):
+            yield window[i:i + batch_size]
+
+
+def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: Sequence[Prompt],
+                 cache_dir: str | pathlib.Path, settings: DistillSettings, *, batch_size: int,
+                 max_prompts: int = 0, progress: bool = True) -> dict:
+    """Answers up to `max_prompts` prompts (0: all; a seeded shuffle picks which) into `cache_dir`.
+
+    Returns the manifest. Prompts longer than `settings.max_prompt_tokens` are skipped and listed.
+    """
+    cache_dir = pathlib.Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(cache_dir)
+    wanted = dataclasses.asdict(settings)
+    if manifest["settings"] is not None and manifest["settings"] != wanted:
+        raise InputError(f"cache {cache_dir} was made with settings {manifest['settings']}, not {wanted}; "
+                         "use another cache directory")
+    manifest["settings"] = wanted
+
+    order = list(prompts)
+    random.Random(settings.seed).shuffle(order)
+    if max_prompts:
+        order = order[:max_prompts]
+    done = {key for shard in manifest["shards"] for key in shard["keys"]} | set(manifest["skipped_too_long"])
+    todo = []
+    for prompt in order:
+        if prompt.key in done:
+            continue
+        ids = encode_prompt(tokenizer, prompt)
+        if len(ids) > settings.max_prompt_tokens:
+            manifest["skipped_too_long"].append(prompt.key)
+        else:
+            todo.append((prompt, ids))
+
+    sampling = SamplingParams(temperature=settings.temperature, top_p=settings.top_p)
+    bar = tqdm(total=len(order), initial=len(order) - len(todo), desc="self-distill", unit="prompt",
+               disable=not progress)
+    for batch in _batches(todo, batch_size, sort_window=batch_size * 16):
+        index = len(manifest["shards"])
+        result = decoder.generate([ids for _, ids in batch], settings.max_new_tokens, sampling,
+                                  seed=settings.seed + index)
+        records = [{"key": p.key, "prompt": ids, "response": out, "eos": eos}
+                   for (p, ids), out, eos in zip(batch, result.tokens, result.finished_by_eos)]
+        name = f"shard-{index:05d}.array_record"
+        _write_shard(cache_dir / name, records)
+        manifest["shards"].append({"file": name, "keys": [p.key for p, _ in batch],
+                                   "response_tokens": sum(len(r["response"]) for r in records)})
+        _write_manifest(cache_dir, manifest)
+        bar.update(len(batch))
+        bar.set_postfix(tokens=sum(s["response_tokens"] for s in manifest["shards"]))
+    bar.close()
+    _write_manifest(cache_dir, manifest)
+    return manifest
+
+
+def read_records(paths: Sequence[pathlib.Path], limit: Optional[int] = None) -> list[dict]:
+    """All records of some shards (tests and small tools; training reads through Grain)."""
+    records = []
+    for path in paths:
+        reader = array_record_module.ArrayRecordReader(str(path))
+        records.extend(json.loads(b) for b in reader.read_all())
+        reader.close()
+        if limit is not None and len(records) >= limit:
+            return records[:limit]
+    return records

@@ -1,0 +1,52 @@
+"""`python -m ppow_jax.distill --config configs/X.py`: the target answers the training prompts.
+
+Reads the prompts of `config.data.folders` under the data root (eval prompts removed, counted),
+and caches the target's responses as ArrayRecord shards in `config.data.cache_dir`. Resumable:
+rerun the same command after an interruption.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+from typing import Optional, Sequence
+
+from ppow_jax.cli import run_config_entry_point
+
+
+def data_root(config) -> pathlib.Path:
+    """`PPOW_DATA_ROOT` if set, else the config's `data_root`."""
+    return pathlib.Path(os.environ.get("PPOW_DATA_ROOT") or config.data_root)
+
+
+def run(config) -> int:
+    from ppow_jax.data.distill import DistillSettings, self_distill
+    from ppow_jax.data.sources import read_training_prompts
+    from ppow_jax.inference.autoregressive import AutoregressiveDecoder
+    from ppow_jax.weights.registry import load_model
+
+    prompts, report = read_training_prompts(data_root(config), config.data.folders)
+    print(f"training prompts: {report.summary()}", file=sys.stderr)
+    target = load_model(config.target, param_dtype=config.param_dtype)
+    decoder = AutoregressiveDecoder(target.config, target.params, eos_token_ids=target.tokenizer.eos_token_ids,
+                                    pad_token_id=target.tokenizer.pad_token_id or 0)
+    settings = DistillSettings(model=str(config.target), max_prompt_tokens=config.data.max_prompt_tokens,
+                               max_new_tokens=config.data.max_new_tokens, temperature=config.data.temperature,
+                               top_p=config.data.top_p, seed=config.seed)
+    manifest = self_distill(decoder, target.tokenizer, prompts, config.data.cache_dir, settings,
+                            batch_size=config.data.batch_size, max_prompts=config.data.max_prompts)
+    tokens = sum(s["response_tokens"] for s in manifest["shards"])
+    answered = sum(len(s["keys"]) for s in manifest["shards"])
+    print(f"{config.data.cache_dir}: {answered} responses, {tokens} response tokens; "
+          f"{len(manifest['skipped_too_long'])} prompts over {config.data.max_prompt_tokens} tokens skipped",
+          file=sys.stderr)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_config_entry_point(run, argv, doc=__doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
