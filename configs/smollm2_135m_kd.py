@@ -16,11 +16,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.data_root = "../shared/data"
     config.workdir = "runs/smollm2-135m-instruct/kd"
     config.seed = 0
+    config.distributed = False  # True on multi-host pods: jax.distributed.initialize() (launch/tpu_pod.sh)
     config.export_dtype = "bfloat16"  # the exported drafter's storage dtype (computation runs in the target's)
 
     config.data = ml_collections.ConfigDict()
     config.data.folders = ("sharegpt", "alpaca_cleaned_1k", "alpaca_en_demo", "alpaca_seed_tasks", "gsm8k_train",
                            "c4_demo", "wiki_demo")
+    # Optional extra prompts from a dataset already prepared with TFDS (`pip install -e '.[tfds]'`).
+    config.data.tfds = ml_collections.ConfigDict({"name": "", "split": "train", "field": "text", "data_dir": ""})
     config.data.cache_dir = "runs/smollm2-135m-instruct/distill"
     config.data.max_prompts = 2048  # a seeded sample of the ~13k prompts; extend later, the cache resumes
     config.data.max_prompt_tokens = 384
@@ -39,18 +42,20 @@ def get_config() -> ml_collections.ConfigDict:
     config.drafter.intermediate_size = 1536
 
     config.train = ml_collections.ConfigDict()
-    config.train.batch_size = 8
-    config.train.steps = 3000
-    config.train.unroll_steps = 5  # training-time test: drafter steps fed its own hidden state
-    config.train.learning_rate = 3e-4
-    config.train.warmup_steps = 100
+    config.train.batch_size = 4
+    # Sized for a 2-core CPU (about 45 minutes); on a GPU raise steps and unroll_steps.
+    config.train.steps = 400
+    config.train.unroll_steps = 3  # training-time test: drafter steps fed its own hidden state (EAGLE-3: 5)
+    config.train.loss_positions = 1024  # response positions per batch that get the head and the loss (0: all)
+    config.train.learning_rate = 1e-3  # EAGLE-3 uses 5e-5 for long runs; a short run from scratch needs more
+    config.train.warmup_steps = 20
     config.train.end_learning_rate_factor = 0.1
     config.train.b1 = 0.9
     config.train.b2 = 0.95  # EAGLE-3's AdamW betas
     config.train.weight_decay = 0.0
     config.train.grad_clip = 0.5  # EAGLE-3's clip
-    config.train.log_every = 20
-    config.train.checkpoint_every = 200
+    config.train.log_every = 5
+    config.train.checkpoint_every = 25
     config.train.keep_checkpoints = 3
     config.train.mesh = ""  # e.g. "data=8" on a pod slice; default one device
     return config

@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.batch_size = 4
     config.train.steps = 40
     config.train.unroll_steps = 3
+    config.train.loss_positions = 0
     config.train.learning_rate = 3e-3
     config.train.warmup_steps = 5
     config.train.log_every = 5

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from ppow_jax.errors import PPOWError
 
@@ -23,20 +23,29 @@ def run_entry_point(parser: argparse.ArgumentParser, run: Callable[[argparse.Nam
         return 1
 
 
-def run_config_entry_point(main: Callable[["ml_collections.ConfigDict"], int], argv: Optional[Sequence[str]] = None,
+def run_config_entry_point(main: Callable[[Any], int], argv: Optional[Sequence[str]] = None,
                            doc: str = "") -> int:
     """Entry points driven by an ml-collections config: `--config FILE [--config.KEY=VALUE ...]`.
 
     Flags are parsed by absl's config_flags (the ml-collections convention); errors are handled as
     in `run_entry_point`.
     """
+    argv = list(sys.argv if argv is None else [sys.argv[0], *argv])
+    # config_flags reads `--config.KEY` overrides from sys.argv, so it must hold these arguments.
+    saved_argv, sys.argv = sys.argv, argv
+    try:
+        return _run_with_config(main, argv, doc)
+    finally:
+        sys.argv = saved_argv
+
+
+def _run_with_config(main: Callable[[Any], int], argv: list[str], doc: str) -> int:
     from absl import flags
     from ml_collections import config_flags
 
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "path to a configs/*.py file", flag_values=flag_values,
                                     lock_config=True)
-    argv = list(sys.argv if argv is None else [sys.argv[0], *argv])
     if any(a in ("-h", "--help") for a in argv[1:]):
         print(doc or main.__doc__ or "")
         print("flags: --config FILE [--config.KEY=VALUE ...]")
@@ -50,6 +59,10 @@ def run_config_entry_point(main: Callable[["ml_collections.ConfigDict"], int], a
         print("error: --config FILE is required", file=sys.stderr)
         return 2
     try:
+        if flag_values.config.get("distributed", False):
+            import jax
+
+            jax.distributed.initialize()  # multi-host: one process per host, coordinator auto-detected
         return main(flag_values.config)
     except PPOWError as err:
         print(f"error: {err}", file=sys.stderr)

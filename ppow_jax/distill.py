@@ -26,7 +26,7 @@ def run(config) -> int:
     from ppow_jax.inference.autoregressive import AutoregressiveDecoder
     from ppow_jax.weights.registry import load_model
 
-    prompts, report = read_training_prompts(data_root(config), config.data.folders)
+    prompts, report = read_training_prompts(data_root(config), config.data.folders, config.data.tfds.to_dict())
     print(f"training prompts: {report.summary()}", file=sys.stderr)
     target = load_model(config.target, param_dtype=config.param_dtype)
     decoder = AutoregressiveDecoder(target.config, target.params, eos_token_ids=target.tokenizer.eos_token_ids,

@@ -84,7 +84,8 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
     optim = OptimConfig(learning_rate=tc.learning_rate, warmup_steps=tc.warmup_steps, total_steps=tc.steps,
                         end_learning_rate_factor=tc.end_learning_rate_factor, b1=tc.b1, b2=tc.b2,
                         weight_decay=tc.weight_decay, grad_clip=tc.grad_clip)
-    trainer = KDTrainer(drafter, target.params, d2t, optim, unroll_steps=tc.unroll_steps, mesh=parse_mesh(tc.mesh))
+    trainer = KDTrainer(drafter, target.params, d2t, optim, unroll_steps=tc.unroll_steps,
+                        loss_positions=tc.loss_positions, mesh=parse_mesh(tc.mesh))
     state = trainer.init_state(jax.random.key(config.seed))
     dataset = feature_dataset(feature_shards(workdir / "features"), batch_size=tc.batch_size, seed=config.seed,
                               num_epochs=config.data.num_epochs)
@@ -106,7 +107,8 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
             log(f"data exhausted after {config.data.num_epochs} epochs at step {step}")
             break
         state, metrics = trainer.step(state, batch)
-        window_tokens += int(batch["loss_mask"].sum())
+        window_tokens += int(batch["loss_mask"].sum()) if not tc.loss_positions else \
+            min(int(batch["loss_mask"].sum()), tc.loss_positions)
         done = step + 1
         if done % tc.log_every == 0 or done == tc.steps:
             metrics = jax.device_get(metrics)

@@ -76,6 +76,21 @@ def test_unreadable_files_are_errors_naming_them(tmp_path):
         sources.training_files(tmp_path, ["nope"])
 
 
+def test_a_prepared_tfds_source_adds_prompts_and_is_decontaminated(shared_data_root):
+    eval_prompt = next(iter(sources.eval_prompt_texts(shared_data_root)))
+    records = [{"text": b"Explain tides."}, {"text": eval_prompt}, {"text": ""}, {"other": "x"}]
+    prompts, report = sources.read_training_prompts(
+        shared_data_root, ["alpaca_seed_tasks"], {"name": "toy", "split": "train", "field": "text", "data_source": records})
+    tfds_prompts = [p for p in prompts if p.key.startswith("tfds:toy/")]
+    assert [p.text for p in tfds_prompts] == ["Explain tides."]
+    assert report.contaminated["tfds:toy"] == 1 and report.malformed["tfds:toy"] == 2
+    try:
+        import tensorflow_datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(InputError, match="tensorflow-datasets"):
+            list(sources.read_tfds_prompts("toy"))
+
+
 # ----- a tiny target with the real tokenizer -----
 
 @pytest.fixture(scope="module")
@@ -214,7 +229,6 @@ def test_corrupt_or_missing_checkpoints_give_clear_errors(distilled, tiny_target
     # The earlier checkpoint is intact and restores.
     manager = Checkpointer(checkpoints)
     assert 10 in manager.all_steps()
-    from ppow_jax.training.kd import KDTrainer  # noqa: F401
     step, _, meta = manager.restore(_abstract_state(config, tiny_target), step=10)
     assert step == 10 and "data_iterator" in meta
     with pytest.raises(CheckpointError, match="no checkpoint"):
@@ -232,3 +246,18 @@ def _abstract_state(config, target):
     trainer = KDTrainer(drafter, target.params, np.arange(config.drafter.draft_vocab_size),
                         OptimConfig(learning_rate=1e-3, warmup_steps=1, total_steps=10), unroll_steps=1)
     return trainer.init_state(jax.random.key(0))
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([], "--config FILE is required"),
+    (["--config", "configs/tiny_kd.py", "--config.train.no_such_key=1"], "no_such_key"),
+    (["--config", "configs/tiny_kd.py", "--config.target=smollm2-135m-instruct", "--config.data.cache_dir=/nonexistent",
+      "--config.workdir=WORKDIR"], "no self-distilled data"),
+])
+def test_train_cli_bad_input(argv, message, tmp_path, capsys, monkeypatch):
+    from ppow_jax import train
+
+    monkeypatch.chdir(REPO_ROOT)
+    code = train.main([a.replace("WORKDIR", str(tmp_path)) for a in argv])
+    assert code == 2
+    assert message in capsys.readouterr().err

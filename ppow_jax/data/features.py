@@ -20,7 +20,6 @@ import pathlib
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from array_record.python import array_record_module

@@ -221,16 +221,21 @@ def eval_prompt_texts(data_root: pathlib.Path) -> set[str]:
     return texts
 
 
-def read_training_prompts(data_root: str | pathlib.Path, folders: Iterable[str]) -> tuple[list[Prompt], ReadReport]:
-    """All training prompts of `folders`, without eval prompts and without duplicates."""
+def read_training_prompts(data_root: str | pathlib.Path, folders: Iterable[str],
+                          tfds_source: Optional[dict] = None) -> tuple[list[Prompt], ReadReport]:
+    """All training prompts of `folders` (and of a prepared TFDS dataset, when `tfds_source` names
+    one: keyword arguments of `read_tfds_prompts`), without eval prompts and without duplicates."""
     data_root = pathlib.Path(data_root)
     forbidden = eval_prompt_texts(data_root)
     if not forbidden:
         raise InputError(f"no eval question files under {data_root / 'eval'}: the contamination check needs them")
     report, prompts, seen = ReadReport(), [], set()
-    for path, reader in training_files(data_root, folders):
-        source = path.parent.name
-        for prompt in reader(path, report, source):
+    streams = [(path.parent.name, reader(path, report, path.parent.name))
+               for path, reader in training_files(data_root, folders)]
+    if tfds_source and tfds_source.get("name"):
+        streams.append((f"tfds:{tfds_source['name']}", read_tfds_prompts(**tfds_source, report=report)))
+    for source, stream in streams:
+        for prompt in stream:
             text = normalise(prompt.text)
             if prompt.contamination_keys() & forbidden:
                 report.contaminated[source] += 1
@@ -242,3 +247,33 @@ def read_training_prompts(data_root: str | pathlib.Path, folders: Iterable[str])
                 prompts.append(prompt)
     return prompts, report
 
+
+
+def read_tfds_prompts(name: str, *, split: str = "train", field: str = "text", data_dir: str | None = None,
+                      data_source=None, report: ReadReport | None = None) -> Iterator[Prompt]:
+    """Prompts from a dataset the user already prepared with TFDS (`tfds.data_source`, no TensorFlow).
+
+    Each record's `field` (str or bytes) is the user turn. `data_source` replaces the TFDS lookup
+    (any random-access sequence of dicts).
+    """
+    report = report if report is not None else ReadReport()
+    if data_source is None:
+        try:
+            import tensorflow_datasets as tfds
+        except ImportError:
+            raise InputError("a TFDS source needs tensorflow-datasets: pip install -e '.[tfds]'") from None
+        try:
+            data_source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+        except Exception as err:  # tfds raises DatasetNotFoundError, ValueError, ... for unprepared data
+            raise InputError(f"TFDS dataset {name!r} split {split!r} cannot be opened ({err})") from None
+    source = f"tfds:{name}"
+    for index in range(len(data_source)):
+        record = data_source[index]
+        value = record.get(field) if isinstance(record, dict) else None
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", errors="replace")
+        text = _nonempty_str(value)
+        if text is None:
+            report.malformed[source] += 1
+            continue
+        yield Prompt(key=f"{source}/{split}/{index}", messages=_user(text))

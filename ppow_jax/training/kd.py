@@ -79,42 +79,58 @@ class TargetConstants:
 
 
 def kd_loss(trainable: dict, target: TargetConstants, batch: Batch, *, drafter: Eagle3Drafter,
-            unroll_steps: int) -> tuple[jax.Array, dict]:
-    """-> (mean loss over steps, metrics with per-step loss and top-1 agreement)."""
+            unroll_steps: int, loss_positions: int = 0) -> tuple[jax.Array, dict]:
+    """-> (mean loss over steps, metrics with per-step loss, KL and top-1 agreement).
+
+    The output head and the loss run only at `loss_positions` gathered response positions of the
+    batch (0: all B*L positions); the head over the draft vocabulary is about half of the drafter's
+    FLOPs, and prompt and padding positions carry no loss. Positions beyond that number are left out
+    (counted in `loss_tokens` only when used).
+    """
     d2t = target.d2t
     params = {**trainable, "d2t": d2t}
-    hidden = unrolled_hidden(drafter, params, target.embed, batch["tokens"], batch["features"], unroll_steps)
-    draft_logprobs = jax.nn.log_softmax(drafter.draft_logits(params, hidden), axis=-1)  # [S, B, L, N]
-    # The target's logits over the draft vocabulary: its final-normed hidden times those rows of its head.
-    target_logits = jnp.einsum("bld,nd->bln", batch["target_hidden"].astype(jnp.float32),
-                               target.head_rows.astype(jnp.float32))
-    target_probs = jax.nn.softmax(target_logits, axis=-1)
-    cross_entropy = -jnp.sum(target_probs[None] * draft_logprobs, axis=-1)  # [S, B, L]
-    target_entropy = -jnp.sum(target_probs * jax.nn.log_softmax(target_logits, axis=-1), axis=-1)  # [B, L]
+    tokens = batch["tokens"]
+    batch_size, seq = tokens.shape
+    hidden = unrolled_hidden(drafter, params, target.embed, tokens, batch["features"], unroll_steps)  # [S, B, L, D]
 
-    seq = batch["tokens"].shape[1]
-    positions = jnp.arange(seq)
-    next_tokens = jnp.pad(batch["tokens"][:, 1:], ((0, 0), (0, 1)))
-    draft_choice = jnp.take(d2t, jnp.argmax(draft_logprobs, axis=-1))  # [S, B, L] target ids
+    flat_mask = batch["loss_mask"].reshape(-1).astype(bool)
+    size = loss_positions or batch_size * seq
+    (index,) = jnp.nonzero(flat_mask, size=size, fill_value=0)
+    used = jnp.arange(size) < jnp.sum(flat_mask)  # [P] real positions among the gathered ones
+    position_in_row = index % seq
+    next_tokens = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1))).reshape(-1)[index]
+
+    draft_logprobs = jax.nn.log_softmax(
+        drafter.draft_logits(params, hidden.reshape(unroll_steps, -1, hidden.shape[-1])[:, index]), axis=-1)  # [S, P, N]
+    # The target's logits over the draft vocabulary: its final-normed hidden times those rows of its head.
+    target_hidden = batch["target_hidden"].reshape(-1, batch["target_hidden"].shape[-1])[index].astype(jnp.float32)
+    target_logits = target_hidden @ target.head_rows.astype(jnp.float32).T  # [P, N]
+    target_logprobs = jax.nn.log_softmax(target_logits, axis=-1)
+    target_probs = jnp.exp(target_logprobs)
+    cross_entropy = -jnp.sum(target_probs[None] * draft_logprobs, axis=-1)  # [S, P]
+    target_entropy = -jnp.sum(target_probs * target_logprobs, axis=-1)  # [P]
+    draft_choice = jnp.take(d2t, jnp.argmax(draft_logprobs, axis=-1))  # [S, P] target ids
+
     losses, kls, agreements, counts = [], [], [], []
     for step in range(unroll_steps):
-        mask = batch["loss_mask"].astype(jnp.float32) * (positions >= step)[None, :]
-        count = jnp.maximum(mask.sum(), 1.0)
-        losses.append(jnp.sum(cross_entropy[step] * mask) / count)
-        kls.append(jnp.sum((cross_entropy[step] - target_entropy) * mask) / count)
+        # Step j at position i continues the chain anchored at i - j, which must be a real position.
+        weight = (used & (position_in_row >= step)).astype(jnp.float32)
+        count = jnp.maximum(weight.sum(), 1.0)
+        losses.append(jnp.sum(cross_entropy[step] * weight) / count)
+        kls.append(jnp.sum((cross_entropy[step] - target_entropy) * weight) / count)
         # With greedy self-distillation the data's next token is the target's argmax.
-        agreements.append(jnp.sum((draft_choice[step] == next_tokens) * mask) / count)
-        counts.append(mask.sum())
+        agreements.append(jnp.sum((draft_choice[step] == next_tokens) * weight) / count)
+        counts.append(weight.sum())
     loss = jnp.mean(jnp.stack(losses))
     return loss, {"loss": loss, "kl": jnp.mean(jnp.stack(kls)), "step_loss": jnp.stack(losses),
-                  "agreement": jnp.stack(agreements),
-                  "loss_tokens": counts[0]}
+                  "agreement": jnp.stack(agreements), "loss_tokens": counts[0]}
 
 
 def _train_step(state: TrainState, batch: Batch, target: TargetConstants, *, drafter: Eagle3Drafter,
-                optimizer: optax.GradientTransformation, unroll_steps: int,
+                optimizer: optax.GradientTransformation, unroll_steps: int, loss_positions: int,
                 schedule: optax.Schedule) -> tuple[TrainState, dict]:
-    grad_fn = jax.value_and_grad(functools.partial(kd_loss, drafter=drafter, unroll_steps=unroll_steps), has_aux=True)
+    loss_fn = functools.partial(kd_loss, drafter=drafter, unroll_steps=unroll_steps, loss_positions=loss_positions)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (_, metrics), grads = grad_fn(state.params, target, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -126,8 +142,8 @@ class KDTrainer:
     """Builds the sharded train state and the jitted train step for one drafter and target."""
 
     def __init__(self, drafter: Eagle3Drafter, target_params: dict, d2t: np.ndarray, optim: OptimConfig, *,
-                 unroll_steps: int, mesh: Optional[Mesh] = None):
-        self.drafter, self.unroll_steps = drafter, unroll_steps
+                 unroll_steps: int, loss_positions: int = 0, mesh: Optional[Mesh] = None):
+        self.drafter, self.unroll_steps, self.loss_positions = drafter, unroll_steps, loss_positions
         self.mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
         self.optimizer, self.schedule = make_optimizer(optim), learning_rate_schedule(optim)
         target = TargetConstants.from_target(target_params, drafter.check_d2t(d2t))
@@ -158,9 +174,13 @@ class KDTrainer:
             state_sh = self.state_shardings(state)
             replicated = sharding.replicated(self.mesh)
             fn = functools.partial(_train_step, drafter=self.drafter, optimizer=self.optimizer,
-                                   unroll_steps=self.unroll_steps, schedule=self.schedule)
+                                   unroll_steps=self.unroll_steps, loss_positions=self.loss_positions,
+                                   schedule=self.schedule)
             self._step_fn = jax.jit(fn, in_shardings=(state_sh, self.batch_shardings(batch), self.target_shardings),
                                     out_shardings=(state_sh, replicated), donate_argnums=(0,))
+        if jax.process_count() > 1:  # each host holds its slice of the global batch
+            batch = {k: jax.make_array_from_process_local_data(sh, batch[k])
+                     for k, sh in self.batch_shardings(batch).items()}
         with jax.set_mesh(self.mesh):
             return self._step_fn(state, batch, self.target)
 
