@@ -14,7 +14,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.param_dtype = "float32"
     # Data root (data README): `train/` prompts and `eval/` question sets; env PPOW_DATA_ROOT wins.
     config.data_root = "../shared/data"
+    config.stage = "kd"  # token-level training (configs/smollm2_135m_ppow.py: "ppow")
     config.workdir = "runs/smollm2-135m-instruct/kd"
+    # A drafter directory to continue from (continued token-level training, the CST baseline);
+    # empty: train from scratch.
+    config.init_from = ""
     config.seed = 0
     config.distributed = False  # True on multi-host pods: jax.distributed.initialize() (launch/tpu_pod.sh)
     config.export_dtype = "bfloat16"  # the exported drafter's storage dtype (computation runs in the target's)
@@ -34,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.seq_len = 384  # training sequences: prompt + response, the last seq_len tokens, right-padded
     config.data.num_epochs = 0  # 0: repeat until train.steps
     config.data.feature_batch_size = 8  # sequences per target forward when caching features
+    config.data.features_dir = ""  # the target-feature cache; empty: WORKDIR/features
 
     config.drafter = ml_collections.ConfigDict()
     config.drafter.kind = "eagle3"
@@ -57,5 +62,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.log_every = 5
     config.train.checkpoint_every = 25
     config.train.keep_checkpoints = 3
+    config.train.max_seconds = 0  # training-time budget in seconds (0: none); the run exports when it is spent
     config.train.mesh = ""  # e.g. "data=8" on a pod slice; default one device
+
+    # The adaptive window's calibration, fitted on greedy windows of the training data at export.
+    config.calibration = ml_collections.ConfigDict()
+    config.calibration.batches = 4
+    config.calibration.batch_size = 2
+    config.calibration.window = 10
     return config

@@ -3,22 +3,13 @@
 The target path is filled in by the test (`--config.target=DIR`), as are the data and work dirs.
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
-
-def full_config() -> ml_collections.ConfigDict:
-    path = pathlib.Path(__file__).with_name("smollm2_135m_kd.py")
-    spec = importlib.util.spec_from_file_location("smollm2_135m_kd", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from ppow_jax.cli import sibling_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = full_config()
+    config = sibling_config(__file__, "smollm2_135m_kd.py")
     config.target = ""
     config.workdir = ""
     config.export_dtype = "float32"
@@ -41,4 +32,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.log_every = 5
     config.train.checkpoint_every = 10
     config.train.keep_checkpoints = 2
+    config.calibration.batches = 2
+    config.calibration.window = 4
     return config

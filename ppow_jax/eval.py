@@ -37,10 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--window", default="fixed", help="window policy: fixed | confidence | divergence")
+    parser.add_argument("--window", default="fixed",
+                        help="window policy: fixed | confidence | divergence | adaptive (a trained drafter's "
+                             "calibrated acceptance model)")
     parser.add_argument("--k-max", type=int, default=5, help="largest window (drafted tokens per cycle)")
     parser.add_argument("--threshold", type=float, default=0.5,
-                        help="confidence window: least top probability; divergence window: largest mean criticality")
+                        help="confidence window: least top probability; divergence window: largest mean criticality; "
+                             "adaptive window: least predicted probability that the whole window is accepted")
     parser.add_argument("--limit", type=int, default=0, help="questions per file (0: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -65,6 +68,20 @@ def load_drafter(spec: str, target):
         return load_trained_drafter(spec, target.config)
     drafter = load_model(spec, param_dtype=target.config.param_dtype)
     return LMDrafter(config=drafter.config, name=spec), drafter.params
+
+
+def window_calibration(spec: str) -> tuple[float, ...]:
+    """The adaptive window's calibration weights stored with a trained drafter."""
+    from ppow_jax.drafters.store import is_drafter_dir, read_description
+
+    if not is_drafter_dir(spec):
+        raise InputError(f"--window adaptive needs a trained drafter directory (its calibrated acceptance model); "
+                         f"got {spec!r}")
+    calibration = read_description(spec).get("window_calibration")
+    if not calibration:
+        raise InputError(f"{spec}: drafter.json has no window_calibration; re-export the drafter with "
+                         "python -m ppow_jax.train (a rerun of a finished run only re-exports)")
+    return tuple(float(w) for w in calibration["weights"])
 
 
 def summarize(records: list[dict], greedy: bool) -> dict:
@@ -134,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
     from ppow_jax.weights.registry import load_model
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    window = WindowPolicy(kind=args.window, k_max=args.k_max, threshold=args.threshold)
+    calibration = window_calibration(args.drafter) if args.window == "adaptive" else ()
+    window = WindowPolicy(kind=args.window, k_max=args.k_max, threshold=args.threshold, calibration=calibration)
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.limit < 0:

@@ -1,15 +1,18 @@
-"""`python -m ppow_jax.train --config configs/X.py [--config.KEY=VALUE ...]`: token-level drafter training.
+"""`python -m ppow_jax.train --config configs/X.py [--config.KEY=VALUE ...]`: drafter training.
 
-Stages, each resumable:
-  1. the target's features and distributions for every self-distilled sequence, cached once
-     (`python -m ppow_jax.distill` must have produced the responses);
-  2. the draft vocabulary: the most frequent tokens of the responses;
-  3. training with checkpoints (train state, data-iterator state, RNG, draft vocabulary) every
-     `train.checkpoint_every` steps, keeping the last `train.keep_checkpoints`; a rerun resumes
-     from the latest one exactly;
-  4. the trained drafter is exported to `WORKDIR/drafter` for `python -m ppow_jax.eval --drafter`.
-Metrics (loss, per-step top-1 agreement, learning rate, tokens/s) go to TensorBoard logs in
-`WORKDIR/logs` and a console progress bar.
+`config.stage` picks what runs:
+  - "kd" (token level, METHOD.md §2): the target's features and distributions for every
+    self-distilled sequence are cached once (`python -m ppow_jax.distill` must have produced the
+    responses); the draft vocabulary is the responses' most frequent tokens; the drafter trains from
+    scratch, or from `init_from` (continued token-level training, the CST baseline);
+  - "ppow" (window-level RL, METHOD.md §3): fine-tunes the drafter in `init_from` with grouped
+    rollouts, rewards and PPO on the same feature cache.
+Both checkpoint (train state, data-iterator state, RNG) every `train.checkpoint_every` steps,
+keeping the last `train.keep_checkpoints`; a rerun resumes from the latest one exactly. A run ends
+after `train.steps` steps or `train.max_seconds` of training time, whichever comes first, and
+exports the drafter, with the calibration of its adaptive window, to `WORKDIR/drafter` for
+`python -m ppow_jax.eval --drafter`. Metrics go to TensorBoard logs in `WORKDIR/logs`,
+`WORKDIR/metrics.jsonl` and a console progress bar.
 """
 
 from __future__ import annotations
@@ -38,116 +41,291 @@ def token_counts(distill_dir: pathlib.Path, vocab_size: int):
     return counts
 
 
+class MetricsLog:
+    """Scalars to TensorBoard (`WORKDIR/logs`) and, for scripts, to `WORKDIR/metrics.jsonl`."""
+
+    def __init__(self, workdir: pathlib.Path):
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(str(workdir / "logs"))
+        self.path = workdir / "metrics.jsonl"
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+        with open(self.path, "a") as history:
+            history.write(json.dumps({"step": step, **scalars}) + "\n")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def feature_cache(config, target, progress: bool) -> pathlib.Path:
+    """Builds (or resumes, or just checks) the target-feature cache; -> its directory."""
+    from ppow_jax.data.features import build_feature_cache
+
+    directory = pathlib.Path(config.data.get("features_dir") or pathlib.Path(config.workdir) / "features")
+    manifest = build_feature_cache(target.config, target.params, config.data.cache_dir, directory,
+                                   feature_layers=tuple(config.drafter.feature_layers), seq_len=config.data.seq_len,
+                                   batch_size=config.data.feature_batch_size,
+                                   pad_token_id=target.tokenizer.pad_token_id or 0, progress=progress)
+    loss_tokens = sum(s["loss_tokens"] for s in manifest["shards"])
+    log(f"feature cache {directory}: {sum(s['examples'] for s in manifest['shards'])} sequences, "
+        f"{loss_tokens} response tokens")
+    return directory
+
+
+def optimizer_config(tc):
+    from ppow_jax.training.kd import OptimConfig
+
+    return OptimConfig(learning_rate=tc.learning_rate, warmup_steps=tc.warmup_steps, total_steps=tc.steps,
+                       end_learning_rate_factor=tc.end_learning_rate_factor, b1=tc.b1, b2=tc.b2,
+                       weight_decay=tc.weight_decay, grad_clip=tc.grad_clip)
+
+
+def export_drafter(config, target, drafter, params, features_dir: pathlib.Path, extra: dict) -> pathlib.Path:
+    """Fits the adaptive window's calibration on greedy windows of the training data, then saves the drafter."""
+    import itertools
+
+    from ppow_jax.data.features import feature_shards
+    from ppow_jax.data.pipeline import feature_dataset
+    from ppow_jax.drafters.store import save_drafter
+    from ppow_jax.training.kd import TargetConstants
+    from ppow_jax.training.ppow import PPOWTarget, fit_window_calibration
+
+    cc = config.calibration
+    head = target.params["lm_head"].T if "lm_head" in target.params else target.params["embed"]
+    frozen = PPOWTarget(constants=TargetConstants.from_target(target.params, params["d2t"]), head=head)
+    batches = itertools.islice(iter(feature_dataset(feature_shards(features_dir), batch_size=cc.batch_size,
+                                                    seed=config.seed + 1)), cc.batches)
+    calibration = fit_window_calibration(drafter, params, frozen, batches, cc.window)
+    log(f"adaptive-window calibration: {calibration['drafts']} greedy drafts, accept rate "
+        f"{calibration['accept_rate']:.3f}, log loss {calibration['log_loss']:.3f}")
+    exported = save_drafter(pathlib.Path(config.workdir) / "drafter", drafter, params, target_name=str(config.target),
+                            dtype=config.export_dtype, extra={**extra, "window_calibration": calibration})
+    log(f"drafter exported to {exported}")
+    return exported
+
+
 def run_training(config, target, *, progress: bool = True, stop_at: Optional[int] = None) -> dict:
-    """Trains the configured drafter for `target` (a `LoadedModel`); returns the last metrics.
+    """Token-level training of the configured drafter for `target` (a `LoadedModel`); returns the last metrics.
 
     `stop_at` ends this run early after that step's checkpoint (a scheduled interruption; the
     learning-rate schedule still follows `train.steps`), without exporting the drafter.
     """
     import jax
     import numpy as np
-    from tensorboardX import SummaryWriter
     from tqdm import tqdm
 
-    from ppow_jax.data.features import build_feature_cache, feature_shards
+    from ppow_jax.data.features import feature_shards
     from ppow_jax.data.pipeline import feature_dataset
     from ppow_jax.drafters.eagle import Eagle3Drafter
-    from ppow_jax.drafters.store import save_drafter
+    from ppow_jax.drafters.store import load_drafter
     from ppow_jax.errors import InputError
     from ppow_jax.generate import parse_mesh
     from ppow_jax.training.checkpoints import Checkpointer
-    from ppow_jax.training.kd import KDTrainer, OptimConfig, draft_vocabulary
+    from ppow_jax.training.kd import KDTrainer, draft_vocabulary, split_params
 
     if config.drafter.kind != "eagle3":
         raise InputError(f"unknown drafter kind {config.drafter.kind!r} (supported: eagle3)")
     workdir = pathlib.Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    distill_dir = pathlib.Path(config.data.cache_dir)
-    pad_id = target.tokenizer.pad_token_id or 0
     tc = config.train
-
-    manifest = build_feature_cache(target.config, target.params, distill_dir, workdir / "features",
-                                   feature_layers=tuple(config.drafter.feature_layers), seq_len=config.data.seq_len,
-                                   batch_size=config.data.feature_batch_size, pad_token_id=pad_id, progress=progress)
-    loss_tokens = sum(s["loss_tokens"] for s in manifest["shards"])
-    log(f"feature cache: {sum(s['examples'] for s in manifest['shards'])} sequences, {loss_tokens} response tokens")
+    features_dir = feature_cache(config, target, progress)
 
     checkpointer = Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints)
     resume_step = checkpointer.latest_step()
-    if resume_step is not None:
-        d2t = np.asarray(json.loads((workdir / "d2t.json").read_text()), np.int32)
+    initial = None
+    if config.get("init_from"):  # continued token-level training (CST) of a trained drafter
+        drafter, initial = load_drafter(config.init_from, target.config)
+        d2t = np.asarray(initial["d2t"])
     else:
-        d2t = draft_vocabulary(token_counts(distill_dir, target.config.vocab_size), config.drafter.draft_vocab_size)
-        (workdir / "d2t.json").write_text(json.dumps(d2t.tolist()))
-    drafter = Eagle3Drafter.for_target(target.config, tuple(config.drafter.feature_layers),
-                                       config.drafter.draft_vocab_size, config.drafter.intermediate_size)
-    optim = OptimConfig(learning_rate=tc.learning_rate, warmup_steps=tc.warmup_steps, total_steps=tc.steps,
-                        end_learning_rate_factor=tc.end_learning_rate_factor, b1=tc.b1, b2=tc.b2,
-                        weight_decay=tc.weight_decay, grad_clip=tc.grad_clip)
-    trainer = KDTrainer(drafter, target.params, d2t, optim, unroll_steps=tc.unroll_steps,
+        drafter = Eagle3Drafter.for_target(target.config, tuple(config.drafter.feature_layers),
+                                           config.drafter.draft_vocab_size, config.drafter.intermediate_size)
+        if resume_step is not None:
+            d2t = np.asarray(json.loads((workdir / "d2t.json").read_text()), np.int32)
+        else:
+            d2t = draft_vocabulary(token_counts(pathlib.Path(config.data.cache_dir), target.config.vocab_size),
+                                   config.drafter.draft_vocab_size)
+    (workdir / "d2t.json").write_text(json.dumps(np.asarray(d2t).tolist()))
+    trainer = KDTrainer(drafter, target.params, d2t, optimizer_config(tc), unroll_steps=tc.unroll_steps,
                         loss_positions=tc.loss_positions, mesh=parse_mesh(tc.mesh))
-    state = trainer.init_state(jax.random.key(config.seed))
-    dataset = feature_dataset(feature_shards(workdir / "features"), batch_size=tc.batch_size, seed=config.seed,
+    state = trainer.init_state(jax.random.key(config.seed), params=None if initial is None else split_params(initial)[0])
+    dataset = feature_dataset(feature_shards(features_dir), batch_size=tc.batch_size, seed=config.seed,
                               num_epochs=config.data.num_epochs)
     iterator = iter(dataset)
+    train_seconds = 0.0
     if resume_step is not None:
         _, state, meta = checkpointer.restore(state)
         iterator.set_state(meta["data_iterator"])
+        train_seconds = meta.get("train_seconds", 0.0)
         log(f"resumed from step {resume_step} ({checkpointer.directory})")
 
-    writer = SummaryWriter(str(workdir / "logs"))
+    metrics_log = MetricsLog(workdir)
     start_step = int(state.step)
     bar = tqdm(total=tc.steps, initial=start_step, desc="train", unit="step", disable=not progress)
     metrics, window_tokens, window_start = {}, 0, time.perf_counter()
     end_step = tc.steps if stop_at is None else min(stop_at, tc.steps)
+    out_of_time = False
     for step in range(start_step, end_step):
         try:
             batch = next(iterator)
         except StopIteration:
             log(f"data exhausted after {config.data.num_epochs} epochs at step {step}")
             break
+        step_start = time.perf_counter()
         state, metrics = trainer.step(state, batch)
+        jax.block_until_ready(state.step)
+        train_seconds += time.perf_counter() - step_start
         window_tokens += int(batch["loss_mask"].sum()) if not tc.loss_positions else \
             min(int(batch["loss_mask"].sum()), tc.loss_positions)
         done = step + 1
-        if done % tc.log_every == 0 or done == tc.steps:
+        out_of_time = bool(tc.get("max_seconds", 0)) and train_seconds >= tc.max_seconds
+        if done % tc.log_every == 0 or done == tc.steps or out_of_time:
             metrics = jax.device_get(metrics)
             if not np.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"loss is {metrics['loss']} at step {done}; last good checkpoint: "
                                          f"{checkpointer.latest_step()}")
             elapsed = time.perf_counter() - window_start
             scalars = {"loss": float(metrics["loss"]), "kl": float(metrics["kl"]), "learning_rate": float(metrics["learning_rate"]),
-                       "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": window_tokens / elapsed}
+                       "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": window_tokens / elapsed,
+                       "train_seconds": train_seconds}
             scalars.update({f"agreement/step{j}": float(a) for j, a in enumerate(metrics["agreement"])})
             scalars.update({f"loss/step{j}": float(x) for j, x in enumerate(metrics["step_loss"])})
-            for name, value in scalars.items():
-                writer.add_scalar(name, value, done)
-            writer.flush()
-            with open(workdir / "metrics.jsonl", "a") as history:  # the same scalars, for scripts
-                history.write(json.dumps({"step": done, **scalars}) + "\n")
+            metrics_log.write(done, scalars)
             bar.set_postfix(loss=f"{scalars['loss']:.3f}", agree0=f"{scalars['agreement/step0']:.3f}",
                             tok_s=f"{scalars['tokens_per_s']:.0f}")
             window_tokens, window_start = 0, time.perf_counter()
-        if done % tc.checkpoint_every == 0 or done == end_step:
-            checkpointer.save(done, state, {"data_iterator": iterator.get_state(), "config": config.to_dict()})
+        if done % tc.checkpoint_every == 0 or done == end_step or out_of_time:
+            checkpointer.save(done, state, {"data_iterator": iterator.get_state(), "train_seconds": train_seconds,
+                                            "config": config.to_dict()})
         bar.update(1)
+        if out_of_time:
+            log(f"training-time budget of {tc.max_seconds} s reached at step {done}")
+            break
     bar.close()
-    writer.close()
+    metrics_log.close()
     checkpointer.close()
-    if int(state.step) < tc.steps:
+    if int(state.step) < tc.steps and not out_of_time:
         log(f"stopped at step {int(state.step)} of {tc.steps}; rerun to resume")
         return {k: np.asarray(v).tolist() for k, v in jax.device_get(metrics).items()}
-    exported = save_drafter(workdir / "drafter", drafter, trainer.drafter_params(state), target_name=str(config.target),
-                            dtype=config.export_dtype, extra={"train_steps": int(state.step)})
-    log(f"drafter exported to {exported}")
+    export_drafter(config, target, drafter, trainer.drafter_params(state), features_dir,
+                   {"stage": "kd", "train_steps": int(state.step), "train_seconds": train_seconds,
+                    "init_from": config.get("init_from") or None})
     return {k: np.asarray(v).tolist() for k, v in jax.device_get(metrics).items()}
 
 
+def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optional[int] = None) -> dict:
+    """PPOW fine-tuning of the drafter in `config.init_from` for `target`; returns the last metrics.
+
+    γ is measured once on this machine when `ppow.gamma` <= 0 and saved with the checkpoints, so a
+    resumed run keeps its reward. `stop_at` works as in `run_training`.
+    """
+    import jax
+    import numpy as np
+    from tqdm import tqdm
+
+    from ppow_jax.data.features import feature_shards
+    from ppow_jax.data.pipeline import feature_dataset
+    from ppow_jax.drafters.store import load_drafter
+    from ppow_jax.errors import InputError
+    from ppow_jax.generate import parse_mesh
+    from ppow_jax.training.checkpoints import Checkpointer
+    from ppow_jax.training.kd import learning_rate_schedule, make_optimizer
+    from ppow_jax.training.ppow import PPOWTrainer, measure_cost_ratio, settings_from_config
+
+    if not config.get("init_from"):
+        raise InputError("PPOW fine-tunes a trained drafter: set init_from to a drafter directory "
+                         "(python -m ppow_jax.train --config configs/smollm2_135m_kd.py exports one)")
+    pc, tc = config.ppow, config.train
+    if pc.verifier == "cache" and config.data.temperature != 0:
+        raise InputError("ppow.verifier='cache' needs the target's greedy responses (data.temperature=0); "
+                         "use ppow.verifier='target'")
+    workdir = pathlib.Path(config.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    features_dir = feature_cache(config, target, progress)
+    drafter, initial = load_drafter(config.init_from, target.config)
+
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints)
+    resume_step = checkpointer.latest_step()
+    meta = {}
+    if resume_step is not None:  # γ and the time spent so far come from the checkpoint
+        meta = checkpointer.restore_meta(resume_step)
+        gamma = meta["gamma"]
+    elif pc.gamma > 0:
+        gamma = pc.gamma
+    else:
+        gamma = measure_cost_ratio(drafter, initial, target.config, target.params, pc.window)
+        log(f"measured cost ratio γ = {gamma:.4f} (drafter step / target verify of {pc.window + 1} tokens)")
+    optim = optimizer_config(tc)
+    trainer = PPOWTrainer(drafter, target.config, target.params, np.asarray(initial["d2t"]),
+                          settings_from_config(pc, gamma), make_optimizer(optim), learning_rate_schedule(optim),
+                          mesh=parse_mesh(tc.mesh))
+    state = trainer.init_state(initial, jax.random.key(config.seed))
+    iterator = iter(feature_dataset(feature_shards(features_dir), batch_size=pc.sequences_per_iteration,
+                                    seed=config.seed, num_epochs=config.data.num_epochs))
+    train_seconds = 0.0
+    if resume_step is not None:
+        _, state, meta = checkpointer.restore(state)
+        iterator.set_state(meta["data_iterator"])
+        train_seconds = meta["train_seconds"]
+        log(f"resumed from iteration {resume_step} ({checkpointer.directory})")
+
+    metrics_log = MetricsLog(workdir)
+    bar = tqdm(total=tc.steps, initial=int(state.step), desc="ppow", unit="iter", disable=not progress)
+    end_step = tc.steps if stop_at is None else min(stop_at, tc.steps)
+    metrics, out_of_time = {}, False
+    for step in range(int(state.step), end_step):
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            log(f"data exhausted after {config.data.num_epochs} epochs at iteration {step}")
+            break
+        step_start = time.perf_counter()
+        state, metrics = trainer.iteration(state, batch)
+        jax.block_until_ready(state.step)
+        train_seconds += time.perf_counter() - step_start
+        done = step + 1
+        out_of_time = bool(tc.get("max_seconds", 0)) and train_seconds >= tc.max_seconds
+        if done % tc.log_every == 0 or done == tc.steps or out_of_time:
+            scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not np.isfinite(scalars["loss"]):
+                raise FloatingPointError(f"loss is {scalars['loss']} at iteration {done}; last good checkpoint: "
+                                         f"{checkpointer.latest_step()}")
+            metrics_log.write(done, {**scalars, "gamma": gamma, "train_seconds": train_seconds})
+            bar.set_postfix(reward=f"{scalars['reward']:.3f}", k=f"{scalars['accepted']:.2f}",
+                            kl=f"{scalars['kl_to_target']:.3f}")
+        if done % tc.checkpoint_every == 0 or done == end_step or out_of_time:
+            checkpointer.save(done, state, {"data_iterator": iterator.get_state(), "gamma": gamma,
+                                            "train_seconds": train_seconds, "config": config.to_dict()})
+        bar.update(1)
+        if out_of_time:
+            log(f"training-time budget of {tc.max_seconds} s reached at iteration {done}")
+            break
+    bar.close()
+    metrics_log.close()
+    checkpointer.close()
+    result = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if int(state.step) < tc.steps and not out_of_time:
+        log(f"stopped at iteration {int(state.step)} of {tc.steps}; rerun to resume")
+        return result
+    export_drafter(config, target, drafter, trainer.drafter_params(state), features_dir,
+                   {"stage": "ppow", "train_steps": int(state.step), "train_seconds": train_seconds, "gamma": gamma,
+                    "init_from": str(config.init_from), "ppow": pc.to_dict()})
+    return result
+
+
 def run(config) -> int:
+    from ppow_jax.errors import InputError
     from ppow_jax.weights.registry import load_model
 
+    stage = config.get("stage", "kd")
+    trainers = {"kd": run_training, "ppow": run_ppow_training}
+    if stage not in trainers:
+        raise InputError(f"unknown stage {stage!r}; choose one of {', '.join(trainers)}")
     target = load_model(config.target, param_dtype=config.param_dtype)
-    metrics = run_training(config, target)
+    metrics = trainers[stage](config, target)
     log(json.dumps({"final_metrics": metrics}))
     return 0
 

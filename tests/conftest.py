@@ -10,6 +10,10 @@ import pathlib  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# Programs compiled once are reused by later tests that build the same ones (new jit objects).
+jax.config.update("jax_compilation_cache_dir", os.environ.get("PPOW_TEST_JAX_CACHE_DIR", "/tmp/ppow_jax_test_xla"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
 from ppow_jax.models import llama  # noqa: E402
 from ppow_jax.models.config import ModelConfig, RopeScaling  # noqa: E402
 
@@ -36,9 +40,53 @@ def tiny_params(config: ModelConfig, seed: int = 0, std: float = 0.3):
     return llama.init_params(config, jax.random.key(seed), std=std)
 
 
+def load_config(name: str):
+    """configs/NAME.py's config."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 @pytest.fixture(scope="session")
 def shared_data_root() -> pathlib.Path:
     root = data_root()
     if not (root / "eval").is_dir():
         pytest.skip(f"shared data not found at {root} (set PPOW_DATA_ROOT)")
     return root
+
+
+# ----- a tiny target with the real tokenizer, and its self-distilled data -----
+
+@pytest.fixture(scope="session")
+def tiny_target():
+    from conftest_weights import smollm2_gguf_path
+    from ppow_jax.text.tokenizer import Tokenizer
+    from ppow_jax.weights.registry import LoadedModel
+
+    tokenizer = Tokenizer.from_gguf(smollm2_gguf_path())
+    config = tiny_config(vocab_size=tokenizer.vocab_size, num_layers=3)
+    return LoadedModel(config=config, params=tiny_params(config, std=0.3), tokenizer=tokenizer, path=pathlib.Path("tiny"))
+
+
+@pytest.fixture(scope="session")
+def distilled(tmp_path_factory, tiny_target, shared_data_root):
+    """A self-distilled cache made in two runs (the second resumes), plus the config it used."""
+    from ppow_jax.data import sources
+    from ppow_jax.data.distill import DistillSettings, self_distill
+    from ppow_jax.inference.autoregressive import AutoregressiveDecoder
+
+    config = load_config("tiny_kd")
+    cache = tmp_path_factory.mktemp("distill")
+    prompts, _ = sources.read_training_prompts(shared_data_root, ["alpaca_seed_tasks", "gsm8k_train"])
+    tok = tiny_target.tokenizer
+    decoder = AutoregressiveDecoder(tiny_target.config, tiny_target.params, eos_token_ids=tok.eos_token_ids,
+                                    pad_token_id=tok.pad_token_id or 0)
+    settings = DistillSettings(model="tiny", max_prompt_tokens=config.data.max_prompt_tokens,
+                               max_new_tokens=config.data.max_new_tokens, temperature=0.0, top_p=1.0, seed=0)
+    first = self_distill(decoder, tok, prompts, cache, settings, batch_size=4, max_prompts=8, progress=False)
+    second = self_distill(decoder, tok, prompts, cache, settings, batch_size=4, max_prompts=16, progress=False)
+    config.data.cache_dir = str(cache)
+    return config, first, second

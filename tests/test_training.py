@@ -19,19 +19,9 @@ from ppow_jax.inference.autoregressive import AutoregressiveDecoder
 from ppow_jax.inference.speculative import SpeculativeDecoder
 from ppow_jax.inference.windows import WindowPolicy
 from ppow_jax.models import llama
-from ppow_jax.weights.registry import LoadedModel
 
 ALL_FOLDERS = ("sharegpt", "alpaca_cleaned_1k", "alpaca_en_demo", "alpaca_seed_tasks", "gsm8k_train", "c4_demo",
                "wiki_demo")
-
-
-def load_config(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 # ----- readers -----
@@ -89,35 +79,6 @@ def test_a_prepared_tfds_source_adds_prompts_and_is_decontaminated(shared_data_r
     except ImportError:
         with pytest.raises(InputError, match="tensorflow-datasets"):
             list(sources.read_tfds_prompts("toy"))
-
-
-# ----- a tiny target with the real tokenizer -----
-
-@pytest.fixture(scope="module")
-def tiny_target():
-    from conftest_weights import smollm2_gguf_path
-    from ppow_jax.text.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer.from_gguf(smollm2_gguf_path())
-    config = tiny_config(vocab_size=tokenizer.vocab_size, num_layers=3)
-    return LoadedModel(config=config, params=tiny_params(config, std=0.3), tokenizer=tokenizer, path=pathlib.Path("tiny"))
-
-
-@pytest.fixture(scope="module")
-def distilled(tmp_path_factory, tiny_target, shared_data_root):
-    """A self-distilled cache made in two runs (the second resumes), plus the config it used."""
-    config = load_config("tiny_kd")
-    cache = tmp_path_factory.mktemp("distill")
-    prompts, _ = sources.read_training_prompts(shared_data_root, ["alpaca_seed_tasks", "gsm8k_train"])
-    tok = tiny_target.tokenizer
-    decoder = AutoregressiveDecoder(tiny_target.config, tiny_target.params, eos_token_ids=tok.eos_token_ids,
-                                    pad_token_id=tok.pad_token_id or 0)
-    settings = DistillSettings(model="tiny", max_prompt_tokens=config.data.max_prompt_tokens,
-                               max_new_tokens=config.data.max_new_tokens, temperature=0.0, top_p=1.0, seed=0)
-    first = self_distill(decoder, tok, prompts, cache, settings, batch_size=4, max_prompts=8, progress=False)
-    second = self_distill(decoder, tok, prompts, cache, settings, batch_size=4, max_prompts=16, progress=False)
-    config.data.cache_dir = str(cache)
-    return config, first, second
 
 
 def test_self_distillation_resumes_and_pins_settings(distilled, tiny_target, shared_data_root):

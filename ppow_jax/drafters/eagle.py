@@ -191,6 +191,27 @@ def trainable_mask(params: Params) -> Params:
     return jax.tree_util.tree_map_with_path(lambda path, _: path[0].key != "d2t", params)
 
 
+def layer_qkv(drafter: Eagle3Drafter, layer: Params, embedded_normed: jax.Array, g: jax.Array, cos: jax.Array,
+              sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The decoder layer's roped queries [..., KV, G, hd], keys and values [..., KV, hd] for inputs [..., D]."""
+    c = drafter.layer_config
+    groups = c.num_heads // c.num_kv_heads
+    wqkv = layer["wqkv"].astype(g.dtype)
+    x = jnp.concatenate([embedded_normed, llama.rms_norm(g, layer["hidden_norm"], c.rms_norm_eps)], axis=-1)
+    qkv = (x @ wqkv.reshape(wqkv.shape[0], -1)).reshape(*x.shape[:-1], *wqkv.shape[1:])
+    q = llama.apply_rope(qkv[..., :groups, :].reshape(*x.shape[:-1], c.num_heads, c.head_dim), cos, sin)
+    k = llama.apply_rope(qkv[..., groups, :], cos, sin)
+    return q.reshape(*x.shape[:-1], c.num_kv_heads, groups, c.head_dim), k, qkv[..., groups + 1, :]
+
+
+def layer_output(drafter: Eagle3Drafter, layer: Params, g: jax.Array, attended: jax.Array) -> jax.Array:
+    """The decoder layer's output hidden [..., D] from its input feature g and the attended values [..., KV, G, hd]."""
+    c = drafter.layer_config
+    attended = attended.reshape(*attended.shape[:-3], c.num_heads * c.head_dim)
+    hidden = g + attended @ layer["wo"].astype(g.dtype)
+    return hidden + llama.mlp(layer, llama.rms_norm(hidden, layer["mlp_norm"], c.rms_norm_eps))
+
+
 def unrolled_hidden(drafter: Eagle3Drafter, params: Params, embed_table: jax.Array, tokens: jax.Array,
                     target_features: jax.Array, steps: int) -> jax.Array:
     """The "training-time test" forward: hidden states of `steps` unrolled drafter steps [S, B, L, D].
@@ -204,8 +225,7 @@ def unrolled_hidden(drafter: Eagle3Drafter, params: Params, embed_table: jax.Arr
     """
     c = drafter.layer_config
     batch, seq = tokens.shape
-    h, kv, hd = c.num_heads, c.num_kv_heads, c.head_dim
-    groups = h // kv
+    hd = c.head_dim
     dtype = c.compute_jnp_dtype
     layer = params["layer"]
     positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
@@ -214,16 +234,12 @@ def unrolled_hidden(drafter: Eagle3Drafter, params: Params, embed_table: jax.Arr
     g = drafter.project_features(params, target_features)
     g = jnp.pad(g, ((0, 0), (1, 0), (0, 0)))[:, :-1]  # position i reads the feature of i-1
 
-    wqkv = layer["wqkv"].astype(dtype)
     keys, values, hiddens = [], [], []
     scale = 1.0 / math.sqrt(hd)
     for step in range(steps):
-        x = jnp.concatenate([embedded, llama.rms_norm(g, layer["hidden_norm"], c.rms_norm_eps)], axis=-1)
-        qkv = (x @ wqkv.reshape(wqkv.shape[0], -1)).reshape(batch, seq, *wqkv.shape[1:])
-        q = llama.apply_rope(qkv[:, :, :, :groups].reshape(batch, seq, h, hd), cos, sin)
-        q = q.reshape(batch, seq, kv, groups, hd)
-        keys.append(llama.apply_rope(qkv[:, :, :, groups], cos, sin))  # [B, L, KV, hd]
-        values.append(qkv[:, :, :, groups + 1])
+        q, k, v = layer_qkv(drafter, layer, embedded, g, cos, sin)
+        keys.append(k)
+        values.append(v)
         # Step-0 keys: causal, up to the anchor a = i - step.
         scores0 = jnp.einsum("bikgd,bskd->bkgis", q, keys[0], preferred_element_type=jnp.float32) * scale
         visible = jnp.arange(seq)[None, :] <= (jnp.arange(seq) - step)[:, None]  # [L(i), L(s)]
@@ -237,9 +253,7 @@ def unrolled_hidden(drafter: Eagle3Drafter, params: Params, embed_table: jax.Arr
         for m in range(1, step + 1):
             v = jnp.pad(values[m], ((0, 0), (step - m, 0), (0, 0), (0, 0)))[:, :seq]
             out = out + probs[..., seq + m - 1].transpose(0, 3, 1, 2)[..., None] * v[:, :, :, None, :]
-        attn_out = out.reshape(batch, seq, h * hd) @ layer["wo"].astype(dtype)
-        hidden = g + attn_out
-        hidden = hidden + llama.mlp(layer, llama.rms_norm(hidden, layer["mlp_norm"], c.rms_norm_eps))
+        hidden = layer_output(drafter, layer, g, out)
         hiddens.append(hidden)
         g = jnp.pad(hidden, ((0, 0), (1, 0), (0, 0)))[:, :-1]  # the next step reads its own hidden at i-1
     return jnp.stack(hiddens)

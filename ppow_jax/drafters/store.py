@@ -52,13 +52,19 @@ def is_drafter_dir(path: str | pathlib.Path) -> bool:
     return (pathlib.Path(path) / DESCRIPTION).is_file()
 
 
+def read_description(path: str | pathlib.Path) -> dict[str, Any]:
+    """A drafter directory's `drafter.json`: what it is, which target it serves, how it was trained."""
+    path = pathlib.Path(path).absolute()
+    try:
+        return json.loads((path / DESCRIPTION).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path / DESCRIPTION}: not a readable drafter description ({err})") from None
+
+
 def load_drafter(path: str | pathlib.Path, target_config: ModelConfig) -> tuple[Eagle3Drafter, dict[str, Any]]:
     """-> (drafter, params in the target's compute dtype). Errors name the file and the mismatch."""
     path = pathlib.Path(path).absolute()
-    try:
-        description = json.loads((path / DESCRIPTION).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path / DESCRIPTION}: not a readable drafter description ({err})") from None
+    description = read_description(path)
     if description.get("kind") != "eagle3":
         raise CheckpointError(f"{path}: unsupported drafter kind {description.get('kind')!r}")
     target = description["target"]

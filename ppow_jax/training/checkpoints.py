@@ -51,5 +51,13 @@ class Checkpointer:
                                   f"{[s for s in self.all_steps() if s != step]}") from err
         return step, restored.state, restored.meta
 
+    def restore_meta(self, step: int) -> dict:
+        """The JSON metadata of one checkpoint alone (settings a run needs before it can build its state)."""
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except Exception as err:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory}: cannot read its metadata "
+                                  f"({type(err).__name__}: {str(err)[:300]})") from err
+
     def close(self) -> None:
         self._manager.close()

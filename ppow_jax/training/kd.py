@@ -154,9 +154,11 @@ class KDTrainer:
         self.target = jax.device_put(target, self.target_shardings)
         self._step_fn = None
 
-    def init_state(self, key: jax.Array) -> TrainState:
+    def init_state(self, key: jax.Array, params: Optional[dict] = None) -> TrainState:
+        """A fresh train state: random parameters, or `params` (trainable leaves) to continue from."""
         init_key, rng = jax.random.split(key)
-        params, _ = split_params(self.drafter.init_params(init_key, d2t=np.asarray(self.target.d2t)))
+        if params is None:
+            params, _ = split_params(self.drafter.init_params(init_key, d2t=np.asarray(self.target.d2t)))
         params = jax.device_put(params, sharding.param_shardings(params, self.mesh))
         # Optimiser moments follow their parameters' shardings (propagated through jit).
         opt_state = jax.jit(self.optimizer.init)(params)

@@ -1,0 +1,62 @@
+"""What one speculative cycle costs on this machine: a target forward over T tokens against a KV cache
+(T = 1 is a decode step, T = K+1 a verify pass) and one EAGLE-3 drafter step, median of jitted calls.
+
+Random weights of SmolLM2-135M's shapes (speed does not depend on the values), batch 1, a cache of
+`--cache` slots with 200 filled. This is what γ in PPOW's reward measures, and why a verify pass of
+K+1 tokens is not free on a CPU.
+
+    taskset -c 0 python benchmarks/verify_cost.py --tokens 1 4 11
+"""
+
+from __future__ import annotations
+
+import argparse
+import jax
+import jax.numpy as jnp
+
+from ppow_jax.drafters.eagle import Eagle3Drafter
+from ppow_jax.models import llama
+from ppow_jax.models.config import ModelConfig
+from ppow_jax.training.ppow import median_seconds
+
+SMOLLM2_135M = ModelConfig(architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                           num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
+                           rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=8192)
+
+
+def median_ms(fn, *args, repeats: int) -> float:
+    return 1e3 * median_seconds(fn, *args, repeats=repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 11])
+    parser.add_argument("--cache", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+
+    config = SMOLLM2_135M
+    params = llama.init_params(config, jax.random.key(0))
+    cache = llama.init_cache(config, 1, args.cache).replace(lengths=jnp.array([200], jnp.int32))
+    forward = jax.jit(lambda p, tokens, c: llama.forward(p, tokens, c, config).logits)
+    rows = []
+    for t in args.tokens:
+        rows.append((f"target forward, T = {t}", median_ms(forward, params, jnp.ones((1, t), jnp.int32), cache,
+                                                           repeats=args.repeats)))
+    drafter = Eagle3Drafter.for_target(config, (2, 15, 27), 8192, 1536)
+    drafter_params = drafter.init_params(jax.random.key(1))
+    draft_cache = drafter.init_cache(1, args.cache)
+    draft_cache = draft_cache.replace(kv=draft_cache.kv.replace(lengths=jnp.array([200], jnp.int32)))
+    step = jax.jit(lambda p, tp, c, token: drafter.step(p, tp, c, token)[0])
+    rows.append(("EAGLE-3 drafter step (N = 8192)", median_ms(step, drafter_params, params, draft_cache,
+                                                              jnp.ones((1,), jnp.int32), repeats=args.repeats)))
+    base = rows[0][1]
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; cache {args.cache} slots, batch 1\n")
+    print("| call | ms | × T = 1 step |")
+    print("|---|---|---|")
+    for name, ms in rows:
+        print(f"| {name} | {ms:.1f} | {ms / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

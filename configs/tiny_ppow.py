@@ -1,0 +1,27 @@
+"""A tiny PPOW run for tests: a tiny random target and a tiny token-level drafter, seconds of compute.
+
+The test fills in the target, the data and work dirs and `init_from`.
+"""
+
+import ml_collections
+
+from ppow_jax.cli import sibling_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = sibling_config(__file__, "tiny_kd.py")
+    config.stage = "ppow"
+    config.ppow = sibling_config(__file__, "smollm2_135m_ppow.py").ppow
+    config.ppow.sequences_per_iteration = 4
+    config.ppow.anchors_per_sequence = 2
+    config.ppow.group_size = 4
+    config.ppow.window = 4
+    config.ppow.gamma = 0.1
+    config.data.features_dir = ""
+    config.train.steps = 20
+    config.train.learning_rate = 1e-3
+    config.train.warmup_steps = 2
+    config.train.end_learning_rate_factor = 1.0
+    config.train.log_every = 2
+    config.train.checkpoint_every = 5
+    return config

@@ -1,0 +1,639 @@
+"""PPOW: window-level RL fine-tuning of an EAGLE-3 drafter (METHOD.md §3).
+
+The drafter is the policy, a window of K drafts is the action, the target's verification is the
+environment. One iteration is two jitted functions:
+
+  1. `rollout`: B sequences from the target-feature cache; the drafter's teacher-forced context
+     pass over each (its hidden states and keys/values at every position); A anchors per sequence,
+     drawn uniformly or with ADAW priority; at each anchor G windows of K drafts sampled from the
+     drafter (T = 1), all B·A·G windows at once in one `lax.scan`; verification gives each window's
+     accepted length k; rewards and group-normalised advantages.
+  2. `update`: PPO's clipped surrogate on the drafts' log-probabilities plus β·KL(Q‖P) anchored to
+     the target, `epochs` × `minibatches` (minibatches split by sequence) in one `lax.scan`.
+
+Verification, two ways (`verifier`):
+  - "cache": when the data are the target's own greedy responses (self-distillation at T = 0), the
+    target's choice after a matched prefix is the data's next token and its distribution there is
+    the cached final hidden times its head, so greedy acceptance needs no target forward at all.
+    P is then known only on the matched prefix (positions j <= k), which is where the KL term runs,
+    and the proximity gap Δ is the first token's (the only one conditioned on a verified prefix).
+  - "target": the live target. One teacher-forced forward over the B sequences fills a KV cache; it
+    is repeated per window with its length set to the anchor (the same as prefilling each prefix),
+    and one forward verifies [x_a, d_1..d_K] for all windows; acceptance is the engine's own
+    (`accept_greedy`, or lossless `accept_sampling`), Δ sums over the window.
+
+Shapes: B sequences of length L, A anchors per sequence, G windows per anchor, W = A·G windows per
+sequence, K drafts per window, N the draft vocabulary, V the target's.
+
+Policy-gradient terms are kept for drafts d_1..d_{k+1} only: the reward does not depend on the
+drafts after the first rejection, so their score-function terms have zero mean and add only noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, NamedTuple, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from ppow_jax import sharding
+from ppow_jax.drafters.eagle import Eagle3Drafter, layer_output, layer_qkv
+from ppow_jax.errors import InputError
+from ppow_jax.inference.sampling import SamplingParams
+from ppow_jax.inference.speculative import accept_greedy, accept_sampling
+from ppow_jax.inference.windows import MAX_WINDOW, calibration_features
+from ppow_jax.models import llama
+from ppow_jax.models.config import ModelConfig
+from ppow_jax.training.kd import TargetConstants, TrainState
+
+Batch = dict[str, jax.Array]
+VERIFIERS = ("cache", "target")
+ACCEPTANCE = ("greedy", "sampling")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOWSettings:
+    group_size: int = 8  # G windows per anchor (advantages are normalised within them)
+    window: int = 10  # K drafts per window
+    anchors_per_sequence: int = 4  # A
+    clip_epsilon: float = 0.2
+    kl_beta: float = 0.1  # weight of the KL to the target
+    # "reverse": KL(Q‖P), METHOD.md's anchor; "forward": KL(P‖Q), the token-level loss's direction
+    kl_direction: str = "reverse"
+    epochs: int = 2
+    minibatches: int = 2  # per epoch, split by sequence
+    gamma: float = 0.1  # drafter-step cost / target-verify cost (R_speed = k / (kγ + 1))
+    cost_aware_reward: bool = True  # False: R_speed = k
+    proximity_reward: bool = True  # R_dist = η·1[Δ < ε] when k = 0
+    proximity_eta: float = 1.0
+    proximity_epsilon: float = 2.0
+    adaw: bool = True  # priority sampling of anchors by window criticality
+    priority_temperature: float = 1.0
+    priority_floor: float = 0.2  # share of the uniform distribution mixed in (easy windows still appear)
+    verifier: str = "cache"
+    acceptance: str = "greedy"
+
+    def __post_init__(self):
+        for name in ("group_size", "window", "anchors_per_sequence", "epochs", "minibatches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"ppow.{name} must be an integer >= 1, got {value!r}")
+        if self.group_size < 2:
+            raise InputError(f"ppow.group_size must be >= 2 (advantages are normalised within a group), got {self.group_size}")
+        if self.window > MAX_WINDOW:
+            raise InputError(f"ppow.window must be <= {MAX_WINDOW}, got {self.window}")
+        if self.kl_direction not in ("reverse", "forward"):
+            raise InputError(f"ppow.kl_direction must be 'reverse' or 'forward', got {self.kl_direction!r}")
+        if self.verifier not in VERIFIERS:
+            raise InputError(f"ppow.verifier must be one of {VERIFIERS}, got {self.verifier!r}")
+        if self.acceptance not in ACCEPTANCE:
+            raise InputError(f"ppow.acceptance must be one of {ACCEPTANCE}, got {self.acceptance!r}")
+        if self.verifier == "cache" and self.acceptance != "greedy":
+            raise InputError("ppow.verifier='cache' verifies greedily from the self-distilled data; "
+                             "sampling acceptance needs ppow.verifier='target'")
+        if not self.gamma > 0 or not math.isfinite(self.gamma):
+            raise InputError(f"ppow.gamma must be a positive number, got {self.gamma}")
+        if not 0.0 < self.priority_floor <= 1.0:
+            raise InputError(f"ppow.priority_floor must be in (0, 1], got {self.priority_floor}")
+        if not self.priority_temperature > 0:
+            raise InputError(f"ppow.priority_temperature must be > 0, got {self.priority_temperature}")
+        if not self.clip_epsilon > 0 or self.kl_beta < 0:
+            raise InputError(f"ppow.clip_epsilon must be > 0 and ppow.kl_beta >= 0, got {self.clip_epsilon}, {self.kl_beta}")
+
+
+# ----- rewards -----
+
+def speed_reward(accepted: jax.Array, gamma: float, cost_aware: bool = True) -> jax.Array:
+    """R_speed = k / (kγ + 1): tokens per unit of cost (one verify pass plus k drafter steps)."""
+    k = accepted.astype(jnp.float32)
+    return k / (k * gamma + 1.0) if cost_aware else k
+
+
+def proximity_reward(accepted: jax.Array, gap: jax.Array, eta: float, epsilon: float) -> jax.Array:
+    """R_dist = η·1[Δ < ε] for windows rejected at the first draft (k = 0), 0 otherwise."""
+    return eta * ((accepted == 0) & (gap < epsilon)).astype(jnp.float32)
+
+
+def group_advantages(rewards: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Rewards [..., G] normalised within each group: (r - mean) / (std + eps)."""
+    mean = jnp.mean(rewards, axis=-1, keepdims=True)
+    return (rewards - mean) / (jnp.std(rewards, axis=-1, keepdims=True) + eps)
+
+
+def criticality(target_logprobs: jax.Array, draft_logprobs: jax.Array) -> jax.Array:
+    """v = C(P)·KL(P‖Q), C(P) = 1 - H(P)/log N, over the last axis (the draft vocabulary)."""
+    p = jnp.exp(target_logprobs)
+    confidence = 1.0 + jnp.sum(p * target_logprobs, axis=-1) / math.log(target_logprobs.shape[-1])
+    return confidence * jnp.sum(p * (target_logprobs - draft_logprobs), axis=-1)
+
+
+def leading_matches(matches: jax.Array) -> jax.Array:
+    """[..., K] bool -> [...] number of leading True values (the accepted length)."""
+    return jnp.sum(jnp.cumprod(matches.astype(jnp.int32), axis=-1), axis=-1)
+
+
+def window_sums(values: jax.Array, window: int) -> jax.Array:
+    """[B, L] -> [B, L]: sum of values[a : a + window] (the positions past L count as 0)."""
+    csum = jnp.pad(jnp.cumsum(values, axis=-1), ((0, 0), (1, window)), mode="edge")
+    csum = csum.at[:, 0].set(0)
+    seq = values.shape[1]
+    return csum[:, window:window + seq] - csum[:, :seq]
+
+
+# ----- the drafter as a policy over windows -----
+
+class DrafterContext(NamedTuple):
+    """The drafter's teacher-forced pass over whole sequences (step 0 of every chain)."""
+
+    hidden: jax.Array  # [B, L, D]: the hidden at position i predicts x_{i+1}
+    keys: jax.Array  # [B, L, KV, hd]
+    values: jax.Array  # [B, L, KV, hd]
+
+
+def _attend(q: jax.Array, keys: jax.Array, values: jax.Array, visible: jax.Array,
+            chain: Optional[tuple[jax.Array, jax.Array, jax.Array]] = None) -> jax.Array:
+    """Queries [B, W, KV, Gh, hd] over context keys [B, L, KV, hd] (visible [B|1, W, L]) and, for
+    chain steps, the chain's own keys (k, v [B, W, S, KV, hd], visible [B|1, W|1, S]) -> [B, W, KV, Gh, hd]."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    low = jnp.finfo(jnp.float32).min
+    scores = jnp.einsum("bwkgd,blkd->bwkgl", q, keys, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(visible[:, :, None, None, :], scores, low)
+    if chain is not None:
+        chain_k, chain_v, chain_visible = chain
+        own = jnp.einsum("bwkgd,bwskd->bwkgs", q, chain_k, preferred_element_type=jnp.float32) * scale
+        scores = jnp.concatenate([scores, jnp.where(chain_visible[:, :, None, None, :], own, low)], axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    seq = keys.shape[1]
+    out = jnp.einsum("bwkgl,blkd->bwkgd", probs[..., :seq], values)
+    if chain is not None:
+        out = out + jnp.einsum("bwkgs,bwskd->bwkgd", probs[..., seq:], chain_v)
+    return out
+
+
+def _embedded(drafter: Eagle3Drafter, params: dict, embed_table: jax.Array, target_ids: jax.Array) -> jax.Array:
+    c = drafter.layer_config
+    x = jnp.take(embed_table, target_ids, axis=0).astype(c.compute_jnp_dtype)
+    return llama.rms_norm(x, params["layer"]["embed_norm"], c.rms_norm_eps)
+
+
+def _rope(drafter: Eagle3Drafter, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return llama.rope_angles(positions, llama.rope_inverse_frequencies(drafter.layer_config))
+
+
+def context_pass(drafter: Eagle3Drafter, params: dict, embed_table: jax.Array, tokens: jax.Array,
+                 target_features: jax.Array) -> DrafterContext:
+    """Position i reads x_i and the target's feature at i-1, attending causally (as inference does)."""
+    batch, seq = tokens.shape
+    cos, sin = _rope(drafter, jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)))
+    g = drafter.project_features(params, target_features)
+    g = jnp.pad(g, ((0, 0), (1, 0), (0, 0)))[:, :-1]
+    q, k, v = layer_qkv(drafter, params["layer"], _embedded(drafter, params, embed_table, tokens), g, cos, sin)
+    causal = (jnp.arange(seq)[None, :] <= jnp.arange(seq)[:, None])[None]
+    hidden = layer_output(drafter, params["layer"], g, _attend(q, k, v, causal))
+    return DrafterContext(hidden=hidden, keys=k, values=v)
+
+
+def draft_windows(drafter: Eagle3Drafter, params: dict, embed_table: jax.Array, context: DrafterContext,
+                  anchors: jax.Array, window: int, *, key: Optional[jax.Array] = None,
+                  forced: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+    """Windows of `window` drafts after anchors [B, W] -> (draft ids [B, W, K], log-probs [B, W, K, N]).
+
+    Draft j+1 comes from the hidden at position a+j: the context's at j = 0, then the chain's own,
+    which reads draft j at position a+j and attends to the context keys at positions <= a and to the
+    chain's keys so far (exactly the engine's drafting after the target verified up to a). Drafts
+    are sampled at T = 1 with `key`, taken greedily when neither is given, or teacher-forced to
+    `forced` [B, W, K] (recomputing a rollout's log-probabilities under new parameters).
+    """
+    c = drafter.layer_config
+    batch, width = anchors.shape
+    layer, d2t = params["layer"], params["d2t"]
+    hidden = jnp.take_along_axis(context.hidden, anchors[..., None], axis=1)  # [B, W, D]
+    visible = jnp.arange(context.keys.shape[1])[None, None, :] <= anchors[..., None]  # [B, W, L]
+    slots = max(window - 1, 1)
+    chain_k = jnp.zeros((batch, width, slots, c.num_kv_heads, c.head_dim), c.compute_jnp_dtype)
+    chain_v = jnp.zeros_like(chain_k)
+    keys = jax.random.split(key, window) if key is not None else None
+
+    def choose(j, logprobs):
+        if forced is not None:
+            return forced[:, :, j]
+        if keys is not None:
+            return jax.random.categorical(keys[j], logprobs, axis=-1).astype(jnp.int32)
+        return jnp.argmax(logprobs, axis=-1).astype(jnp.int32)
+
+    def step(carry, j):
+        hidden, chain_k, chain_v = carry
+        logprobs = jax.nn.log_softmax(drafter.draft_logits(params, hidden), axis=-1)
+        draft = choose(j, logprobs)
+        # The chain's next position a+j+1 reads that draft and this hidden.
+        cos, sin = _rope(drafter, anchors + j + 1)
+        q, k, v = layer_qkv(drafter, layer, _embedded(drafter, params, embed_table, jnp.take(d2t, draft)),
+                            hidden, cos, sin)
+        chain_k = chain_k.at[:, :, j].set(k)
+        chain_v = chain_v.at[:, :, j].set(v)
+        own_visible = (jnp.arange(slots) <= j)[None, None, :]
+        out = _attend(q, context.keys, context.values, visible, (chain_k, chain_v, own_visible))
+        return (layer_output(drafter, layer, hidden, out), chain_k, chain_v), (draft, logprobs)
+
+    # K-1 chain steps, then the last draft from the last hidden (no position after it is needed).
+    (hidden, _, _), (drafts, logprobs) = jax.lax.scan(step, (hidden, chain_k, chain_v), jnp.arange(window - 1))
+    last_logprobs = jax.nn.log_softmax(drafter.draft_logits(params, hidden), axis=-1)
+    drafts = jnp.concatenate([drafts, choose(window - 1, last_logprobs)[None]])
+    logprobs = jnp.concatenate([logprobs, last_logprobs[None]])
+    return jnp.moveaxis(drafts, 0, -1), jnp.moveaxis(logprobs, 0, 2)
+
+
+# ----- anchors -----
+
+def valid_anchors(loss_mask: jax.Array, window: int) -> jax.Array:
+    """[B, L] -> [B, L] bool: a window of K drafts after anchor a predicts response tokens only."""
+    full = window_sums(loss_mask.astype(jnp.int32), window) == window
+    return full & (jnp.arange(loss_mask.shape[1]) >= 1)[None]
+
+
+def anchor_priorities(valid: jax.Array, scores: Optional[jax.Array], temperature: float, floor: float) -> jax.Array:
+    """Sampling probabilities over anchors [B, L]: softmax(score / T) mixed with a uniform floor,
+    or uniform without scores; 0 at invalid anchors."""
+    count = jnp.maximum(jnp.sum(valid, axis=-1, keepdims=True), 1)
+    uniform = valid / count
+    if scores is None:
+        return uniform
+    priority = jax.nn.softmax(jnp.where(valid, scores / temperature, -jnp.inf), axis=-1)
+    priority = jnp.where(valid, priority, 0.0)
+    return (1.0 - floor) * priority + floor * uniform
+
+
+def sample_anchors(key: jax.Array, probabilities: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
+    """`count` distinct anchors per row (Gumbel top-k) -> (anchors [B, A], valid [B, A])."""
+    gumbel = jax.random.gumbel(key, probabilities.shape)
+    scores = jnp.where(probabilities > 0, jnp.log(jnp.maximum(probabilities, 1e-30)) + gumbel, -jnp.inf)
+    values, anchors = jax.lax.top_k(scores, count)
+    return anchors.astype(jnp.int32), jnp.isfinite(values)
+
+
+# ----- verification -----
+
+class Verification(NamedTuple):
+    accepted: jax.Array  # [B, W] k
+    gap: jax.Array  # [B, W] Δ (target log-prob gap between its preferred and the drafted tokens)
+    target_logprobs: jax.Array  # [B, W, K, N] P over the draft vocabulary at each draft position
+    target_known: jax.Array  # [B, W, K] bool: where P is the target's given the drafted prefix
+
+
+def target_draft_logprobs(target_hidden: jax.Array, head_rows: jax.Array) -> jax.Array:
+    """Final-normed target hidden [..., D] -> its log-probs over the draft vocabulary [..., N] (renormalised)."""
+    logits = target_hidden.astype(jnp.float32) @ head_rows.astype(jnp.float32).T
+    return jax.nn.log_softmax(logits, axis=-1)
+
+
+def verify_from_cache(batch: Batch, target: "PPOWTarget", anchors: jax.Array, drafts: jax.Array,
+                      window: int) -> Verification:
+    """Greedy verification against the self-distilled data (see the module docstring)."""
+    offsets = jnp.arange(window)
+    positions = anchors[..., None] + offsets  # [B, W, K]: where draft j+1 is predicted
+    batch_size, width = anchors.shape
+    flat = positions.reshape(batch_size, -1)
+    wanted = jnp.take_along_axis(batch["tokens"], flat + 1, axis=1).reshape(positions.shape)
+    accepted = leading_matches(jnp.take(target.constants.d2t, drafts) == wanted)
+    hidden = jnp.take_along_axis(batch["target_hidden"], flat[..., None], axis=1).reshape(*positions.shape, -1)
+    target_logprobs = target_draft_logprobs(hidden, target.constants.head_rows)
+    first = jax.nn.log_softmax(hidden[:, :, 0].astype(jnp.float32) @ target.head.astype(jnp.float32).T, axis=-1)
+    drafted = jnp.take(target.constants.d2t, drafts[..., 0])
+    gap = (jnp.take_along_axis(first, wanted[..., 0, None], axis=-1)
+           - jnp.take_along_axis(first, drafted[..., None], axis=-1))[..., 0]
+    return Verification(accepted=accepted, gap=gap, target_logprobs=target_logprobs,
+                        target_known=offsets[None, None, :] <= accepted[..., None])
+
+
+def verify_with_target(target_config: ModelConfig, target_params: dict, target: "PPOWTarget", tokens: jax.Array,
+                       anchors: jax.Array, drafts: jax.Array, draft_logprobs: jax.Array, key: jax.Array,
+                       acceptance: str) -> Verification:
+    """Verification by the live target, all B·W windows in one forward (see the module docstring)."""
+    batch_size, seq = tokens.shape
+    width, window = anchors.shape[1], drafts.shape[-1]
+    prefill = llama.forward(target_params, tokens, llama.init_cache(target_config, batch_size, seq + window + 1),
+                            target_config, logits_at="last")
+    rows = jnp.repeat(jnp.arange(batch_size), width)
+    windows = rows.shape[0]
+    cache = llama.KVCache(k=tuple(x[rows] for x in prefill.cache.k), v=tuple(x[rows] for x in prefill.cache.v),
+                          lengths=anchors.reshape(-1))
+    d2t = target.constants.d2t
+    draft_ids = jnp.take(d2t, drafts).reshape(windows, window)
+    last_verified = jnp.take_along_axis(tokens, anchors, axis=1).reshape(-1, 1)
+    logits = llama.forward(target_params, jnp.concatenate([last_verified, draft_ids], axis=1), cache,
+                           target_config).logits  # [BW, K + 1, V]
+    proposed = jnp.full((windows,), window, jnp.int32)
+    if acceptance == "greedy":
+        accepted, _ = accept_greedy(draft_ids, proposed, logits)
+    else:
+        full = jnp.full((windows, window, target_config.vocab_size), -jnp.inf, jnp.float32)
+        full = full.at[..., d2t].set(draft_logprobs.reshape(windows, window, -1))
+        accepted, _ = accept_sampling(key, draft_ids, proposed, full, logits, SamplingParams(temperature=1.0))
+    logprobs = jax.nn.log_softmax(logits[:, :window], axis=-1)
+    gap = jnp.sum(jnp.max(logprobs, axis=-1) - jnp.take_along_axis(logprobs, draft_ids[..., None], axis=-1)[..., 0], -1)
+    target_logprobs = jax.nn.log_softmax(jnp.take(logits[:, :window], d2t, axis=-1), axis=-1)
+    shape = anchors.shape
+    return Verification(accepted=accepted.reshape(shape), gap=gap.reshape(shape),
+                        target_logprobs=target_logprobs.reshape(*shape, window, -1),
+                        target_known=jnp.ones((*shape, window), bool))
+
+
+# ----- rollout and update -----
+
+@flax.struct.dataclass
+class PPOWTarget:
+    """The frozen target as the rollout needs it: KD's constants plus the full output head (for Δ)."""
+
+    constants: TargetConstants
+    head: jax.Array  # [V, D]
+
+
+@flax.struct.dataclass
+class Rollout:
+    """Everything the update needs, sequence-major so that minibatches split the first axis."""
+
+    tokens: jax.Array  # [B, L]
+    features: jax.Array  # [B, L, F]
+    anchors: jax.Array  # [B, W]
+    drafts: jax.Array  # [B, W, K] draft ids
+    old_logprobs: jax.Array  # [B, W, K] their log-probs under the rollout policy
+    advantages: jax.Array  # [B, W]
+    policy_mask: jax.Array  # [B, W, K] drafts that get the PPO term: valid anchor, j <= k
+    target_logprobs: jax.Array  # [B, W, K, N]
+    kl_mask: jax.Array  # [B, W, K] valid anchor and P known
+
+
+def rollout(params: dict, target: PPOWTarget, batch: Batch, key: jax.Array, target_params: Optional[dict], *,
+            drafter: Eagle3Drafter, settings: PPOWSettings,
+            target_config: Optional[ModelConfig] = None) -> tuple[Rollout, dict]:
+    """Samples B·A·G windows, verifies them and scores them -> (rollout, metrics)."""
+    s = settings
+    anchor_key, draft_key, verify_key = jax.random.split(key, 3)
+    embed = target.constants.embed
+    context = context_pass(drafter, params, embed, batch["tokens"], batch["features"])
+
+    valid = valid_anchors(batch["loss_mask"], s.window)
+    scores = None
+    if s.adaw:
+        p = target_draft_logprobs(batch["target_hidden"], target.constants.head_rows)  # [B, L, N]
+        q = jax.nn.log_softmax(drafter.draft_logits(params, context.hidden), axis=-1)
+        scores = window_sums(criticality(p, q), s.window) / s.window
+        # Standardised over each sequence's valid anchors, so the temperature means the same thing
+        # whatever the scale of v (raw scores spread over several nats would put nearly all the
+        # priority on a handful of windows no draft can match).
+        count = jnp.maximum(jnp.sum(valid, axis=-1, keepdims=True), 1)
+        mean = jnp.sum(jnp.where(valid, scores, 0.0), axis=-1, keepdims=True) / count
+        std = jnp.sqrt(jnp.sum(jnp.where(valid, (scores - mean) ** 2, 0.0), axis=-1, keepdims=True) / count)
+        scores = (scores - mean) / (std + 1e-6)
+    chosen, chosen_valid = sample_anchors(anchor_key, anchor_priorities(valid, scores, s.priority_temperature,
+                                                                        s.priority_floor), s.anchors_per_sequence)
+    anchors = jnp.repeat(chosen, s.group_size, axis=1)  # [B, W]: the G windows of an anchor side by side
+    anchor_valid = jnp.repeat(chosen_valid, s.group_size, axis=1)
+
+    drafts, logprobs = draft_windows(drafter, params, embed, context, anchors, s.window, key=draft_key)
+    old_logprobs = jnp.take_along_axis(logprobs, drafts[..., None], axis=-1)[..., 0]
+    if s.verifier == "cache":
+        verified = verify_from_cache(batch, target, anchors, drafts, s.window)
+    else:
+        verified = verify_with_target(target_config, target_params, target, batch["tokens"], anchors, drafts,
+                                      logprobs, verify_key, s.acceptance)
+
+    k = verified.accepted
+    speed = speed_reward(k, s.gamma, s.cost_aware_reward)
+    proximity = proximity_reward(k, verified.gap, s.proximity_eta, s.proximity_epsilon) if s.proximity_reward \
+        else jnp.zeros_like(speed)
+    rewards = speed + proximity
+    batch_size = anchors.shape[0]
+    groups = (batch_size, s.anchors_per_sequence, s.group_size)
+    advantages = jnp.where(anchor_valid, group_advantages(rewards.reshape(groups)).reshape(anchors.shape), 0.0)
+    offsets = jnp.arange(s.window)[None, None, :]
+    policy_mask = anchor_valid[..., None] & (offsets <= k[..., None])
+    kl_mask = anchor_valid[..., None] & verified.target_known
+
+    weight = anchor_valid.astype(jnp.float32)
+    count = jnp.maximum(weight.sum(), 1.0)
+    metrics = {"reward": jnp.sum(rewards * weight) / count, "accepted": jnp.sum(k * weight) / count,
+               "proximity_hits": jnp.sum((proximity > 0) * weight) / count,
+               "first_rejected": jnp.sum((k == 0) * weight) / count,
+               "first_gap": jnp.sum(verified.gap * (k == 0) * weight) / jnp.maximum(jnp.sum((k == 0) * weight), 1.0),
+               "window_score": (jnp.sum(jnp.take_along_axis(scores, chosen, axis=1) * chosen_valid)
+                                / jnp.maximum(jnp.sum(chosen_valid), 1)) if scores is not None else jnp.zeros(()),
+               "anchors": jnp.sum(chosen_valid)}
+    return Rollout(tokens=batch["tokens"], features=batch["features"], anchors=anchors, drafts=drafts,
+                   old_logprobs=old_logprobs, advantages=advantages, policy_mask=policy_mask,
+                   target_logprobs=verified.target_logprobs, kl_mask=kl_mask), metrics
+
+
+def ppo_loss(trainable: dict, d2t: jax.Array, embed: jax.Array, data: Rollout, *, drafter: Eagle3Drafter,
+             settings: PPOWSettings) -> tuple[jax.Array, dict]:
+    """Clipped surrogate on the drafts' log-probs + β·KL to the target, masked means -> (loss, metrics)."""
+    params = {**trainable, "d2t": d2t}
+    context = context_pass(drafter, params, embed, data.tokens, data.features)
+    _, logprobs = draft_windows(drafter, params, embed, context, data.anchors, settings.window, forced=data.drafts)
+    new = jnp.take_along_axis(logprobs, data.drafts[..., None], axis=-1)[..., 0]
+    ratio = jnp.exp(new - data.old_logprobs)
+    advantage = data.advantages[..., None]
+    eps = settings.clip_epsilon
+    surrogate = jnp.minimum(ratio * advantage, jnp.clip(ratio, 1.0 - eps, 1.0 + eps) * advantage)
+    policy_weight = data.policy_mask.astype(jnp.float32)
+    policy_count = jnp.maximum(policy_weight.sum(), 1.0)
+    policy_loss = -jnp.sum(surrogate * policy_weight) / policy_count
+    if settings.kl_direction == "reverse":  # KL(Q‖P) [B, W, K]
+        kl = jnp.sum(jnp.exp(logprobs) * (logprobs - data.target_logprobs), axis=-1)
+    else:  # KL(P‖Q)
+        kl = jnp.sum(jnp.exp(data.target_logprobs) * (data.target_logprobs - logprobs), axis=-1)
+    kl_weight = data.kl_mask.astype(jnp.float32)
+    kl_to_target = jnp.sum(kl * kl_weight) / jnp.maximum(kl_weight.sum(), 1.0)
+    loss = policy_loss + settings.kl_beta * kl_to_target
+    return loss, {"loss": loss, "policy_loss": policy_loss, "kl_to_target": kl_to_target,
+                  "clip_fraction": jnp.sum((jnp.abs(ratio - 1.0) > eps) * policy_weight) / policy_count,
+                  "approx_kl": jnp.sum((data.old_logprobs - new) * policy_weight) / policy_count}
+
+
+def ppo_update(state: TrainState, data: Rollout, target: PPOWTarget, key: jax.Array, *, drafter: Eagle3Drafter,
+               settings: PPOWSettings, optimizer: optax.GradientTransformation,
+               schedule: optax.Schedule) -> tuple[TrainState, dict]:
+    """`epochs` passes over the rollout in `minibatches` sequence splits, one `lax.scan`."""
+    batch_size = data.tokens.shape[0]
+    per_minibatch = batch_size // settings.minibatches
+    orders = jnp.stack([jax.random.permutation(k, batch_size) for k in jax.random.split(key, settings.epochs)])
+    orders = orders.reshape(settings.epochs * settings.minibatches, per_minibatch)
+    grad_fn = jax.value_and_grad(functools.partial(ppo_loss, drafter=drafter, settings=settings), has_aux=True)
+    d2t, embed = target.constants.d2t, target.constants.embed
+
+    def minibatch_step(carry, rows):
+        params, opt_state = carry
+        minibatch = jax.tree_util.tree_map(lambda x: jnp.take(x, rows, axis=0), data)
+        (_, metrics), grads = grad_fn(params, d2t, embed, minibatch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), {**metrics, "grad_norm": optax.tree.norm(grads)}
+
+    (params, opt_state), metrics = jax.lax.scan(minibatch_step, (state.params, state.opt_state), orders)
+    metrics = jax.tree_util.tree_map(jnp.mean, metrics)
+    metrics["learning_rate"] = schedule(state.step)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+class PPOWTrainer:
+    """The sharded PPOW iteration for one drafter and target: `iteration(state, batch)`."""
+
+    def __init__(self, drafter: Eagle3Drafter, target_config: ModelConfig, target_params: dict, d2t: np.ndarray,
+                 settings: PPOWSettings, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
+                 mesh: Optional[Mesh] = None):
+        self.drafter, self.settings, self.target_config = drafter, settings, target_config
+        self.optimizer, self.schedule = optimizer, schedule
+        self.mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
+        constants = TargetConstants.from_target(target_params, drafter.check_d2t(d2t))
+        head = target_params["lm_head"].T if "lm_head" in target_params else target_params["embed"]
+        shardings = PPOWTarget(
+            constants=TargetConstants(
+                embed=sharding.named_sharding(self.mesh, sharding.PARAM_AXES["embed"], constants.embed.shape),
+                head_rows=sharding.named_sharding(self.mesh, ("vocab", "embed"), constants.head_rows.shape),
+                d2t=sharding.replicated(self.mesh)),
+            head=sharding.named_sharding(self.mesh, ("vocab", "embed"), head.shape))
+        self.target = jax.device_put(PPOWTarget(constants=constants, head=head), shardings)
+        self.target_shardings = shardings
+        # The live target is only needed to verify with it.
+        self.target_params = None
+        if settings.verifier == "target":
+            self.target_params = jax.device_put(target_params, sharding.param_shardings(target_params, self.mesh))
+        self._rollout_fn = self._update_fn = None
+
+    def init_state(self, params: dict, key: jax.Array) -> TrainState:
+        """The train state from drafter params (the token-level drafter PPOW starts from)."""
+        trainable = {k: v for k, v in params.items() if k != "d2t"}
+        trainable = jax.device_put(trainable, sharding.param_shardings(trainable, self.mesh))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
+                          opt_state=jax.jit(self.optimizer.init)(trainable), rng=jax.random.key_data(key))
+
+    def drafter_params(self, state: TrainState) -> dict:
+        return {**state.params, "d2t": self.target.constants.d2t}
+
+    def _compile(self, state: TrainState, batch: dict) -> None:
+        state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
+        batch_sh = {k: sharding.batch_sharding(self.mesh, v.shape) for k, v in batch.items()}
+        replicated = sharding.replicated(self.mesh)
+        target_params_sh = None if self.target_params is None else \
+            jax.tree_util.tree_map(lambda x: x.sharding, self.target_params)
+        roll = functools.partial(rollout, drafter=self.drafter, settings=self.settings, target_config=self.target_config)
+        self._rollout_fn = jax.jit(
+            lambda params, target, batch, key, target_params: roll({**params, "d2t": target.constants.d2t}, target,
+                                                                   batch, key, target_params),
+            in_shardings=(state_sh.params, self.target_shardings, batch_sh, replicated, target_params_sh))
+        update = functools.partial(ppo_update, drafter=self.drafter, settings=self.settings, optimizer=self.optimizer,
+                                   schedule=self.schedule)
+        self._update_fn = jax.jit(update, out_shardings=(state_sh, replicated), donate_argnums=(0,))
+
+    def iteration(self, state: TrainState, batch: dict[str, np.ndarray]) -> tuple[TrainState, dict]:
+        if batch["tokens"].shape[0] % self.settings.minibatches:
+            raise InputError(f"{batch['tokens'].shape[0]} sequences per iteration do not split into "
+                             f"{self.settings.minibatches} minibatches")
+        if self._rollout_fn is None:
+            self._compile(state, batch)
+        rollout_key, update_key, next_key = jax.random.split(jax.random.wrap_key_data(state.rng), 3)
+        state = state.replace(rng=jax.random.key_data(next_key))
+        with jax.set_mesh(self.mesh):
+            data, rollout_metrics = self._rollout_fn(state.params, self.target, batch, rollout_key, self.target_params)
+            state, update_metrics = self._update_fn(state, data, self.target, update_key)
+        return state, {**rollout_metrics, **update_metrics}
+
+
+# ----- the cost ratio γ and the calibrated confidence for adaptive windows -----
+
+def median_seconds(fn, *args, repeats: int) -> float:
+    """Median wall time of a jitted call, after one call that compiles it."""
+    jax.block_until_ready(fn(*args))  # compile
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def measure_cost_ratio(drafter: Eagle3Drafter, drafter_params: dict, target_config: ModelConfig,
+                       target_params: dict, window: int, *, context: int = 256, repeats: int = 20) -> float:
+    """γ on this machine: one jitted drafter step over one jitted target verify pass of K+1 tokens (batch 1)."""
+    cache = drafter.init_cache(1, context + 2 * window + 2)
+    cache = cache.replace(kv=cache.kv.replace(lengths=jnp.full((1,), context, jnp.int32)))
+    token = jnp.zeros((1,), jnp.int32)
+    draft_step = jax.jit(lambda p, tp, c, t: drafter.step(p, tp, c, t)[0])
+    draft_seconds = median_seconds(draft_step, drafter_params, target_params, cache, token, repeats=repeats)
+    target_cache = llama.init_cache(target_config, 1, context + window + 1)
+    target_cache = target_cache.replace(lengths=jnp.full((1,), context, jnp.int32))
+    tokens = jnp.zeros((1, window + 1), jnp.int32)
+    verify = jax.jit(lambda p, t, c: llama.forward(p, t, c, target_config).logits)
+    verify_seconds = median_seconds(verify, target_params, tokens, target_cache, repeats=repeats)
+    return draft_seconds / verify_seconds
+
+
+def greedy_window_records(drafter: Eagle3Drafter, params: dict, target: PPOWTarget, batch: Batch,
+                          window: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Greedy windows at every valid anchor, verified from the cache -> (features [B, L, K, 3] of each
+    draft for the confidence model, accepted [B, L, K] whether it was accepted, reached [B, L, K]
+    whether every draft before it was)."""
+    context = context_pass(drafter, params, target.constants.embed, batch["tokens"], batch["features"])
+    batch_size, seq = batch["tokens"].shape
+    # Every position is an anchor; those too close to the end (invalid, masked below) are clamped.
+    anchors = jnp.broadcast_to(jnp.minimum(jnp.arange(seq, dtype=jnp.int32), seq - window - 1), (batch_size, seq))
+    drafts, logprobs = draft_windows(drafter, params, target.constants.embed, context, anchors, window)
+    verified = verify_from_cache(batch, target, anchors, drafts, window)
+    offsets = jnp.arange(window)
+    valid = valid_anchors(batch["loss_mask"], window)[..., None]
+    accepted = offsets < verified.accepted[..., None]
+    reached = (offsets <= verified.accepted[..., None]) & valid
+    features = calibration_features(logprobs, jnp.broadcast_to(offsets, logprobs.shape[:-1]))
+    return features, accepted, reached
+
+
+def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1e-3, iterations: int = 25) -> np.ndarray:
+    """Logistic regression by Newton's method: features [n, f], labels [n] -> weights [f + 1] (bias first)."""
+    x = np.concatenate([np.ones((len(features), 1)), features.astype(np.float64)], axis=1)
+    y = labels.astype(np.float64)
+    w = np.zeros(x.shape[1])
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-x @ w))
+        gradient = x.T @ (p - y) + l2 * w
+        hessian = (x * (p * (1 - p))[:, None]).T @ x + l2 * np.eye(len(w))
+        w = w - np.linalg.solve(hessian, gradient)
+    return w
+
+
+def fit_window_calibration(drafter: Eagle3Drafter, params: dict, target: PPOWTarget, batches, window: int) -> dict:
+    """Fits P(draft accepted | drafts before it accepted) from what the drafter knows (its top log-prob,
+    its entropy, the step) on greedy windows; -> the `window_calibration` entry of a drafter description."""
+    records = jax.jit(functools.partial(greedy_window_records, drafter, window=window))
+    features, labels = [], []
+    for batch in batches:
+        f, accepted, reached = jax.device_get(records(params, target, batch))
+        features.append(f[reached])
+        labels.append(accepted[reached])
+    features, labels = np.concatenate(features), np.concatenate(labels)
+    if len(labels) == 0 or labels.min() == labels.max():
+        raise InputError("cannot calibrate the adaptive window: the calibration windows are all accepted or "
+                         "all rejected")
+    weights = fit_logistic(features, labels)
+    predicted = 1.0 / (1.0 + np.exp(-(weights[0] + features @ weights[1:])))
+    return {"weights": [float(w) for w in weights], "features": ["bias", "top_logprob", "entropy", "step"],
+            "drafts": int(len(labels)), "accept_rate": float(labels.mean()),
+            "log_loss": float(-np.mean(labels * np.log(predicted + 1e-9) + (1 - labels) * np.log(1 - predicted + 1e-9)))}
+
+
+def settings_from_config(ppow: Any, gamma: float) -> PPOWSettings:
+    """`config.ppow` (ml-collections) and the γ in use -> settings."""
+    return PPOWSettings(group_size=ppow.group_size, window=ppow.window, anchors_per_sequence=ppow.anchors_per_sequence,
+                        clip_epsilon=ppow.clip_epsilon, kl_beta=ppow.kl_beta,
+                        kl_direction=ppow.get("kl_direction", "reverse"), epochs=ppow.epochs,
+                        minibatches=ppow.minibatches, gamma=gamma, cost_aware_reward=ppow.cost_aware_reward,
+                        proximity_reward=ppow.proximity_reward, proximity_eta=ppow.proximity_eta,
+                        proximity_epsilon=ppow.proximity_epsilon, adaw=ppow.adaw,
+                        priority_temperature=ppow.priority_temperature, priority_floor=ppow.priority_floor,
+                        verifier=ppow.verifier, acceptance=ppow.acceptance)
