@@ -26,8 +26,9 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # Peer conformance tests compare against Hugging Face transformers on the CPU build of torch.
-    "test": ["pytest==9.0.3", "hypothesis>=6.100", "scipy==1.16.3", "torch==2.13.0", "transformers==5.23.0",
-             "accelerate==1.15.0"],  # transformers needs accelerate to load GGUF files
+    # pytest-xdist runs the test files on two workers (CI has 2 cores).
+    "test": ["pytest==9.0.3", "pytest-xdist==3.8.0", "hypothesis>=6.100", "scipy==1.16.3", "torch==2.13.0",
+             "transformers==5.23.0", "accelerate==1.15.0"],  # transformers needs accelerate to load GGUF files
     "bench": ["torch==2.13.0", "transformers==5.23.0", "accelerate==1.15.0"],
     # Optional data source for datasets a user already prepared with TFDS (no TensorFlow needed).
     "tfds": ["tensorflow-datasets>=4.9"],

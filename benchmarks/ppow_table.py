@@ -57,7 +57,8 @@ def main() -> int:
     if not tables:
         print("no results.json found under the given directories", file=sys.stderr)
         return 1
-    for (temperature, window), rows in sorted(tables.items()):
+    # Greedy before sampled; within each, the fixed window first.
+    for (temperature, window), rows in sorted(tables.items(), key=lambda item: (item[0][0], not item[0][1].startswith("fixed"))):
         print(f"\n#### {temperature}, {window}\n")
         print("| drafter | " + " | ".join(f"τ {s}" for s in SETS) + " | τ overall | speedup | greedy match |")
         print("|---" * (len(SETS) + 4) + "|")
