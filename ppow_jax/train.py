@@ -91,12 +91,10 @@ def export_drafter(config, target, drafter, params, features_dir: pathlib.Path, 
     from ppow_jax.data.features import feature_shards
     from ppow_jax.data.pipeline import feature_dataset
     from ppow_jax.drafters.store import save_drafter
-    from ppow_jax.training.kd import TargetConstants
     from ppow_jax.training.ppow import PPOWTarget, fit_window_calibration
 
     cc = config.calibration
-    head = target.params["lm_head"].T if "lm_head" in target.params else target.params["embed"]
-    frozen = PPOWTarget(constants=TargetConstants.from_target(target.params, params["d2t"]), head=head)
+    frozen = PPOWTarget.from_target(target.params, params["d2t"])
     batches = itertools.islice(iter(feature_dataset(feature_shards(features_dir), batch_size=cc.batch_size,
                                                     seed=config.seed + 1)), cc.batches)
     calibration = fit_window_calibration(drafter, params, frozen, batches, cc.window)

@@ -24,7 +24,7 @@ from ppow_jax.inference.speculative import SpeculativeDecoder
 from ppow_jax.inference.windows import WindowPolicy
 from ppow_jax.models import llama
 from ppow_jax.training import ppow
-from ppow_jax.training.kd import TargetConstants, TrainState
+from ppow_jax.training.kd import TrainState
 
 
 # ----- rewards, advantages, criticality, anchors -----
@@ -163,7 +163,7 @@ def kd_run(distilled, tiny_target, tmp_path_factory):
 
 
 def _frozen(target_params, d2t):
-    return ppow.PPOWTarget(constants=TargetConstants.from_target(target_params, d2t), head=target_params["embed"])
+    return ppow.PPOWTarget.from_target(target_params, d2t)
 
 
 def _first_batch(kd_run, size=4):

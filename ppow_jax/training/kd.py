@@ -63,6 +63,11 @@ def split_params(params: dict) -> tuple[dict, jax.Array]:
     return {k: v for k, v in params.items() if k != "d2t"}, params["d2t"]
 
 
+def output_head(target_params: dict) -> jax.Array:
+    """The target's output head as [V, D] rows (the embedding when they are tied)."""
+    return target_params["lm_head"].T if "lm_head" in target_params else target_params["embed"]
+
+
 @flax.struct.dataclass
 class TargetConstants:
     """What the loss needs from the frozen target: its embedding and its head's draft-vocabulary rows."""
@@ -73,8 +78,7 @@ class TargetConstants:
 
     @classmethod
     def from_target(cls, target_params: dict, d2t: np.ndarray) -> "TargetConstants":
-        head = target_params["lm_head"].T if "lm_head" in target_params else target_params["embed"]
-        return cls(embed=target_params["embed"], head_rows=jnp.take(head, jnp.asarray(d2t), axis=0),
+        return cls(embed=target_params["embed"], head_rows=jnp.take(output_head(target_params), jnp.asarray(d2t), axis=0),
                    d2t=jnp.asarray(d2t, jnp.int32))
 
 

@@ -52,7 +52,7 @@ from ppow_jax.inference.speculative import accept_greedy, accept_sampling
 from ppow_jax.inference.windows import MAX_WINDOW, calibration_features
 from ppow_jax.models import llama
 from ppow_jax.models.config import ModelConfig
-from ppow_jax.training.kd import TargetConstants, TrainState
+from ppow_jax.training.kd import TargetConstants, TrainState, output_head
 
 Batch = dict[str, jax.Array]
 VERIFIERS = ("cache", "target")
@@ -271,6 +271,16 @@ def anchor_priorities(valid: jax.Array, scores: Optional[jax.Array], temperature
     return (1.0 - floor) * priority + floor * uniform
 
 
+def standardised(scores: jax.Array, valid: jax.Array) -> jax.Array:
+    """Window scores [B, L] as z-scores over each row's valid anchors, so the priority temperature
+    means the same thing whatever the scale of v (raw scores spread over several nats would put
+    nearly all the priority on a handful of windows no draft can match)."""
+    count = jnp.maximum(jnp.sum(valid, axis=-1, keepdims=True), 1)
+    mean = jnp.sum(jnp.where(valid, scores, 0.0), axis=-1, keepdims=True) / count
+    std = jnp.sqrt(jnp.sum(jnp.where(valid, (scores - mean) ** 2, 0.0), axis=-1, keepdims=True) / count)
+    return (scores - mean) / (std + 1e-6)
+
+
 def sample_anchors(key: jax.Array, probabilities: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
     """`count` distinct anchors per row (Gumbel top-k) -> (anchors [B, A], valid [B, A])."""
     gumbel = jax.random.gumbel(key, probabilities.shape)
@@ -355,6 +365,10 @@ class PPOWTarget:
     constants: TargetConstants
     head: jax.Array  # [V, D]
 
+    @classmethod
+    def from_target(cls, target_params: dict, d2t: np.ndarray) -> "PPOWTarget":
+        return cls(constants=TargetConstants.from_target(target_params, d2t), head=output_head(target_params))
+
 
 @flax.struct.dataclass
 class Rollout:
@@ -385,14 +399,7 @@ def rollout(params: dict, target: PPOWTarget, batch: Batch, key: jax.Array, targ
     if s.adaw:
         p = target_draft_logprobs(batch["target_hidden"], target.constants.head_rows)  # [B, L, N]
         q = jax.nn.log_softmax(drafter.draft_logits(params, context.hidden), axis=-1)
-        scores = window_sums(criticality(p, q), s.window) / s.window
-        # Standardised over each sequence's valid anchors, so the temperature means the same thing
-        # whatever the scale of v (raw scores spread over several nats would put nearly all the
-        # priority on a handful of windows no draft can match).
-        count = jnp.maximum(jnp.sum(valid, axis=-1, keepdims=True), 1)
-        mean = jnp.sum(jnp.where(valid, scores, 0.0), axis=-1, keepdims=True) / count
-        std = jnp.sqrt(jnp.sum(jnp.where(valid, (scores - mean) ** 2, 0.0), axis=-1, keepdims=True) / count)
-        scores = (scores - mean) / (std + 1e-6)
+        scores = standardised(window_sums(criticality(p, q), s.window) / s.window, valid)
     chosen, chosen_valid = sample_anchors(anchor_key, anchor_priorities(valid, scores, s.priority_temperature,
                                                                         s.priority_floor), s.anchors_per_sequence)
     anchors = jnp.repeat(chosen, s.group_size, axis=1)  # [B, W]: the G windows of an anchor side by side
@@ -491,15 +498,14 @@ class PPOWTrainer:
         self.drafter, self.settings, self.target_config = drafter, settings, target_config
         self.optimizer, self.schedule = optimizer, schedule
         self.mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
-        constants = TargetConstants.from_target(target_params, drafter.check_d2t(d2t))
-        head = target_params["lm_head"].T if "lm_head" in target_params else target_params["embed"]
+        target = PPOWTarget.from_target(target_params, drafter.check_d2t(d2t))
         shardings = PPOWTarget(
             constants=TargetConstants(
-                embed=sharding.named_sharding(self.mesh, sharding.PARAM_AXES["embed"], constants.embed.shape),
-                head_rows=sharding.named_sharding(self.mesh, ("vocab", "embed"), constants.head_rows.shape),
+                embed=sharding.named_sharding(self.mesh, sharding.PARAM_AXES["embed"], target.constants.embed.shape),
+                head_rows=sharding.named_sharding(self.mesh, ("vocab", "embed"), target.constants.head_rows.shape),
                 d2t=sharding.replicated(self.mesh)),
-            head=sharding.named_sharding(self.mesh, ("vocab", "embed"), head.shape))
-        self.target = jax.device_put(PPOWTarget(constants=constants, head=head), shardings)
+            head=sharding.named_sharding(self.mesh, ("vocab", "embed"), target.head.shape))
+        self.target = jax.device_put(target, shardings)
         self.target_shardings = shardings
         # The live target is only needed to verify with it.
         self.target_params = None
