@@ -30,6 +30,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.tfds = ml_collections.ConfigDict({"name": "", "split": "train", "field": "text", "data_dir": ""})
     config.data.cache_dir = "runs/smollm2-135m-instruct/distill"
     config.data.max_prompts = 2048  # a seeded sample of the ~13k prompts; extend later, the cache resumes
+    # Held-out prompts (the last of the seeded shuffle, never trained on): training logs the greedy
+    # acceptance of drafts on their responses every train.eval_every steps. 0: no dev split.
+    config.data.dev_prompts = 64
+    config.data.dev_cache_dir = "runs/smollm2-135m-instruct/distill-dev"
+    config.data.dev_features_dir = ""  # empty: WORKDIR/features-dev
     config.data.max_prompt_tokens = 384
     config.data.max_new_tokens = 256
     config.data.temperature = 0.0  # the target's greedy answers
@@ -62,6 +67,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.log_every = 5
     config.train.checkpoint_every = 25
     config.train.keep_checkpoints = 3
+    # The dev-split probe (data.dev_prompts): greedy windows of eval_window drafts at every
+    # eval_stride-th position, every eval_every steps (0: only at the start and the end); not
+    # counted in train.max_seconds.
+    config.train.eval_every = 25
+    config.train.eval_window = 5
+    config.train.eval_stride = 8
     config.train.max_seconds = 0  # training-time budget in seconds (0: none); the run exports when it is spent
     config.train.mesh = ""  # e.g. "data=8" on a pod slice; default one device
 

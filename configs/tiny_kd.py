@@ -15,6 +15,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.export_dtype = "float32"
     config.data.cache_dir = ""
     config.data.max_prompts = 16
+    config.data.dev_prompts = 4
+    config.data.dev_cache_dir = ""
     config.data.max_prompt_tokens = 128
     config.data.max_new_tokens = 24
     config.data.batch_size = 4
@@ -32,6 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.log_every = 5
     config.train.checkpoint_every = 10
     config.train.keep_checkpoints = 2
+    config.train.eval_every = 20
+    config.train.eval_window = 4
+    config.train.eval_stride = 4
     config.calibration.batches = 2
     config.calibration.window = 4
     return config

@@ -17,7 +17,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.ppow.group_size = 4
     config.ppow.window = 4
     config.ppow.gamma = 0.1
+    # METHOD.md's objective as stated (the SmolLM2 config departs from it where measured to help)
+    config.ppow.kl_direction = "reverse"
+    config.ppow.kl_beta = 0.2
+    config.ppow.proximity_eta = 1.0
+    config.ppow.rollout_temperature = 1.0
     config.data.features_dir = ""
+    config.train.eval_every = 10
     config.train.steps = 20
     config.train.learning_rate = 1e-3
     config.train.warmup_steps = 2

@@ -25,15 +25,22 @@ def enable_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def sibling_config(config_file: str, name: str):
-    """The config of `name` (a .py file beside `config_file`), for configs that start from another."""
+def load_config_file(path: str | pathlib.Path):
+    """`get_config()` of a configs/*.py file, for tools that take a config path as a plain argument."""
     import importlib.util
 
-    path = pathlib.Path(config_file).with_name(name)
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file {path}")
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
+
+
+def sibling_config(config_file: str, name: str):
+    """The config of `name` (a .py file beside `config_file`), for configs that start from another."""
+    return load_config_file(pathlib.Path(config_file).with_name(name))
 
 
 def run_entry_point(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int],

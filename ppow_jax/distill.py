@@ -1,8 +1,9 @@
 """`python -m ppow_jax.distill --config configs/X.py`: the target answers the training prompts.
 
 Reads the prompts of `config.data.folders` under the data root (eval prompts removed, counted),
-and caches the target's responses as ArrayRecord shards in `config.data.cache_dir`. Resumable:
-rerun the same command after an interruption.
+and caches the target's responses as ArrayRecord shards: first the `config.data.dev_prompts`
+held-out ones in `config.data.dev_cache_dir` (training measures drafters on them), then the
+training ones in `config.data.cache_dir`. Resumable: rerun the same command after an interruption.
 """
 
 from __future__ import annotations
@@ -34,13 +35,17 @@ def run(config) -> int:
     settings = DistillSettings(model=str(config.target), max_prompt_tokens=config.data.max_prompt_tokens,
                                max_new_tokens=config.data.max_new_tokens, temperature=config.data.temperature,
                                top_p=config.data.top_p, seed=config.seed)
-    manifest = self_distill(decoder, target.tokenizer, prompts, config.data.cache_dir, settings,
-                            batch_size=config.data.batch_size, max_prompts=config.data.max_prompts)
-    tokens = sum(s["response_tokens"] for s in manifest["shards"])
-    answered = sum(len(s["keys"]) for s in manifest["shards"])
-    print(f"{config.data.cache_dir}: {answered} responses, {tokens} response tokens; "
-          f"{len(manifest['skipped_too_long'])} prompts over {config.data.max_prompt_tokens} tokens skipped",
-          file=sys.stderr)
+    dev_prompts = config.data.get("dev_prompts", 0)
+    splits = ([("dev", config.data.dev_cache_dir)] if dev_prompts else []) + [("train", config.data.cache_dir)]
+    for split, cache_dir in splits:
+        manifest = self_distill(decoder, target.tokenizer, prompts, cache_dir, settings,
+                                batch_size=config.data.batch_size, max_prompts=config.data.max_prompts,
+                                dev_prompts=dev_prompts, split=split)
+        tokens = sum(s["response_tokens"] for s in manifest["shards"])
+        answered = sum(len(s["keys"]) for s in manifest["shards"])
+        print(f"{cache_dir} ({split}): {answered} responses, {tokens} response tokens; "
+              f"{len(manifest['skipped_too_long'])} prompts over {config.data.max_prompt_tokens} tokens skipped",
+              file=sys.stderr)
     return 0
 
 

@@ -61,19 +61,63 @@ class MetricsLog:
         self.writer.close()
 
 
-def feature_cache(config, target, progress: bool) -> pathlib.Path:
-    """Builds (or resumes, or just checks) the target-feature cache; -> its directory."""
+def feature_cache(config, target, progress: bool, split: str = "train") -> pathlib.Path:
+    """Builds (or resumes, or just checks) the target-feature cache of a split; -> its directory."""
     from ppow_jax.data.features import build_feature_cache
 
-    directory = pathlib.Path(config.data.get("features_dir") or pathlib.Path(config.workdir) / "features")
-    manifest = build_feature_cache(target.config, target.params, config.data.cache_dir, directory,
-                                   feature_layers=tuple(config.drafter.feature_layers), seq_len=config.data.seq_len,
-                                   batch_size=config.data.feature_batch_size,
+    data = config.data
+    if split == "train":
+        distill_dir, directory = data.cache_dir, data.get("features_dir")
+    else:
+        distill_dir, directory = data.dev_cache_dir, data.get("dev_features_dir")
+    directory = pathlib.Path(directory or pathlib.Path(config.workdir) / ("features" if split == "train" else "features-dev"))
+    manifest = build_feature_cache(target.config, target.params, distill_dir, directory,
+                                   feature_layers=tuple(config.drafter.feature_layers), seq_len=data.seq_len,
+                                   batch_size=data.feature_batch_size,
                                    pad_token_id=target.tokenizer.pad_token_id or 0, progress=progress)
     loss_tokens = sum(s["loss_tokens"] for s in manifest["shards"])
-    log(f"feature cache {directory}: {sum(s['examples'] for s in manifest['shards'])} sequences, "
+    log(f"feature cache {directory} ({split}): {sum(s['examples'] for s in manifest['shards'])} sequences, "
         f"{loss_tokens} response tokens")
     return directory
+
+
+class DevProbe:
+    """Greedy acceptance of the drafter's windows on the held-out dev split (`data.dev_prompts`):
+    the learning curve both stages log every `train.eval_every` steps, comparable across runs
+    (PPOW's own reward is measured on its sampled, priority-chosen windows)."""
+
+    BATCH_SIZE = 4
+
+    def __init__(self, config, target, progress: bool):
+        from ppow_jax.data.features import feature_shards
+        from ppow_jax.data.pipeline import feature_dataset
+
+        directory = feature_cache(config, target, progress, split="dev")
+        sequences = sum(s["examples"] for s in json.loads((directory / "manifest.json").read_text())["shards"])
+        dataset = feature_dataset(feature_shards(directory), batch_size=min(self.BATCH_SIZE, sequences), seed=0,
+                                  num_epochs=1)
+        self.batches = list(dataset)
+        self.target_params = target.params
+        self.window, self.stride = config.train.eval_window, config.train.eval_stride
+        self._records = None
+
+    @classmethod
+    def maybe(cls, config, target, progress: bool) -> Optional["DevProbe"]:
+        return cls(config, target, progress) if config.data.get("dev_prompts") else None
+
+    def __call__(self, drafter, params: dict) -> dict[str, float]:
+        import functools
+
+        import jax
+
+        from ppow_jax.training.ppow import PPOWTarget, greedy_acceptance, greedy_window_records
+
+        if self._records is None:  # compiled once per run
+            self._records = jax.jit(functools.partial(greedy_window_records, drafter, window=self.window,
+                                                      stride=self.stride))
+        frozen = PPOWTarget.from_target(self.target_params, params["d2t"])
+        measured = greedy_acceptance(self._records, params, frozen, self.batches)
+        return {f"dev/{name}": value for name, value in measured.items()}
 
 
 def optimizer_config(tc):
@@ -162,6 +206,9 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
 
     metrics_log = MetricsLog(workdir)
     start_step = int(state.step)
+    probe = DevProbe.maybe(config, target, progress)
+    if probe and start_step == 0:
+        metrics_log.write(0, probe(drafter, trainer.drafter_params(state)))
     bar = tqdm(total=tc.steps, initial=start_step, desc="train", unit="step", disable=not progress)
     metrics, window_tokens, window_start = {}, 0, time.perf_counter()
     end_step = tc.steps if stop_at is None else min(stop_at, tc.steps)
@@ -198,6 +245,8 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
         if done % tc.checkpoint_every == 0 or done == end_step or out_of_time:
             checkpointer.save(done, state, {"data_iterator": iterator.get_state(), "train_seconds": train_seconds,
                                             "config": config.to_dict()})
+        if probe and (done == end_step or out_of_time or (tc.eval_every and done % tc.eval_every == 0)):
+            metrics_log.write(done, probe(drafter, trainer.drafter_params(state)))
         bar.update(1)
         if out_of_time:
             log(f"training-time budget of {tc.max_seconds} s reached at step {done}")
@@ -271,6 +320,9 @@ def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optiona
         log(f"resumed from iteration {resume_step} ({checkpointer.directory})")
 
     metrics_log = MetricsLog(workdir)
+    probe = DevProbe.maybe(config, target, progress)
+    if probe and int(state.step) == 0:
+        metrics_log.write(0, probe(drafter, trainer.drafter_params(state)))
     bar = tqdm(total=tc.steps, initial=int(state.step), desc="ppow", unit="iter", disable=not progress)
     end_step = tc.steps if stop_at is None else min(stop_at, tc.steps)
     metrics, out_of_time = {}, False
@@ -297,6 +349,8 @@ def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optiona
         if done % tc.checkpoint_every == 0 or done == end_step or out_of_time:
             checkpointer.save(done, state, {"data_iterator": iterator.get_state(), "gamma": gamma,
                                             "train_seconds": train_seconds, "config": config.to_dict()})
+        if probe and (done == end_step or out_of_time or (tc.eval_every and done % tc.eval_every == 0)):
+            metrics_log.write(done, probe(drafter, trainer.drafter_params(state)))
         bar.update(1)
         if out_of_time:
             log(f"training-time budget of {tc.max_seconds} s reached at iteration {done}")

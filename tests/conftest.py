@@ -87,6 +87,11 @@ def distilled(tmp_path_factory, tiny_target, shared_data_root):
     settings = DistillSettings(model="tiny", max_prompt_tokens=config.data.max_prompt_tokens,
                                max_new_tokens=config.data.max_new_tokens, temperature=0.0, top_p=1.0, seed=0)
     first = self_distill(decoder, tok, prompts, cache, settings, batch_size=4, max_prompts=8, progress=False)
-    second = self_distill(decoder, tok, prompts, cache, settings, batch_size=4, max_prompts=16, progress=False)
+    second = self_distill(decoder, tok, prompts, cache, settings, batch_size=4, max_prompts=16,
+                          dev_prompts=config.data.dev_prompts, progress=False)
+    dev_cache = tmp_path_factory.mktemp("distill-dev")
+    self_distill(decoder, tok, prompts, dev_cache, settings, batch_size=4, max_prompts=16,
+                 dev_prompts=config.data.dev_prompts, split="dev", progress=False)
     config.data.cache_dir = str(cache)
+    config.data.dev_cache_dir = str(dev_cache)
     return config, first, second

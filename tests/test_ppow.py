@@ -2,6 +2,7 @@
 training forward (itself pinned to the engine), verification against the target, the PPO update on a
 toy policy, a tiny end-to-end run, exact resume, the adaptive window, bad settings."""
 
+import functools
 import itertools
 import json
 import math
@@ -92,6 +93,8 @@ def test_settings_reject_bad_combinations():
         ppow.PPOWSettings(gamma=0.0)
     with pytest.raises(InputError, match="verifier"):
         ppow.PPOWSettings(verifier="oracle")
+    with pytest.raises(InputError, match="rollout_temperature"):
+        ppow.PPOWSettings(rollout_temperature=0.0)
 
 
 # ----- the window chain is the engine's drafting path -----
@@ -128,17 +131,22 @@ def test_forced_windows_equal_the_unrolled_training_forward():
                 np.testing.assert_allclose(logprobs[b, w, j], expected[j, b, a + j], rtol=2e-4, atol=2e-4)
 
 
-def test_sampled_windows_follow_the_drafter_distribution():
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_sampled_windows_follow_the_drafter_distribution(temperature):
     config, params, drafter, dparams = _tiny_pair(draft_vocab=40)
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, 64, (1, 10)), jnp.int32)
     out = llama.forward(params, tokens, llama.init_cache(config, 1, 10), config, hidden_layers=(0, 1, 2))
     features = out.hidden_states.transpose(1, 2, 0, 3).reshape(1, 10, -1)
     context = ppow.context_pass(drafter, dparams, params["embed"], tokens, features)
     anchors = jnp.full((1, 4000), 4, jnp.int32)
-    drafts, logprobs = ppow.draft_windows(drafter, dparams, params["embed"], context, anchors, 2, key=jax.random.key(1))
-    # The first draft of every window comes from the same distribution: its frequencies match it.
+    drafts, logprobs = ppow.draft_windows(drafter, dparams, params["embed"], context, anchors, 2, key=jax.random.key(1),
+                                          temperature=temperature)
+    # The first draft of every window comes from the same distribution, Q^(1/τ) renormalised: its
+    # frequencies match it.
     counts = np.bincount(np.asarray(drafts[0, :, 0]), minlength=40)
-    probs = np.exp(np.asarray(logprobs[0, 0, 0]))
+    probs = np.exp(np.asarray(ppow.tempered(logprobs, temperature)[0, 0, 0]))
+    if temperature != 1.0:  # the tempered policy is sharper than the drafter itself
+        assert probs.max() > np.exp(np.asarray(logprobs[0, 0, 0])).max()
     expected = 4000 * probs
     big = expected > 20
     chi2 = np.sum((counts[big] - expected[big]) ** 2 / expected[big])
@@ -231,6 +239,29 @@ def test_rollout_accepted_lengths_equal_the_engines_on_the_same_windows(kd_run, 
     assert expected[0] < len(picks)  # some windows are (partly) accepted
 
 
+def test_greedy_acceptance_counts_the_verified_windows(kd_run, tiny_target):
+    """The dev probe's figures are the mean k and the first-draft accept rate of greedy windows at
+    every stride-th valid anchor, as the live target verifies them."""
+    drafter, dparams = load_drafter(kd_run / "drafter", tiny_target.config)
+    frozen = _frozen(tiny_target.params, np.asarray(dparams["d2t"]))
+    batch = {k: jnp.asarray(v) for k, v in _first_batch(kd_run).items()}
+    window, stride = 4, 3
+    records = jax.jit(functools.partial(ppow.greedy_window_records, drafter, window=window, stride=stride))
+    measured = ppow.greedy_acceptance(records, dparams, frozen, [batch])
+    valid = np.asarray(ppow.valid_anchors(batch["loss_mask"], window))
+    seq = valid.shape[1]
+    anchors = np.arange(0, seq, stride)
+    context = ppow.context_pass(drafter, dparams, frozen.constants.embed, batch["tokens"], batch["features"])
+    per_row = jnp.asarray(np.broadcast_to(np.minimum(anchors, seq - window - 1), (valid.shape[0], len(anchors))))
+    drafts, logprobs = ppow.draft_windows(drafter, dparams, frozen.constants.embed, context, per_row, window)
+    live = np.asarray(ppow.verify_with_target(tiny_target.config, tiny_target.params, frozen, batch["tokens"],
+                                              per_row, drafts, logprobs, jax.random.key(0), "greedy").accepted)
+    k = live[valid[:, anchors]]
+    assert measured["accept_length"] == pytest.approx(k.mean())
+    assert measured["first_accept"] == pytest.approx((k > 0).mean())
+    assert 0 < measured["first_accept"] < 1
+
+
 # ----- the PPO update -----
 
 def _toy_policy(seed: int):
@@ -308,6 +339,8 @@ def _ppow(kd_run, distilled, tiny_target, workdir, steps, stop_at=None, **overri
     config = load_config("tiny_ppow")
     config.target = ""
     config.data.cache_dir = kd_config.data.cache_dir
+    config.data.dev_cache_dir = kd_config.data.dev_cache_dir
+    config.data.dev_features_dir = str(kd_run / "features-dev")
     config.data.features_dir = str(kd_run / "features")
     config.init_from = str(kd_run / "drafter")
     config.workdir = str(workdir)
@@ -318,8 +351,10 @@ def _ppow(kd_run, distilled, tiny_target, workdir, steps, stop_at=None, **overri
     return run_ppow_training(config, tiny_target, progress=False, stop_at=stop_at)
 
 
-def _history(workdir: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+def _history(workdir: pathlib.Path, metric: str = "reward") -> list[dict]:
+    """The metrics.jsonl rows that carry `metric` (training rows; the dev probe writes its own)."""
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if metric in row]
 
 
 def test_tiny_ppow_run_raises_the_reward_and_serves_losslessly(kd_run, distilled, tiny_target, tmp_path):
@@ -335,6 +370,9 @@ def test_tiny_ppow_run_raises_the_reward_and_serves_losslessly(kd_run, distilled
     assert reward[1] > reward[0] + 0.025, reward
     assert gap[1] < gap[0] - 0.1, gap
     assert {"accepted", "kl_to_target", "clip_fraction", "approx_kl", "gamma"} <= set(history[-1])
+    probes = _history(tmp_path / "run", "dev/accept_length")
+    assert [row["step"] for row in probes] == [0, 10, 20, 30]
+    assert all(0 <= row["dev/first_accept"] <= row["dev/accept_length"] <= 4 for row in probes)
     drafter, params = load_drafter(tmp_path / "run" / "drafter", tiny_target.config)
     description = json.loads((tmp_path / "run" / "drafter" / "drafter.json").read_text())
     assert description["stage"] == "ppow" and len(description["window_calibration"]["weights"]) == 4
@@ -357,6 +395,15 @@ def test_resumed_ppow_run_equals_an_uninterrupted_one(kd_run, distilled, tiny_ta
     assert [h["step"] for h in resumed] == [h["step"] for h in straight]
     for a, b in zip(straight, resumed):
         assert a["reward"] == b["reward"] and a["loss"] == b["loss"], (a, b)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.3])
+def test_the_update_starts_from_the_rollout_policy(kd_run, distilled, tiny_target, tmp_path, temperature):
+    """With one minibatch, the update's first (and only) loss sees the parameters the rollout
+    sampled with: the PPO ratio is exactly 1, at any rollout temperature."""
+    metrics = _ppow(kd_run, distilled, tiny_target, tmp_path / "run", 1, ppow__epochs=1, ppow__minibatches=1,
+                    ppow__rollout_temperature=temperature, train__eval_every=0)
+    assert metrics["approx_kl"] == pytest.approx(0.0, abs=1e-6) and metrics["clip_fraction"] == 0.0
 
 
 def test_target_verifier_with_sampling_acceptance_trains(kd_run, distilled, tiny_target, tmp_path):

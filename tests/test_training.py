@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO_ROOT, tiny_config, tiny_params
 from ppow_jax.data import sources
-from ppow_jax.data.distill import DistillSettings, read_records, self_distill, shard_paths
+from ppow_jax.data.distill import DistillSettings, read_records, select_prompts, self_distill, shard_paths
 from ppow_jax.drafters.eagle import Eagle3Drafter, unrolled_hidden
 from ppow_jax.drafters.store import load_drafter
 from ppow_jax.errors import CheckpointError, InputError
@@ -98,6 +98,22 @@ def test_self_distillation_resumes_and_pins_settings(distilled, tiny_target, sha
     other = DistillSettings(model="tiny", max_prompt_tokens=128, max_new_tokens=99, temperature=0.0, top_p=1.0, seed=0)
     with pytest.raises(InputError, match="settings"):
         self_distill(decoder, tok, prompts, config.data.cache_dir, other, batch_size=4, progress=False)
+    dev = read_records(shard_paths(config.data.dev_cache_dir))
+    assert dev and not {r["key"] for r in dev} & set(second_keys)
+
+
+def test_dev_split_is_held_out_and_stable(shared_data_root):
+    prompts, _ = sources.read_training_prompts(shared_data_root, ["alpaca_seed_tasks"])
+    dev = select_prompts(prompts, 0, dev_prompts=10, split="dev")
+    assert len(dev) == 10
+    for max_prompts in (20, 100, 0):
+        train = select_prompts(prompts, 0, max_prompts=max_prompts, dev_prompts=10)
+        assert not {p.key for p in train} & {p.key for p in dev}
+    # Adding a dev split leaves the training order as it was (caches made before it stay valid).
+    assert select_prompts(prompts, 0, max_prompts=20, dev_prompts=10) == select_prompts(prompts, 0, max_prompts=20)
+    assert len(select_prompts(prompts, 0, dev_prompts=10)) == len(prompts) - 10
+    with pytest.raises(InputError, match="overlap the 10 dev prompts"):
+        select_prompts(prompts, 0, max_prompts=len(prompts) - 5, dev_prompts=10)
 
 
 # ----- the drafter's unrolled training forward equals what the engine computes -----
@@ -136,8 +152,10 @@ def _train(config, target, workdir, steps, stop_at=None):
     return run_training(config, target, progress=False, stop_at=stop_at)
 
 
-def _history(workdir: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+def _history(workdir: pathlib.Path, metric: str = "loss") -> list[dict]:
+    """The metrics.jsonl rows that carry `metric` (training rows; the dev probe writes its own)."""
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if metric in row]
 
 
 def test_tiny_training_lowers_the_loss_and_serves(distilled, tiny_target, tmp_path):
@@ -149,6 +167,11 @@ def test_tiny_training_lowers_the_loss_and_serves(distilled, tiny_target, tmp_pa
     # 40 steps on 14 sequences of a random target: measured KL 3.08 -> 2.69, agreement 0.01 -> 0.20.
     assert last["kl"] < 0.92 * first["kl"]
     assert last["agreement/step0"] > first["agreement/step0"] + 0.1
+    # The dev probe (held-out prompts) runs at steps 0, 20 and 40. (The tiny drafter memorises a
+    # random target's answers to 14 prompts and does not generalise: its dev figures stay near 0.
+    # test_ppow pins what the probe counts.)
+    probes = _history(tmp_path / "run", "dev/accept_length")
+    assert [row["step"] for row in probes] == [0, 20, 40]
     # The exported drafter serves in the engine, and greedy output still equals plain decoding.
     drafter, params = load_drafter(tmp_path / "run" / "drafter", tiny_target.config)
     tok = tiny_target.tokenizer

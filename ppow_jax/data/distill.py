@@ -92,10 +92,29 @@ def _batches(items: Sequence, batch_size: int, sort_window: int) -> Iterable[lis
             yield window[i:i + batch_size]
 
 
+def select_prompts(prompts: Sequence[Prompt], seed: int, *, max_prompts: int = 0, dev_prompts: int = 0,
+                   split: str = "train") -> list[Prompt]:
+    """The prompts of one split, in answering order: a seeded shuffle of all prompts, whose first
+    `max_prompts` (0: all but the dev split) are "train" and whose last `dev_prompts` are "dev", a
+    held-out split for measuring drafters during training. Raising `max_prompts` later extends
+    "train" without touching "dev"; the two never overlap."""
+    order = list(prompts)
+    random.Random(seed).shuffle(order)
+    if split == "dev":
+        return order[len(order) - dev_prompts:] if dev_prompts else []
+    if split != "train":
+        raise InputError(f"unknown prompt split {split!r} (train or dev)")
+    available = len(order) - dev_prompts
+    if max_prompts > available:
+        raise InputError(f"max_prompts={max_prompts} would overlap the {dev_prompts} dev prompts: only "
+                         f"{available} of {len(order)} prompts are left for training")
+    return order[:max_prompts or available]
+
+
 def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: Sequence[Prompt],
                  cache_dir: str | pathlib.Path, settings: DistillSettings, *, batch_size: int,
-                 max_prompts: int = 0, progress: bool = True) -> dict:
-    """Answers up to `max_prompts` prompts (0: all; a seeded shuffle picks which) into `cache_dir`.
+                 max_prompts: int = 0, dev_prompts: int = 0, split: str = "train", progress: bool = True) -> dict:
+    """Answers the prompts of `split` (see `select_prompts`) into `cache_dir`.
 
     Returns the manifest. Prompts longer than `settings.max_prompt_tokens` are skipped and listed.
     """
@@ -108,10 +127,7 @@ def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: 
                          "use another cache directory")
     manifest["settings"] = wanted
 
-    order = list(prompts)
-    random.Random(settings.seed).shuffle(order)
-    if max_prompts:
-        order = order[:max_prompts]
+    order = select_prompts(prompts, settings.seed, max_prompts=max_prompts, dev_prompts=dev_prompts, split=split)
     done = {key for shard in manifest["shards"] for key in shard["keys"]} | set(manifest["skipped_too_long"])
     todo = []
     for prompt in order:
@@ -124,7 +140,7 @@ def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: 
             todo.append((prompt, ids))
 
     sampling = SamplingParams(temperature=settings.temperature, top_p=settings.top_p)
-    bar = tqdm(total=len(order), initial=len(order) - len(todo), desc="self-distill", unit="prompt",
+    bar = tqdm(total=len(order), initial=len(order) - len(todo), desc=f"self-distill ({split})", unit="prompt",
                disable=not progress)
     for batch in _batches(todo, batch_size, sort_window=batch_size * 16):
         index = len(manifest["shards"])

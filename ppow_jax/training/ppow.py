@@ -6,7 +6,7 @@ environment. One iteration is two jitted functions:
   1. `rollout`: B sequences from the target-feature cache; the drafter's teacher-forced context
      pass over each (its hidden states and keys/values at every position); A anchors per sequence,
      drawn uniformly or with ADAW priority; at each anchor G windows of K drafts sampled from the
-     drafter (T = 1), all B·A·G windows at once in one `lax.scan`; verification gives each window's
+     drafter (at `rollout_temperature`, 1 by default), all B·A·G windows at once in one `lax.scan`; verification gives each window's
      accepted length k; rewards and group-normalised advantages.
   2. `update`: PPO's clipped surrogate on the drafts' log-probabilities plus β·KL(Q‖P) anchored to
      the target, `epochs` × `minibatches` (minibatches split by sequence) in one `lax.scan`.
@@ -24,6 +24,11 @@ Verification, two ways (`verifier`):
 
 Shapes: B sequences of length L, A anchors per sequence, G windows per anchor, W = A·G windows per
 sequence, K drafts per window, N the draft vocabulary, V the target's.
+
+The rollout temperature τ: the policy PPO optimises is the drafter's distribution at τ, Q^(1/τ)
+renormalised, and its expected reward. At τ = 1 that is the sampled drafts' acceptance; an engine
+that drafts greedily (T = 0 serving) is judged on its argmax instead, which a lower τ approaches.
+The KL anchor always acts on Q itself.
 
 Policy-gradient terms are kept for drafts d_1..d_{k+1} only: the reward does not depend on the
 drafts after the first rejection, so their score-function terms have zero mean and add only noise.
@@ -80,6 +85,7 @@ class PPOWSettings:
     priority_floor: float = 0.2  # share of the uniform distribution mixed in (easy windows still appear)
     verifier: str = "cache"
     acceptance: str = "greedy"
+    rollout_temperature: float = 1.0  # τ: windows are sampled from Q^(1/τ) (see the module docstring)
 
     def __post_init__(self):
         for name in ("group_size", "window", "anchors_per_sequence", "epochs", "minibatches"):
@@ -105,6 +111,8 @@ class PPOWSettings:
             raise InputError(f"ppow.priority_floor must be in (0, 1], got {self.priority_floor}")
         if not self.priority_temperature > 0:
             raise InputError(f"ppow.priority_temperature must be > 0, got {self.priority_temperature}")
+        if not self.rollout_temperature > 0 or not math.isfinite(self.rollout_temperature):
+            raise InputError(f"ppow.rollout_temperature must be a positive number, got {self.rollout_temperature}")
         if not self.clip_epsilon > 0 or self.kl_beta < 0:
             raise InputError(f"ppow.clip_epsilon must be > 0 and ppow.kl_beta >= 0, got {self.clip_epsilon}, {self.kl_beta}")
 
@@ -203,13 +211,13 @@ def context_pass(drafter: Eagle3Drafter, params: dict, embed_table: jax.Array, t
 
 def draft_windows(drafter: Eagle3Drafter, params: dict, embed_table: jax.Array, context: DrafterContext,
                   anchors: jax.Array, window: int, *, key: Optional[jax.Array] = None,
-                  forced: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+                  forced: Optional[jax.Array] = None, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
     """Windows of `window` drafts after anchors [B, W] -> (draft ids [B, W, K], log-probs [B, W, K, N]).
 
     Draft j+1 comes from the hidden at position a+j: the context's at j = 0, then the chain's own,
     which reads draft j at position a+j and attends to the context keys at positions <= a and to the
     chain's keys so far (exactly the engine's drafting after the target verified up to a). Drafts
-    are sampled at T = 1 with `key`, taken greedily when neither is given, or teacher-forced to
+    are sampled at `temperature` with `key`, taken greedily when neither is given, or teacher-forced to
     `forced` [B, W, K] (recomputing a rollout's log-probabilities under new parameters).
     """
     c = drafter.layer_config
@@ -226,7 +234,7 @@ def draft_windows(drafter: Eagle3Drafter, params: dict, embed_table: jax.Array, 
         if forced is not None:
             return forced[:, :, j]
         if keys is not None:
-            return jax.random.categorical(keys[j], logprobs, axis=-1).astype(jnp.int32)
+            return jax.random.categorical(keys[j], logprobs / temperature, axis=-1).astype(jnp.int32)
         return jnp.argmax(logprobs, axis=-1).astype(jnp.int32)
 
     def step(carry, j):
@@ -385,6 +393,11 @@ class Rollout:
     kl_mask: jax.Array  # [B, W, K] valid anchor and P known
 
 
+def tempered(logprobs: jax.Array, temperature: float) -> jax.Array:
+    """Log-probs of the rollout policy Q^(1/τ), renormalised."""
+    return logprobs if temperature == 1.0 else jax.nn.log_softmax(logprobs / temperature, axis=-1)
+
+
 def rollout(params: dict, target: PPOWTarget, batch: Batch, key: jax.Array, target_params: Optional[dict], *,
             drafter: Eagle3Drafter, settings: PPOWSettings,
             target_config: Optional[ModelConfig] = None) -> tuple[Rollout, dict]:
@@ -405,13 +418,15 @@ def rollout(params: dict, target: PPOWTarget, batch: Batch, key: jax.Array, targ
     anchors = jnp.repeat(chosen, s.group_size, axis=1)  # [B, W]: the G windows of an anchor side by side
     anchor_valid = jnp.repeat(chosen_valid, s.group_size, axis=1)
 
-    drafts, logprobs = draft_windows(drafter, params, embed, context, anchors, s.window, key=draft_key)
-    old_logprobs = jnp.take_along_axis(logprobs, drafts[..., None], axis=-1)[..., 0]
+    drafts, logprobs = draft_windows(drafter, params, embed, context, anchors, s.window, key=draft_key,
+                                     temperature=s.rollout_temperature)
+    policy_logprobs = tempered(logprobs, s.rollout_temperature)
+    old_logprobs = jnp.take_along_axis(policy_logprobs, drafts[..., None], axis=-1)[..., 0]
     if s.verifier == "cache":
         verified = verify_from_cache(batch, target, anchors, drafts, s.window)
     else:
         verified = verify_with_target(target_config, target_params, target, batch["tokens"], anchors, drafts,
-                                      logprobs, verify_key, s.acceptance)
+                                      policy_logprobs, verify_key, s.acceptance)
 
     k = verified.accepted
     speed = speed_reward(k, s.gamma, s.cost_aware_reward)
@@ -445,7 +460,7 @@ def ppo_loss(trainable: dict, d2t: jax.Array, embed: jax.Array, data: Rollout, *
     params = {**trainable, "d2t": d2t}
     context = context_pass(drafter, params, embed, data.tokens, data.features)
     _, logprobs = draft_windows(drafter, params, embed, context, data.anchors, settings.window, forced=data.drafts)
-    new = jnp.take_along_axis(logprobs, data.drafts[..., None], axis=-1)[..., 0]
+    new = jnp.take_along_axis(tempered(logprobs, settings.rollout_temperature), data.drafts[..., None], axis=-1)[..., 0]
     ratio = jnp.exp(new - data.old_logprobs)
     advantage = data.advantages[..., None]
     eps = settings.clip_epsilon
@@ -582,22 +597,39 @@ def measure_cost_ratio(drafter: Eagle3Drafter, drafter_params: dict, target_conf
 
 
 def greedy_window_records(drafter: Eagle3Drafter, params: dict, target: PPOWTarget, batch: Batch,
-                          window: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Greedy windows at every valid anchor, verified from the cache -> (features [B, L, K, 3] of each
-    draft for the confidence model, accepted [B, L, K] whether it was accepted, reached [B, L, K]
-    whether every draft before it was)."""
+                          window: int, stride: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Greedy windows at every `stride`-th position as anchor, verified from the cache -> (features
+    [B, W, K, 3] of each draft for the confidence model, accepted [B, W, K] whether it was accepted,
+    reached [B, W, K] whether the anchor is valid and every draft before it was accepted)."""
     context = context_pass(drafter, params, target.constants.embed, batch["tokens"], batch["features"])
     batch_size, seq = batch["tokens"].shape
-    # Every position is an anchor; those too close to the end (invalid, masked below) are clamped.
-    anchors = jnp.broadcast_to(jnp.minimum(jnp.arange(seq, dtype=jnp.int32), seq - window - 1), (batch_size, seq))
+    positions = jnp.arange(0, seq, stride, dtype=jnp.int32)
+    # Anchors too close to the end (invalid, masked below) are clamped.
+    anchors = jnp.broadcast_to(jnp.minimum(positions, seq - window - 1), (batch_size, len(positions)))
     drafts, logprobs = draft_windows(drafter, params, target.constants.embed, context, anchors, window)
     verified = verify_from_cache(batch, target, anchors, drafts, window)
     offsets = jnp.arange(window)
-    valid = valid_anchors(batch["loss_mask"], window)[..., None]
+    valid = valid_anchors(batch["loss_mask"], window)[:, positions, None]
     accepted = offsets < verified.accepted[..., None]
     reached = (offsets <= verified.accepted[..., None]) & valid
     features = calibration_features(logprobs, jnp.broadcast_to(offsets, logprobs.shape[:-1]))
     return features, accepted, reached
+
+
+def greedy_acceptance(records, params: dict, target: PPOWTarget, batches) -> dict[str, float]:
+    """How far the drafter's greedy windows get on some sequences (a held-out split: the learning
+    curve of both training stages) -> mean accepted length per window and first-draft accept rate.
+    `records` is `greedy_window_records` with the drafter, window and stride bound, jitted."""
+    windows = accepted_drafts = first_accepted = 0
+    for batch in batches:
+        _, accepted, reached = jax.device_get(records(params, target, batch))
+        valid = reached[..., 0]
+        windows += int(valid.sum())
+        accepted_drafts += int((accepted & reached).sum())
+        first_accepted += int((accepted[..., 0] & valid).sum())
+    if not windows:
+        raise InputError("no valid windows to measure greedy acceptance on: the sequences are too short")
+    return {"accept_length": accepted_drafts / windows, "first_accept": first_accepted / windows}
 
 
 def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1e-3, iterations: int = 25) -> np.ndarray:
@@ -642,4 +674,5 @@ def settings_from_config(ppow: Any, gamma: float) -> PPOWSettings:
                         proximity_reward=ppow.proximity_reward, proximity_eta=ppow.proximity_eta,
                         proximity_epsilon=ppow.proximity_epsilon, adaw=ppow.adaw,
                         priority_temperature=ppow.priority_temperature, priority_floor=ppow.priority_floor,
-                        verifier=ppow.verifier, acceptance=ppow.acceptance)
+                        verifier=ppow.verifier, acceptance=ppow.acceptance,
+                        rollout_temperature=ppow.get("rollout_temperature", 1.0))

@@ -1,0 +1,46 @@
+"""Greedy acceptance of exported drafters on the held-out dev split: the probe training logs
+(`ppow_jax.train.DevProbe`), for drafters that are already trained.
+
+Greedy windows of `train.eval_window` drafts at every `train.eval_stride`-th position of the dev
+responses, verified against the target's own greedy continuation. `accept_length` is the mean
+number of drafts accepted per window (a cycle's τ is about 1 + accept_length when the engine's K is
+the same), `first_accept` the first draft's accept rate.
+
+    python benchmarks/dev_acceptance.py --config configs/smollm2_135m_ppow.py \
+        --drafter "token-level=checkpoints/smollm2-135m-instruct/kd" --drafter "PPOW=runs/ppow/full/drafter"
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ppow_jax.cli import enable_compilation_cache, load_config_file
+from ppow_jax.drafters.store import load_drafter
+from ppow_jax.train import DevProbe
+from ppow_jax.weights.registry import load_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/smollm2_135m_ppow.py",
+                        help="a training config: its target, dev split and probe settings")
+    parser.add_argument("--drafter", action="append", required=True, metavar="NAME=DIR")
+    args = parser.parse_args()
+
+    enable_compilation_cache()
+    config = load_config_file(args.config)
+    target = load_model(config.target, param_dtype=config.param_dtype)
+    probe = DevProbe(config, target, progress=False)
+    print(f"dev split: {sum(len(b['tokens']) for b in probe.batches)} sequences; greedy windows of "
+          f"{probe.window}, every {probe.stride}th position\n")
+    print("| drafter | accept length | first-draft accept rate |")
+    print("|---|---|---|")
+    for spec in args.drafter:
+        name, _, directory = spec.partition("=")
+        drafter, params = load_drafter(directory or name, target.config)
+        measured = probe(drafter, params)
+        print(f"| {name} | {measured['dev/accept_length']:.3f} | {measured['dev/first_accept']:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
