@@ -89,11 +89,11 @@ class DevProbe:
     BATCH_SIZE = 4
 
     def __init__(self, config, target, progress: bool):
-        from ppow_jax.data.features import feature_shards
+        from ppow_jax.data.features import MANIFEST, feature_shards
         from ppow_jax.data.pipeline import feature_dataset
 
         directory = feature_cache(config, target, progress, split="dev")
-        sequences = sum(s["examples"] for s in json.loads((directory / "manifest.json").read_text())["shards"])
+        sequences = sum(s["examples"] for s in json.loads((directory / MANIFEST).read_text())["shards"])
         dataset = feature_dataset(feature_shards(directory), batch_size=min(self.BATCH_SIZE, sequences), seed=0,
                                   num_epochs=1)
         self.batches = list(dataset)
