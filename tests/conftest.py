@@ -20,6 +20,14 @@ from ppow_jax.models.config import ModelConfig, RopeScaling  # noqa: E402
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    # Python 3.11's ast.parse can fail ("AST constructor recursion depth mismatch") when pytest
+    # re-parses source to format a failure after deep JAX tracing, which crashes the xdist worker
+    # and hides the failure; Python's own traceback format shows it instead.
+    if config.option.tbstyle == "auto":
+        config.option.tbstyle = "native"
+
+
 def data_root() -> pathlib.Path:
     return pathlib.Path(os.environ.get("PPOW_DATA_ROOT", REPO_ROOT.parent / "shared" / "data"))
 
