@@ -17,11 +17,12 @@ exports the drafter, with the calibration of its adaptive window, to `WORKDIR/dr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from ppow_jax.cli import run_config_entry_point
 
@@ -150,6 +151,86 @@ def export_drafter(config, target, drafter, params, features_dir: pathlib.Path, 
     return exported
 
 
+@dataclasses.dataclass
+class LoopOutcome:
+    state: Any
+    metrics: dict  # the last step's metrics, on the host
+    train_seconds: float
+    finished: bool  # train.steps or train.max_seconds reached: the caller exports the drafter
+
+
+def train_loop(config, *, state, update: Callable, iterator, checkpointer, train_seconds: float, metrics_log: MetricsLog,
+               scalars: Callable[[dict], dict[str, float]], postfix: Callable[[dict[str, float]], dict[str, str]],
+               probe: Optional[DevProbe], probe_args: Callable[[Any], tuple], unit: str, progress: bool,
+               stop_at: Optional[int], checkpoint_meta: Optional[dict] = None,
+               batch_tokens: Optional[Callable[[dict], int]] = None) -> LoopOutcome:
+    """The loop both stages share: `state, metrics = update(state, batch)` until `train.steps`, the
+    time budget `train.max_seconds` (update time only) or `stop_at`; metrics every `train.log_every`
+    steps (with tokens/s when `batch_tokens` counts a batch's trained tokens), a checkpoint every
+    `train.checkpoint_every`, the dev probe (`probe(*probe_args(state))`) every `train.eval_every`."""
+    import jax
+    import numpy as np
+    from tqdm import tqdm
+
+    tc = config.train
+    start_step = int(state.step)
+    if probe and start_step == 0:
+        metrics_log.write(0, probe(*probe_args(state)))
+    bar = tqdm(total=tc.steps, initial=start_step, desc=str(config.get("stage", "kd")), unit=unit, disable=not progress)
+    end_step = tc.steps if stop_at is None else min(stop_at, tc.steps)
+    metrics, out_of_time = {}, False
+    window_tokens, window_start = 0, time.perf_counter()
+    for step in range(start_step, end_step):
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            log(f"data exhausted after {config.data.num_epochs} epochs at {unit} {step}")
+            break
+        step_start = time.perf_counter()
+        state, metrics = update(state, batch)
+        jax.block_until_ready(state.step)
+        train_seconds += time.perf_counter() - step_start
+        window_tokens += batch_tokens(batch) if batch_tokens else 0
+        done = step + 1
+        out_of_time = bool(tc.get("max_seconds", 0)) and train_seconds >= tc.max_seconds
+        if done % tc.log_every == 0 or done == tc.steps or out_of_time:
+            metrics = jax.device_get(metrics)
+            logged = scalars(metrics)
+            if not np.isfinite(logged["loss"]):
+                raise FloatingPointError(f"loss is {logged['loss']} at {unit} {done}; last good checkpoint: "
+                                         f"{checkpointer.latest_step()}")
+            logged["train_seconds"] = train_seconds
+            if batch_tokens:
+                logged["tokens_per_s"] = window_tokens / (time.perf_counter() - window_start)
+            metrics_log.write(done, logged)
+            bar.set_postfix(postfix(logged))
+            window_tokens, window_start = 0, time.perf_counter()
+        if done % tc.checkpoint_every == 0 or done == end_step or out_of_time:
+            checkpointer.save(done, state, {"data_iterator": iterator.get_state(), "train_seconds": train_seconds,
+                                            "config": config.to_dict(), **(checkpoint_meta or {})})
+        if probe and (done == end_step or out_of_time or (tc.eval_every and done % tc.eval_every == 0)):
+            metrics_log.write(done, probe(*probe_args(state)))
+        bar.update(1)
+        if out_of_time:
+            log(f"training-time budget of {tc.max_seconds} s reached at {unit} {done}")
+            break
+    bar.close()
+    metrics_log.close()
+    checkpointer.close()
+    finished = int(state.step) >= tc.steps or out_of_time
+    if not finished:
+        log(f"stopped at {unit} {int(state.step)} of {tc.steps}; rerun to resume")
+    return LoopOutcome(state, jax.device_get(metrics), train_seconds, finished)
+
+
+def resume(checkpointer, state, iterator, unit: str) -> tuple[Any, float]:
+    """Restores the latest checkpoint's state and data-iterator position; -> (state, train_seconds)."""
+    _, state, meta = checkpointer.restore(state)
+    iterator.set_state(meta["data_iterator"])
+    log(f"resumed from {unit} {int(state.step)} ({checkpointer.directory})")
+    return state, meta["train_seconds"]
+
+
 def run_training(config, target, *, progress: bool = True, stop_at: Optional[int] = None) -> dict:
     """Token-level training of the configured drafter for `target` (a `LoadedModel`); returns the last metrics.
 
@@ -158,7 +239,6 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
     """
     import jax
     import numpy as np
-    from tqdm import tqdm
 
     from ppow_jax.data.features import feature_shards
     from ppow_jax.data.pipeline import feature_dataset
@@ -194,73 +274,34 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
     trainer = KDTrainer(drafter, target.params, d2t, optimizer_config(tc), unroll_steps=tc.unroll_steps,
                         loss_positions=tc.loss_positions, mesh=parse_mesh(tc.mesh))
     state = trainer.init_state(jax.random.key(config.seed), params=None if initial is None else split_params(initial)[0])
-    dataset = feature_dataset(feature_shards(features_dir), batch_size=tc.batch_size, seed=config.seed,
-                              num_epochs=config.data.num_epochs)
-    iterator = iter(dataset)
+    iterator = iter(feature_dataset(feature_shards(features_dir), batch_size=tc.batch_size, seed=config.seed,
+                                    num_epochs=config.data.num_epochs))
     train_seconds = 0.0
     if resume_step is not None:
-        _, state, meta = checkpointer.restore(state)
-        iterator.set_state(meta["data_iterator"])
-        train_seconds = meta.get("train_seconds", 0.0)
-        log(f"resumed from step {resume_step} ({checkpointer.directory})")
+        state, train_seconds = resume(checkpointer, state, iterator, "step")
 
-    metrics_log = MetricsLog(workdir)
-    start_step = int(state.step)
-    probe = DevProbe.maybe(config, target, progress)
-    if probe and start_step == 0:
-        metrics_log.write(0, probe(drafter, trainer.drafter_params(state)))
-    bar = tqdm(total=tc.steps, initial=start_step, desc="train", unit="step", disable=not progress)
-    metrics, window_tokens, window_start = {}, 0, time.perf_counter()
-    end_step = tc.steps if stop_at is None else min(stop_at, tc.steps)
-    out_of_time = False
-    for step in range(start_step, end_step):
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            log(f"data exhausted after {config.data.num_epochs} epochs at step {step}")
-            break
-        step_start = time.perf_counter()
-        state, metrics = trainer.step(state, batch)
-        jax.block_until_ready(state.step)
-        train_seconds += time.perf_counter() - step_start
-        window_tokens += int(batch["loss_mask"].sum()) if not tc.loss_positions else \
-            min(int(batch["loss_mask"].sum()), tc.loss_positions)
-        done = step + 1
-        out_of_time = bool(tc.get("max_seconds", 0)) and train_seconds >= tc.max_seconds
-        if done % tc.log_every == 0 or done == tc.steps or out_of_time:
-            metrics = jax.device_get(metrics)
-            if not np.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"loss is {metrics['loss']} at step {done}; last good checkpoint: "
-                                         f"{checkpointer.latest_step()}")
-            elapsed = time.perf_counter() - window_start
-            scalars = {"loss": float(metrics["loss"]), "kl": float(metrics["kl"]), "learning_rate": float(metrics["learning_rate"]),
-                       "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": window_tokens / elapsed,
-                       "train_seconds": train_seconds}
-            scalars.update({f"agreement/step{j}": float(a) for j, a in enumerate(metrics["agreement"])})
-            scalars.update({f"loss/step{j}": float(x) for j, x in enumerate(metrics["step_loss"])})
-            metrics_log.write(done, scalars)
-            bar.set_postfix(loss=f"{scalars['loss']:.3f}", agree0=f"{scalars['agreement/step0']:.3f}",
-                            tok_s=f"{scalars['tokens_per_s']:.0f}")
-            window_tokens, window_start = 0, time.perf_counter()
-        if done % tc.checkpoint_every == 0 or done == end_step or out_of_time:
-            checkpointer.save(done, state, {"data_iterator": iterator.get_state(), "train_seconds": train_seconds,
-                                            "config": config.to_dict()})
-        if probe and (done == end_step or out_of_time or (tc.eval_every and done % tc.eval_every == 0)):
-            metrics_log.write(done, probe(drafter, trainer.drafter_params(state)))
-        bar.update(1)
-        if out_of_time:
-            log(f"training-time budget of {tc.max_seconds} s reached at step {done}")
-            break
-    bar.close()
-    metrics_log.close()
-    checkpointer.close()
-    if int(state.step) < tc.steps and not out_of_time:
-        log(f"stopped at step {int(state.step)} of {tc.steps}; rerun to resume")
-        return {k: np.asarray(v).tolist() for k, v in jax.device_get(metrics).items()}
-    export_drafter(config, target, drafter, trainer.drafter_params(state), features_dir,
-                   {"stage": "kd", "train_steps": int(state.step), "train_seconds": train_seconds,
-                    "init_from": config.get("init_from") or None})
-    return {k: np.asarray(v).tolist() for k, v in jax.device_get(metrics).items()}
+    def scalars(metrics: dict) -> dict[str, float]:
+        logged = {name: float(metrics[name]) for name in ("loss", "kl", "learning_rate", "grad_norm")}
+        logged.update({f"agreement/step{j}": float(a) for j, a in enumerate(metrics["agreement"])})
+        logged.update({f"loss/step{j}": float(x) for j, x in enumerate(metrics["step_loss"])})
+        return logged
+
+    def batch_tokens(batch: dict) -> int:  # response tokens that got the loss
+        tokens = int(batch["loss_mask"].sum())
+        return min(tokens, tc.loss_positions) if tc.loss_positions else tokens
+
+    outcome = train_loop(
+        config, state=state, update=trainer.step, iterator=iterator, checkpointer=checkpointer,
+        train_seconds=train_seconds, metrics_log=MetricsLog(workdir), scalars=scalars,
+        postfix=lambda s: {"loss": f"{s['loss']:.3f}", "agree0": f"{s['agreement/step0']:.3f}",
+                           "tok_s": f"{s['tokens_per_s']:.0f}"},
+        probe=DevProbe.maybe(config, target, progress), probe_args=lambda st: (drafter, trainer.drafter_params(st)),
+        unit="step", progress=progress, stop_at=stop_at, batch_tokens=batch_tokens)
+    if outcome.finished:
+        export_drafter(config, target, drafter, trainer.drafter_params(outcome.state), features_dir,
+                       {"stage": "kd", "train_steps": int(outcome.state.step), "train_seconds": outcome.train_seconds,
+                        "init_from": config.get("init_from") or None})
+    return {k: np.asarray(v).tolist() for k, v in outcome.metrics.items()}
 
 
 def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optional[int] = None) -> dict:
@@ -271,7 +312,6 @@ def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optiona
     """
     import jax
     import numpy as np
-    from tqdm import tqdm
 
     from ppow_jax.data.features import feature_shards
     from ppow_jax.data.pipeline import feature_dataset
@@ -296,10 +336,8 @@ def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optiona
 
     checkpointer = Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints)
     resume_step = checkpointer.latest_step()
-    meta = {}
-    if resume_step is not None:  # γ and the time spent so far come from the checkpoint
-        meta = checkpointer.restore_meta(resume_step)
-        gamma = meta["gamma"]
+    if resume_step is not None:  # a resumed run keeps the γ its rewards were computed with
+        gamma = checkpointer.restore_meta(resume_step)["gamma"]
     elif pc.gamma > 0:
         gamma = pc.gamma
     else:
@@ -314,58 +352,21 @@ def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optiona
                                     seed=config.seed, num_epochs=config.data.num_epochs))
     train_seconds = 0.0
     if resume_step is not None:
-        _, state, meta = checkpointer.restore(state)
-        iterator.set_state(meta["data_iterator"])
-        train_seconds = meta["train_seconds"]
-        log(f"resumed from iteration {resume_step} ({checkpointer.directory})")
+        state, train_seconds = resume(checkpointer, state, iterator, "iteration")
 
-    metrics_log = MetricsLog(workdir)
-    probe = DevProbe.maybe(config, target, progress)
-    if probe and int(state.step) == 0:
-        metrics_log.write(0, probe(drafter, trainer.drafter_params(state)))
-    bar = tqdm(total=tc.steps, initial=int(state.step), desc="ppow", unit="iter", disable=not progress)
-    end_step = tc.steps if stop_at is None else min(stop_at, tc.steps)
-    metrics, out_of_time = {}, False
-    for step in range(int(state.step), end_step):
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            log(f"data exhausted after {config.data.num_epochs} epochs at iteration {step}")
-            break
-        step_start = time.perf_counter()
-        state, metrics = trainer.iteration(state, batch)
-        jax.block_until_ready(state.step)
-        train_seconds += time.perf_counter() - step_start
-        done = step + 1
-        out_of_time = bool(tc.get("max_seconds", 0)) and train_seconds >= tc.max_seconds
-        if done % tc.log_every == 0 or done == tc.steps or out_of_time:
-            scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not np.isfinite(scalars["loss"]):
-                raise FloatingPointError(f"loss is {scalars['loss']} at iteration {done}; last good checkpoint: "
-                                         f"{checkpointer.latest_step()}")
-            metrics_log.write(done, {**scalars, "gamma": gamma, "train_seconds": train_seconds})
-            bar.set_postfix(reward=f"{scalars['reward']:.3f}", k=f"{scalars['accepted']:.2f}",
-                            kl=f"{scalars['kl_to_target']:.3f}")
-        if done % tc.checkpoint_every == 0 or done == end_step or out_of_time:
-            checkpointer.save(done, state, {"data_iterator": iterator.get_state(), "gamma": gamma,
-                                            "train_seconds": train_seconds, "config": config.to_dict()})
-        if probe and (done == end_step or out_of_time or (tc.eval_every and done % tc.eval_every == 0)):
-            metrics_log.write(done, probe(drafter, trainer.drafter_params(state)))
-        bar.update(1)
-        if out_of_time:
-            log(f"training-time budget of {tc.max_seconds} s reached at iteration {done}")
-            break
-    bar.close()
-    metrics_log.close()
-    checkpointer.close()
-    result = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if int(state.step) < tc.steps and not out_of_time:
-        log(f"stopped at iteration {int(state.step)} of {tc.steps}; rerun to resume")
-        return result
-    export_drafter(config, target, drafter, trainer.drafter_params(state), features_dir,
-                   {"stage": "ppow", "train_steps": int(state.step), "train_seconds": train_seconds, "gamma": gamma,
-                    "init_from": str(config.init_from), "ppow": pc.to_dict()})
-    return result
+    outcome = train_loop(
+        config, state=state, update=trainer.iteration, iterator=iterator, checkpointer=checkpointer,
+        train_seconds=train_seconds, metrics_log=MetricsLog(workdir),
+        scalars=lambda metrics: {**{k: float(v) for k, v in metrics.items()}, "gamma": gamma},
+        postfix=lambda s: {"reward": f"{s['reward']:.3f}", "k": f"{s['accepted']:.2f}",
+                           "kl": f"{s['kl_to_target']:.3f}"},
+        probe=DevProbe.maybe(config, target, progress), probe_args=lambda st: (drafter, trainer.drafter_params(st)),
+        unit="iteration", progress=progress, stop_at=stop_at, checkpoint_meta={"gamma": gamma})
+    if outcome.finished:
+        export_drafter(config, target, drafter, trainer.drafter_params(outcome.state), features_dir,
+                       {"stage": "ppow", "train_steps": int(outcome.state.step), "train_seconds": outcome.train_seconds,
+                        "gamma": gamma, "init_from": str(config.init_from), "ppow": pc.to_dict()})
+    return {k: float(v) for k, v in outcome.metrics.items()}
 
 
 def run(config) -> int:
