@@ -12,6 +12,7 @@ weights are distinct per layer (about 540 MB in float32) so that nothing stays i
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 from typing import Callable
@@ -27,6 +28,15 @@ import numpy as np
 HIDDEN, INTERMEDIATE, KV_WIDTH, VOCAB, LAYERS = 576, 1536, 192, 49152, 30  # SmolLM2-135M
 # Per layer: q and o (576x576), k and v (576x192), gate and up (576x1536), down (1536x576).
 LAYER_SHAPES = [(HIDDEN, HIDDEN)] * 2 + [(HIDDEN, KV_WIDTH)] * 2 + [(HIDDEN, INTERMEDIATE)] * 2 + [(INTERMEDIATE, HIDDEN)]
+
+
+def chained_products(xp, x, weights):
+    """The layer products in order, each input the previous output sliced or tiled to the next width;
+    `xp` is jax.numpy (under jit) or numpy."""
+    for w in weights:
+        x = x[:, :w.shape[0]] if x.shape[1] >= w.shape[0] else xp.tile(x, (1, w.shape[0] // x.shape[1]))
+        x = x @ w
+    return x
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -52,21 +62,8 @@ def main() -> None:
     embedding = rng.standard_normal((VOCAB, HIDDEN), np.float32)  # tied head: logits = x @ embedding.T
     weights_jax, embedding_jax = [jnp.asarray(w) for w in weights], jnp.asarray(embedding)
 
-    # Each product's input is the previous one's output sliced to the next width, as in a layer stack.
-    def layer_products(x, ws):
-        for w in ws:
-            x = x[:, :w.shape[0]] if x.shape[1] >= w.shape[0] else jnp.tile(x, (1, w.shape[0] // x.shape[1]))
-            x = x @ w
-        return x
-
-    xla_layers = jax.jit(layer_products)
+    xla_layers = jax.jit(functools.partial(chained_products, jnp))
     xla_head = jax.jit(lambda x, e: jnp.einsum("td,vd->tv", x, e))
-
-    def numpy_layers(x):
-        for w in weights:
-            x = x[:, :w.shape[0]] if x.shape[1] >= w.shape[0] else np.tile(x, (1, w.shape[0] // x.shape[1]))
-            x = x @ w
-        return x
 
     print(f"jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; median of {args.repeats}\n")
     print("| T | XLA layers ms | XLA head ms | XLA GFLOP/s | NumPy layers ms | NumPy head ms | NumPy GFLOP/s |")
@@ -78,7 +75,8 @@ def main() -> None:
         x_jax = jnp.asarray(x)
         xla = (median_ms(lambda: xla_layers(x_jax, weights_jax).block_until_ready(), args.repeats),
                median_ms(lambda: xla_head(x_jax, embedding_jax).block_until_ready(), args.repeats))
-        blas = (median_ms(lambda: numpy_layers(x), args.repeats), median_ms(lambda: x @ embedding.T, args.repeats))
+        blas = (median_ms(lambda: chained_products(np, x, weights), args.repeats),
+                median_ms(lambda: x @ embedding.T, args.repeats))
         flops = t * (layer_flops + head_flops)
         print(f"| {t} | {xla[0]:.1f} | {xla[1]:.1f} | {flops / sum(xla) / 1e6:.1f} "
               f"| {blas[0]:.1f} | {blas[1]:.1f} | {flops / sum(blas) / 1e6:.1f} |")
