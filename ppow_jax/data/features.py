@@ -17,6 +17,7 @@ import io
 import json
 import os
 import pathlib
+import threading
 from typing import Sequence
 
 import jax
@@ -42,8 +43,14 @@ def encode_example(example: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
+# NumPy parses .npy headers with ast.literal_eval, which CPython 3.11 can fail on when Grain's reader
+# threads call it at once ("SystemError: AST constructor recursion depth mismatch", seen once in a
+# long run); decoding is a memory copy next to a training step, so it is serialised.
+_DECODE_LOCK = threading.Lock()
+
+
 def decode_example(data: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+    with _DECODE_LOCK, np.load(io.BytesIO(data), allow_pickle=False) as npz:
         out = {k: npz[k] for k in npz.files}
     for k in ("features", "target_hidden"):
         out[k] = out[k].view(ml_dtypes.bfloat16)
