@@ -103,8 +103,13 @@ class DevProbe:
         self._records = None
 
     @classmethod
-    def maybe(cls, config, target, progress: bool) -> Optional["DevProbe"]:
-        return cls(config, target, progress) if config.data.get("dev_prompts") else None
+    def of_train_state(cls, config, target, progress: bool, drafter,
+                       drafter_params: Callable[[Any], dict]) -> Optional[Callable[[Any], dict[str, float]]]:
+        """The probe of a training state's drafter, or None when the config names no dev split."""
+        if not config.data.get("dev_prompts"):
+            return None
+        probe = cls(config, target, progress)
+        return lambda state: probe(drafter, drafter_params(state))
 
     def __call__(self, drafter, params: dict) -> dict[str, float]:
         import functools
@@ -161,13 +166,13 @@ class LoopOutcome:
 
 def train_loop(config, *, state, update: Callable, iterator, checkpointer, train_seconds: float, metrics_log: MetricsLog,
                scalars: Callable[[dict], dict[str, float]], postfix: Callable[[dict[str, float]], dict[str, str]],
-               probe: Optional[DevProbe], drafter, drafter_params: Callable[[Any], dict], unit: str, progress: bool,
+               probe: Optional[Callable[[Any], dict[str, float]]], unit: str, progress: bool,
                stop_at: Optional[int], checkpoint_meta: Optional[dict] = None,
                batch_tokens: Optional[Callable[[dict], int]] = None) -> LoopOutcome:
     """The loop both stages share: `state, metrics = update(state, batch)` until `train.steps`, the
     time budget `train.max_seconds` (update time only) or `stop_at`; metrics every `train.log_every`
     steps (with tokens/s when `batch_tokens` counts a batch's trained tokens), a checkpoint every
-    `train.checkpoint_every`, the dev probe of `drafter_params(state)` every `train.eval_every`."""
+    `train.checkpoint_every`, the dev `probe(state)` every `train.eval_every`."""
     import jax
     import numpy as np
     from tqdm import tqdm
@@ -175,7 +180,7 @@ def train_loop(config, *, state, update: Callable, iterator, checkpointer, train
     tc = config.train
     start_step = int(state.step)
     if probe and start_step == 0:
-        metrics_log.write(0, probe(drafter, drafter_params(state)))
+        metrics_log.write(0, probe(state))
     bar = tqdm(total=tc.steps, initial=start_step, desc=str(config.get("stage", "kd")), unit=unit, disable=not progress)
     end_step = tc.steps if stop_at is None else min(stop_at, tc.steps)
     metrics, out_of_time = {}, False
@@ -209,7 +214,7 @@ def train_loop(config, *, state, update: Callable, iterator, checkpointer, train
             checkpointer.save(done, state, {"data_iterator": iterator.get_state(), "train_seconds": train_seconds,
                                             "config": config.to_dict(), **(checkpoint_meta or {})})
         if probe and (done == end_step or out_of_time or (tc.eval_every and done % tc.eval_every == 0)):
-            metrics_log.write(done, probe(drafter, drafter_params(state)))
+            metrics_log.write(done, probe(state))
         bar.update(1)
         if out_of_time:
             log(f"training-time budget of {tc.max_seconds} s reached at {unit} {done}")
@@ -295,8 +300,7 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
         train_seconds=train_seconds, metrics_log=MetricsLog(workdir), scalars=scalars,
         postfix=lambda s: {"loss": f"{s['loss']:.3f}", "agree0": f"{s['agreement/step0']:.3f}",
                            "tok_s": f"{s['tokens_per_s']:.0f}"},
-        probe=DevProbe.maybe(config, target, progress), drafter=drafter,
-        drafter_params=trainer.drafter_params,
+        probe=DevProbe.of_train_state(config, target, progress, drafter, trainer.drafter_params),
         unit="step", progress=progress, stop_at=stop_at, batch_tokens=batch_tokens)
     if outcome.finished:
         export_drafter(config, target, drafter, trainer.drafter_params(outcome.state), features_dir,
@@ -361,8 +365,7 @@ def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optiona
         scalars=lambda metrics: {**{k: float(v) for k, v in metrics.items()}, "gamma": gamma},
         postfix=lambda s: {"reward": f"{s['reward']:.3f}", "k": f"{s['accepted']:.2f}",
                            "kl": f"{s['kl_to_target']:.3f}"},
-        probe=DevProbe.maybe(config, target, progress), drafter=drafter,
-        drafter_params=trainer.drafter_params,
+        probe=DevProbe.of_train_state(config, target, progress, drafter, trainer.drafter_params),
         unit="iteration", progress=progress, stop_at=stop_at, checkpoint_meta={"gamma": gamma})
     if outcome.finished:
         export_drafter(config, target, drafter, trainer.drafter_params(outcome.state), features_dir,

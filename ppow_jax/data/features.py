@@ -44,8 +44,8 @@ def encode_example(example: dict[str, np.ndarray]) -> bytes:
 
 
 # NumPy parses .npy headers with ast.literal_eval, which CPython 3.11 can fail on when Grain's reader
-# threads call it at once ("SystemError: AST constructor recursion depth mismatch", seen once in a
-# long run); decoding is a memory copy next to a training step, so it is serialised.
+# threads call it at once ("SystemError: AST constructor recursion depth mismatch", CPython gh-106905,
+# seen once in a long run); decoding is a memory copy next to a training step, so it is serialised.
 _DECODE_LOCK = threading.Lock()
 
 
