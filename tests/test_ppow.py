@@ -53,6 +53,14 @@ def test_group_advantages_normalise_within_each_group():
     np.testing.assert_allclose(jnp.mean(adv, axis=-1), 0.0, atol=1e-6)
 
 
+def test_informative_groups_count_valid_groups_with_a_reward_spread():
+    rewards = jnp.array([[[0.0, 0.0, 1.0], [2.0, 2.0, 2.0]], [[0.5, 0.0, 0.0], [3.0, 1.0, 3.0]]])
+    valid = jnp.array([[True, True], [True, False]])
+    # Valid groups: spread, equal, spread -> 2 of 3; the invalid group's spread does not count.
+    np.testing.assert_allclose(ppow.informative_group_fraction(rewards, valid), 2 / 3, rtol=1e-6)
+    np.testing.assert_allclose(ppow.informative_group_fraction(rewards, jnp.zeros_like(valid)), 0.0)
+
+
 def test_criticality_is_target_confidence_times_divergence():
     p = np.array([0.7, 0.2, 0.1])
     q = np.array([0.2, 0.3, 0.5])

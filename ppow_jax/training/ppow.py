@@ -136,6 +136,15 @@ def group_advantages(rewards: jax.Array, eps: float = 1e-6) -> jax.Array:
     return (rewards - mean) / (jnp.std(rewards, axis=-1, keepdims=True) + eps)
 
 
+def informative_group_fraction(rewards: jax.Array, valid: jax.Array) -> jax.Array:
+    """Share of valid groups (rewards [..., G], valid [...]) whose G rewards are not all equal.
+
+    A group of equal rewards has zero advantages, so it gives the policy term no signal.
+    """
+    spread = jnp.max(rewards, axis=-1) - jnp.min(rewards, axis=-1) > 1e-6
+    return jnp.sum(spread & valid) / jnp.maximum(jnp.sum(valid), 1)
+
+
 def criticality(target_logprobs: jax.Array, draft_logprobs: jax.Array) -> jax.Array:
     """v = C(P)·KL(P‖Q), C(P) = 1 - H(P)/log N, over the last axis (the draft vocabulary)."""
     p = jnp.exp(target_logprobs)
@@ -445,6 +454,7 @@ def rollout(params: dict, target: PPOWTarget, batch: Batch, key: jax.Array, targ
     metrics = {"reward": jnp.sum(rewards * weight) / count, "accepted": jnp.sum(k * weight) / count,
                "proximity_hits": jnp.sum((proximity > 0) * weight) / count,
                "first_rejected": jnp.sum((k == 0) * weight) / count,
+               "informative_groups": informative_group_fraction(rewards.reshape(groups), chosen_valid),
                "first_gap": jnp.sum(verified.gap * (k == 0) * weight) / jnp.maximum(jnp.sum((k == 0) * weight), 1.0),
                "window_score": (jnp.sum(jnp.take_along_axis(scores, chosen, axis=1) * chosen_valid)
                                 / jnp.maximum(jnp.sum(chosen_valid), 1)) if scores is not None else jnp.zeros(()),
