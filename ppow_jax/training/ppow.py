@@ -443,8 +443,8 @@ def rollout(params: dict, target: PPOWTarget, batch: Batch, key: jax.Array, targ
         else jnp.zeros_like(speed)
     rewards = speed + proximity
     batch_size = anchors.shape[0]
-    groups = (batch_size, s.anchors_per_sequence, s.group_size)
-    advantages = jnp.where(anchor_valid, group_advantages(rewards.reshape(groups)).reshape(anchors.shape), 0.0)
+    grouped_rewards = rewards.reshape(batch_size, s.anchors_per_sequence, s.group_size)
+    advantages = jnp.where(anchor_valid, group_advantages(grouped_rewards).reshape(anchors.shape), 0.0)
     offsets = jnp.arange(s.window)[None, None, :]
     policy_mask = anchor_valid[..., None] & (offsets <= k[..., None])
     kl_mask = anchor_valid[..., None] & verified.target_known
@@ -454,7 +454,7 @@ def rollout(params: dict, target: PPOWTarget, batch: Batch, key: jax.Array, targ
     metrics = {"reward": jnp.sum(rewards * weight) / count, "accepted": jnp.sum(k * weight) / count,
                "proximity_hits": jnp.sum((proximity > 0) * weight) / count,
                "first_rejected": jnp.sum((k == 0) * weight) / count,
-               "informative_groups": informative_group_fraction(rewards.reshape(groups), chosen_valid),
+               "informative_groups": informative_group_fraction(grouped_rewards, chosen_valid),
                "first_gap": jnp.sum(verified.gap * (k == 0) * weight) / jnp.maximum(jnp.sum((k == 0) * weight), 1.0),
                "window_score": (jnp.sum(jnp.take_along_axis(scores, chosen, axis=1) * chosen_valid)
                                 / jnp.maximum(jnp.sum(chosen_valid), 1)) if scores is not None else jnp.zeros(()),
