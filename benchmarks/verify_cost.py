@@ -3,7 +3,8 @@
 
 Random weights of SmolLM2-135M's shapes (speed does not depend on the values), batch 1, a cache of
 `--cache` slots with 200 filled. This is what γ in PPOW's reward measures, and why a verify pass of
-K+1 tokens is not free on a CPU.
+K+1 tokens is not free on a CPU. `--dtype` is the dtype of weights and computation, as in
+`python -m ppow_jax.eval --dtype`.
 
     taskset -c 0 python benchmarks/verify_cost.py --tokens 1 4 11
 """
@@ -33,9 +34,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 11])
     parser.add_argument("--cache", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args()
 
-    config = SMOLLM2_135M
+    config = SMOLLM2_135M.with_dtypes(args.dtype)
     params = llama.init_params(config, jax.random.key(0))
     cache = llama.init_cache(config, 1, args.cache).replace(lengths=jnp.array([200], jnp.int32))
     forward = jax.jit(lambda p, tokens, c: llama.forward(p, tokens, c, config).logits)
@@ -51,7 +53,7 @@ def main() -> None:
     rows.append(("EAGLE-3 drafter step (N = 8192)", median_ms(step, drafter_params, params, draft_cache,
                                                               jnp.ones((1,), jnp.int32), repeats=args.repeats)))
     base = rows[0][1]
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; cache {args.cache} slots, batch 1\n")
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {args.dtype}; cache {args.cache} slots, batch 1\n")
     print("| call | ms | × T = 1 step |")
     print("|---|---|---|")
     for name, ms in rows:
