@@ -30,6 +30,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.tfds = ml_collections.ConfigDict({"name": "", "split": "train", "field": "text", "data_dir": ""})
     config.data.cache_dir = "runs/smollm2-135m-instruct/distill"
     config.data.max_prompts = 2048  # a seeded sample of the ~13k prompts; extend later, the cache resumes
+    # Per-source caps on the training prompts (0: none), to rebalance the mix: the prompt pool is 56%
+    # gsm8k_train and no source is code. With a cap equal to a source's count in the cache, raising
+    # max_prompts extends the cache with the other sources only (a lower cap is refused). Only the
+    # default folders can be capped from the command line.
+    config.data.source_caps = ml_collections.ConfigDict({folder: 0 for folder in config.data.folders})
     # Held-out prompts (the last of the seeded shuffle, never trained on): training logs the greedy
     # acceptance of drafts on their responses every train.eval_every steps. 0: no dev split.
     config.data.dev_prompts = 64

@@ -36,11 +36,12 @@ def run(config) -> int:
                                max_new_tokens=config.data.max_new_tokens, temperature=config.data.temperature,
                                top_p=config.data.top_p, seed=config.seed)
     dev_prompts = config.data.get("dev_prompts", 0)
+    source_caps = config.data.source_caps.to_dict() if "source_caps" in config.data else {}
     splits = ([("dev", config.data.dev_cache_dir)] if dev_prompts else []) + [("train", config.data.cache_dir)]
     for split, cache_dir in splits:
         manifest = self_distill(decoder, target.tokenizer, prompts, cache_dir, settings,
                                 batch_size=config.data.batch_size, max_prompts=config.data.max_prompts,
-                                dev_prompts=dev_prompts, split=split)
+                                dev_prompts=dev_prompts, split=split, source_caps=source_caps)
         tokens = sum(s["response_tokens"] for s in manifest["shards"])
         answered = sum(len(s["keys"]) for s in manifest["shards"])
         print(f"{cache_dir} ({split}): {answered} responses, {tokens} response tokens; "

@@ -100,6 +100,17 @@ def test_self_distillation_resumes_and_pins_settings(distilled, tiny_target, sha
         self_distill(decoder, tok, prompts, config.data.cache_dir, other, batch_size=4, progress=False)
     dev = read_records(shard_paths(config.data.dev_cache_dir))
     assert dev and not {r["key"] for r in dev} & set(second_keys)
+    # A cap below what the cache already holds of a source cannot hold: refused, the cache untouched.
+    same = DistillSettings(model="tiny", max_prompt_tokens=config.data.max_prompt_tokens,
+                           max_new_tokens=config.data.max_new_tokens, temperature=0.0, top_p=1.0, seed=0)
+    both, _ = sources.read_training_prompts(shared_data_root, ["alpaca_seed_tasks", "gsm8k_train"])
+    cached_gsm8k = sum(key.startswith("gsm8k_train/") for key in second_keys)
+    assert cached_gsm8k > 1
+    manifest = (pathlib.Path(config.data.cache_dir) / "manifest.json").read_text()
+    with pytest.raises(InputError, match=f"gsm8k_train has {cached_gsm8k} \\(cap 1\\)"):
+        self_distill(decoder, tok, both, config.data.cache_dir, same, batch_size=4, max_prompts=20,
+                     dev_prompts=config.data.dev_prompts, source_caps={"gsm8k_train": 1}, progress=False)
+    assert (pathlib.Path(config.data.cache_dir) / "manifest.json").read_text() == manifest
 
 
 def test_dev_split_is_held_out_and_stable(shared_data_root):
@@ -114,6 +125,31 @@ def test_dev_split_is_held_out_and_stable(shared_data_root):
     assert len(select_prompts(prompts, 0, dev_prompts=10)) == len(prompts) - 10
     with pytest.raises(InputError, match="overlap the 10 dev prompts"):
         select_prompts(prompts, 0, max_prompts=len(prompts) - 5, dev_prompts=10)
+
+
+def test_source_caps_rebalance_train_and_extend_an_uncapped_prefix(shared_data_root):
+    prompts, _ = sources.read_training_prompts(shared_data_root, ["gsm8k_train", "alpaca_seed_tasks"])
+    uncapped = select_prompts(prompts, 0, max_prompts=100, dev_prompts=10)
+    in_prefix = sum(p.source == "gsm8k_train" for p in uncapped)
+    assert 50 < in_prefix < 100  # gsm8k_train dominates this mix
+    capped = select_prompts(prompts, 0, max_prompts=200, dev_prompts=10, source_caps={"gsm8k_train": in_prefix,
+                                                                                      "alpaca_seed_tasks": 0})
+    # The uncapped prefix stays as it was; every prompt after it comes from the uncapped source.
+    assert capped[:100] == uncapped
+    assert {p.source for p in capped[100:]} == {"alpaca_seed_tasks"}
+    assert sum(p.source == "gsm8k_train" for p in capped) == in_prefix
+    # Caps apply after the dev split is set aside: a dev split holding prompts of the uncapped source
+    # stays out of "train" (capping the whole shuffle first would pull them in).
+    dev = select_prompts(prompts, 0, dev_prompts=300, split="dev")
+    assert any(p.source == "alpaca_seed_tasks" for p in dev)
+    capped_all = select_prompts(prompts, 0, dev_prompts=300, source_caps={"gsm8k_train": in_prefix})
+    assert not {p.key for p in dev} & {p.key for p in capped_all}
+    with pytest.raises(InputError, match="source_caps names no_such_source"):
+        select_prompts(prompts, 0, max_prompts=10, source_caps={"no_such_source": 5})
+    with pytest.raises(InputError, match="not gsm8k_train=-1"):
+        select_prompts(prompts, 0, max_prompts=10, source_caps={"gsm8k_train": -1})
+    with pytest.raises(InputError, match="under source_caps"):
+        select_prompts(prompts, 0, max_prompts=1000, dev_prompts=10, source_caps={"gsm8k_train": 5})
 
 
 # ----- the drafter's unrolled training forward equals what the engine computes -----

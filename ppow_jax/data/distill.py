@@ -11,12 +11,13 @@ A record is JSON: {"key", "prompt": [ids], "response": [ids], "eos": bool}.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
 import pathlib
 import random
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 from array_record.python import array_record_module
 from tqdm import tqdm
@@ -92,28 +93,61 @@ def _batches(items: Sequence, batch_size: int, sort_window: int) -> Iterable[lis
             yield window[i:i + batch_size]
 
 
+def _checked_caps(source_caps: Optional[Mapping[str, int]]) -> dict[str, int]:
+    """The caps in force (zeros dropped); anything but a count of at least 0 is an error."""
+    bad = [f"{source}={cap!r}" for source, cap in (source_caps or {}).items()
+           if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0]
+    if bad:
+        raise InputError(f"source_caps must be counts of at least 0 (0: no cap), not {', '.join(bad)}")
+    return {source: cap for source, cap in (source_caps or {}).items() if cap}
+
+
 def select_prompts(prompts: Sequence[Prompt], seed: int, *, max_prompts: int = 0, dev_prompts: int = 0,
-                   split: str = "train") -> list[Prompt]:
+                   split: str = "train", source_caps: Optional[Mapping[str, int]] = None) -> list[Prompt]:
     """The prompts of one split, in answering order: a seeded shuffle of all prompts, whose first
     `max_prompts` (0: all but the dev split) are "train" and whose last `dev_prompts` are "dev", a
     held-out split for measuring drafters during training. Raising `max_prompts` later extends
-    "train" without touching "dev"; the two never overlap."""
+    "train" without touching "dev"; the two never overlap.
+
+    `source_caps` ({source: n}, 0 or absent: no cap) rebalances "train": once a source has
+    contributed n prompts, its later prompts in the shuffle are passed over. The dev split is the
+    same with or without caps. A cap no lower than what a source has in a cache's prefix leaves
+    that prefix as it was, so a cache built without caps can be extended with them.
+    """
+    caps = _checked_caps(source_caps)
+    known = {prompt.source for prompt in prompts}
+    if unknown := sorted(set(caps) - known):
+        raise InputError(f"source_caps names {', '.join(unknown)}, not among the prompt sources "
+                         f"({', '.join(sorted(known))})")
     order = list(prompts)
     random.Random(seed).shuffle(order)
     if split == "dev":
         return order[len(order) - dev_prompts:] if dev_prompts else []
     if split != "train":
         raise InputError(f"unknown prompt split {split!r} (train or dev)")
-    available = len(order) - dev_prompts
-    if max_prompts > available:
-        raise InputError(f"max_prompts={max_prompts} would overlap the {dev_prompts} dev prompts: only "
-                         f"{available} of {len(order)} prompts are left for training")
-    return order[:max_prompts or available]
+    available = order[:len(order) - dev_prompts]
+    if not caps:
+        if max_prompts > len(available):
+            raise InputError(f"max_prompts={max_prompts} would overlap the {dev_prompts} dev prompts: only "
+                             f"{len(available)} of {len(order)} prompts are left for training")
+        return available[:max_prompts or len(available)]
+
+    taken: collections.Counter[str] = collections.Counter()
+    capped: list[Prompt] = []
+    for prompt in available:
+        if prompt.source not in caps or taken[prompt.source] < caps[prompt.source]:
+            taken[prompt.source] += 1
+            capped.append(prompt)
+    if max_prompts > len(capped):
+        raise InputError(f"max_prompts={max_prompts} exceeds the {len(capped)} training prompts left under "
+                         f"source_caps (of {len(order)}, {dev_prompts} held out as dev)")
+    return capped[:max_prompts or len(capped)]
 
 
 def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: Sequence[Prompt],
                  cache_dir: str | pathlib.Path, settings: DistillSettings, *, batch_size: int,
-                 max_prompts: int = 0, dev_prompts: int = 0, split: str = "train", progress: bool = True) -> dict:
+                 max_prompts: int = 0, dev_prompts: int = 0, split: str = "train",
+                 source_caps: Optional[Mapping[str, int]] = None, progress: bool = True) -> dict:
     """Answers the prompts of `split` (see `select_prompts`) into `cache_dir`.
 
     Returns the manifest. Prompts longer than `settings.max_prompt_tokens` are skipped and listed.
@@ -127,8 +161,19 @@ def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: 
                          "use another cache directory")
     manifest["settings"] = wanted
 
-    order = select_prompts(prompts, settings.seed, max_prompts=max_prompts, dev_prompts=dev_prompts, split=split)
+    order = select_prompts(prompts, settings.seed, max_prompts=max_prompts, dev_prompts=dev_prompts, split=split,
+                           source_caps=source_caps)
     done = {key for shard in manifest["shards"] for key in shard["keys"]} | set(manifest["skipped_too_long"])
+    if split == "train" and source_caps:
+        # A cache keeps what it has answered: a cap below a source's count in it cannot hold.
+        source_of = {prompt.key: prompt.source for prompt in prompts}
+        answered = (key for shard in manifest["shards"] for key in shard["keys"])
+        cached = collections.Counter(source_of[key] for key in answered if key in source_of)
+        over = [f"{source} has {cached[source]} (cap {cap})" for source, cap in _checked_caps(source_caps).items()
+                if cached[source] > cap]
+        if over:
+            raise InputError(f"cache {cache_dir} already holds more answered prompts than source_caps allow: "
+                             f"{'; '.join(over)}; raise the caps to at least those counts or use another cache")
     todo = []
     for prompt in order:
         if prompt.key in done:

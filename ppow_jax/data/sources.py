@@ -26,6 +26,7 @@ PLAIN_TEXT_PREFIX_WORDS = 96
 @dataclasses.dataclass(frozen=True)
 class Prompt:
     key: str  # "<source>/<record id>", unique across the training set
+    source: str  # what it was read from: a `train/` folder name, or "tfds:<name>"
     messages: tuple[dict, ...]  # chat messages, ending with the user turn
     instruction: str = ""  # the bare instruction when the prompt adds an input to it (Alpaca)
 
@@ -109,7 +110,7 @@ def read_sharegpt(path: pathlib.Path, report: ReadReport, source: str) -> Iterat
         if text is None:
             report.malformed[source] += 1
             continue
-        yield Prompt(key=f"{source}/{record.get('id', index)}", messages=_user(text))
+        yield Prompt(source=source, key=f"{source}/{record.get('id', index)}", messages=_user(text))
 
 
 def _instruction_with_input(instruction: str, extra: object) -> str:
@@ -124,8 +125,8 @@ def read_alpaca(path: pathlib.Path, report: ReadReport, source: str) -> Iterator
         if instruction is None:
             report.malformed[source] += 1
             continue
-        yield Prompt(key=f"{source}/{index}", messages=_user(_instruction_with_input(instruction, record.get("input"))),
-                     instruction=instruction)
+        yield Prompt(source=source, key=f"{source}/{index}",
+                     messages=_user(_instruction_with_input(instruction, record.get("input"))), instruction=instruction)
 
 
 def read_alpaca_seed_tasks(path: pathlib.Path, report: ReadReport, source: str) -> Iterator[Prompt]:
@@ -138,7 +139,7 @@ def read_alpaca_seed_tasks(path: pathlib.Path, report: ReadReport, source: str) 
             continue
         for i, instance in enumerate(instances):
             extra = instance.get("input") if isinstance(instance, dict) else None
-            yield Prompt(key=f"{source}/{record.get('id', number)}/{i}",
+            yield Prompt(source=source, key=f"{source}/{record.get('id', number)}/{i}",
                          messages=_user(_instruction_with_input(instruction, extra)), instruction=instruction)
 
 
@@ -149,7 +150,7 @@ def read_gsm8k(path: pathlib.Path, report: ReadReport, source: str) -> Iterator[
         if question is None:
             report.malformed[source] += 1
             continue
-        yield Prompt(key=f"{source}/{number}", messages=_user(question))
+        yield Prompt(source=source, key=f"{source}/{number}", messages=_user(question))
 
 
 def _continue_text(text: str) -> tuple[dict, ...]:
@@ -164,7 +165,7 @@ def read_text_jsonl(path: pathlib.Path, report: ReadReport, source: str) -> Iter
         if text is None:
             report.malformed[source] += 1
             continue
-        yield Prompt(key=f"{source}/{number}", messages=_continue_text(text))
+        yield Prompt(source=source, key=f"{source}/{number}", messages=_continue_text(text))
 
 
 def read_text_lines(path: pathlib.Path, report: ReadReport, source: str) -> Iterator[Prompt]:
@@ -175,7 +176,7 @@ def read_text_lines(path: pathlib.Path, report: ReadReport, source: str) -> Iter
         raise InputError(f"{path}: cannot be read ({err})") from None
     for number, line in enumerate(lines, start=1):
         if line.strip():
-            yield Prompt(key=f"{source}/{number}", messages=_continue_text(line))
+            yield Prompt(source=source, key=f"{source}/{number}", messages=_continue_text(line))
 
 
 Reader = Callable[[pathlib.Path, ReadReport, str], Iterator[Prompt]]
@@ -276,4 +277,4 @@ def read_tfds_prompts(name: str, *, split: str = "train", field: str = "text", d
         if text is None:
             report.malformed[source] += 1
             continue
-        yield Prompt(key=f"{source}/{split}/{index}", messages=_user(text))
+        yield Prompt(source=source, key=f"{source}/{split}/{index}", messages=_user(text))
