@@ -95,11 +95,11 @@ def _batches(items: Sequence, batch_size: int, sort_window: int) -> Iterable[lis
 
 def _checked_caps(source_caps: Optional[Mapping[str, int]]) -> dict[str, int]:
     """The caps in force (zeros dropped); anything but a count of at least 0 is an error."""
-    bad = [f"{source}={cap!r}" for source, cap in (source_caps or {}).items()
-           if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0]
+    items = (source_caps or {}).items()
+    bad = [f"{source}={cap!r}" for source, cap in items if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0]
     if bad:
         raise InputError(f"source_caps must be counts of at least 0 (0: no cap), not {', '.join(bad)}")
-    return {source: cap for source, cap in (source_caps or {}).items() if cap}
+    return {source: cap for source, cap in items if cap}
 
 
 def select_prompts(prompts: Sequence[Prompt], seed: int, *, max_prompts: int = 0, dev_prompts: int = 0,
@@ -115,10 +115,11 @@ def select_prompts(prompts: Sequence[Prompt], seed: int, *, max_prompts: int = 0
     that prefix as it was, so a cache built without caps can be extended with them.
     """
     caps = _checked_caps(source_caps)
-    known = {prompt.source for prompt in prompts}
-    if unknown := sorted(set(caps) - known):
-        raise InputError(f"source_caps names {', '.join(unknown)}, not among the prompt sources "
-                         f"({', '.join(sorted(known))})")
+    if caps:
+        known = {prompt.source for prompt in prompts}
+        if unknown := sorted(set(caps) - known):
+            raise InputError(f"source_caps names {', '.join(unknown)}, not among the prompt sources "
+                             f"({', '.join(sorted(known))})")
     order = list(prompts)
     random.Random(seed).shuffle(order)
     if split == "dev":
@@ -126,22 +127,19 @@ def select_prompts(prompts: Sequence[Prompt], seed: int, *, max_prompts: int = 0
     if split != "train":
         raise InputError(f"unknown prompt split {split!r} (train or dev)")
     available = order[:len(order) - dev_prompts]
-    if not caps:
-        if max_prompts > len(available):
-            raise InputError(f"max_prompts={max_prompts} would overlap the {dev_prompts} dev prompts: only "
-                             f"{len(available)} of {len(order)} prompts are left for training")
-        return available[:max_prompts or len(available)]
-
-    taken: collections.Counter[str] = collections.Counter()
-    capped: list[Prompt] = []
-    for prompt in available:
-        if prompt.source not in caps or taken[prompt.source] < caps[prompt.source]:
-            taken[prompt.source] += 1
-            capped.append(prompt)
-    if max_prompts > len(capped):
-        raise InputError(f"max_prompts={max_prompts} exceeds the {len(capped)} training prompts left under "
-                         f"source_caps (of {len(order)}, {dev_prompts} held out as dev)")
-    return capped[:max_prompts or len(capped)]
+    if caps:
+        taken: collections.Counter[str] = collections.Counter()
+        capped: list[Prompt] = []
+        for prompt in available:
+            if prompt.source not in caps or taken[prompt.source] < caps[prompt.source]:
+                taken[prompt.source] += 1
+                capped.append(prompt)
+        available = capped
+    if max_prompts > len(available):
+        raise InputError(f"max_prompts={max_prompts} would overlap the {dev_prompts} dev prompts: only "
+                         f"{len(available)} of {len(order)} prompts are left for training"
+                         + (" under source_caps" if caps else ""))
+    return available[:max_prompts or len(available)]
 
 
 def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: Sequence[Prompt],
@@ -163,14 +161,14 @@ def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: 
 
     order = select_prompts(prompts, settings.seed, max_prompts=max_prompts, dev_prompts=dev_prompts, split=split,
                            source_caps=source_caps)
-    done = {key for shard in manifest["shards"] for key in shard["keys"]} | set(manifest["skipped_too_long"])
-    if split == "train" and source_caps:
+    answered = [key for shard in manifest["shards"] for key in shard["keys"]]
+    done = set(answered) | set(manifest["skipped_too_long"])
+    caps = _checked_caps(source_caps)
+    if split == "train" and caps:
         # A cache keeps what it has answered: a cap below a source's count in it cannot hold.
         source_of = {prompt.key: prompt.source for prompt in prompts}
-        answered = (key for shard in manifest["shards"] for key in shard["keys"])
         cached = collections.Counter(source_of[key] for key in answered if key in source_of)
-        over = [f"{source} has {cached[source]} (cap {cap})" for source, cap in _checked_caps(source_caps).items()
-                if cached[source] > cap]
+        over = [f"{source} has {cached[source]} (cap {cap})" for source, cap in caps.items() if cached[source] > cap]
         if over:
             raise InputError(f"cache {cache_dir} already holds more answered prompts than source_caps allow: "
                              f"{'; '.join(over)}; raise the caps to at least those counts or use another cache")
