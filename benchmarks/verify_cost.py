@@ -4,14 +4,21 @@
 Random weights of SmolLM2-135M's shapes (speed does not depend on the values), batch 1, a cache of
 `--cache` slots with 200 filled. This is what γ in PPOW's reward measures, and why a verify pass of
 K+1 tokens is not free on a CPU. `--dtype` is the dtype of weights and computation, as in
-`python -m ppow_jax.eval --dtype`.
+`python -m ppow_jax.eval --dtype`. `--untied-head` computes the tied output head from a separate
+[D, V] copy of the embedding. With YNNPACK's dot fusion off (the second command), XLA:CPU's own dot
+emitter runs the head in that layout, and the tied [V, D] one about ten times slower.
 
     taskset -c 0 python benchmarks/verify_cost.py --tokens 1 4 11
+    XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce \
+        python benchmarks/verify_cost.py --tokens 1 2 3 4 --untied-head
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
+
 import jax
 import jax.numpy as jnp
 
@@ -35,10 +42,14 @@ def main() -> None:
     parser.add_argument("--cache", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--untied-head", action="store_true", help="output head from a [D, V] copy of the embedding")
     args = parser.parse_args()
 
     config = SMOLLM2_135M.with_dtypes(args.dtype)
     params = llama.init_params(config, jax.random.key(0))
+    if args.untied_head:  # same products, the head's weight stored transposed
+        config = dataclasses.replace(config, tie_word_embeddings=False)
+        params = {**params, "lm_head": jnp.transpose(params["embed"])}  # a new [D, V] buffer
     cache = llama.init_cache(config, 1, args.cache).replace(lengths=jnp.array([200], jnp.int32))
     forward = jax.jit(lambda p, tokens, c: llama.forward(p, tokens, c, config).logits)
     rows = []
@@ -53,7 +64,9 @@ def main() -> None:
     rows.append(("EAGLE-3 drafter step (N = 8192)", median_ms(step, drafter_params, params, draft_cache,
                                                               jnp.ones((1,), jnp.int32), repeats=args.repeats)))
     base = rows[0][1]
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {args.dtype}; cache {args.cache} slots, batch 1\n")
+    head = "untied [D, V] head" if args.untied_head else "tied head"
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {args.dtype}; {head}; cache {args.cache} slots, "
+          f"batch 1; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}\n")
     print("| call | ms | × T = 1 step |")
     print("|---|---|---|")
     for name, ms in rows:
