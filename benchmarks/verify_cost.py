@@ -11,6 +11,8 @@ emitter runs the head in that layout, and the tied [V, D] one about ten times sl
     taskset -c 0 python benchmarks/verify_cost.py --tokens 1 4 11
     XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce \
         python benchmarks/verify_cost.py --tokens 1 2 3 4 --untied-head
+
+`benchmarks/eval_untied_head.py` measures the same setting end to end.
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ SMOLLM2_135M = ModelConfig(architecture="llama", vocab_size=49152, hidden_size=5
                            rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=8192)
 
 
+def untie_head(config: ModelConfig, params: dict) -> tuple[ModelConfig, dict]:
+    """The same model, its tied output head computed from a separate [D, V] copy of the embedding."""
+    return dataclasses.replace(config, tie_word_embeddings=False), {**params, "lm_head": jnp.transpose(params["embed"])}
+
+
 def median_ms(fn, *args, repeats: int) -> float:
     return 1e3 * median_seconds(fn, *args, repeats=repeats)
 
@@ -47,9 +54,8 @@ def main() -> None:
 
     config = SMOLLM2_135M.with_dtypes(args.dtype)
     params = llama.init_params(config, jax.random.key(0))
-    if args.untied_head:  # same products, the head's weight stored transposed
-        config = dataclasses.replace(config, tie_word_embeddings=False)
-        params = {**params, "lm_head": jnp.transpose(params["embed"])}  # a new [D, V] buffer
+    if args.untied_head:
+        config, params = untie_head(config, params)
     cache = llama.init_cache(config, 1, args.cache).replace(lengths=jnp.array([200], jnp.int32))
     forward = jax.jit(lambda p, tokens, c: llama.forward(p, tokens, c, config).logits)
     rows = []
