@@ -20,7 +20,7 @@ SETS = ("mt_bench", "humaneval", "gsm8k", "alpaca")
 
 
 def per_set_table(results: dict) -> str:
-    from ppow_jax.eval import summarize
+    from ppow_jax.eval import format_tau, summarize
 
     greedy = results["config"]["temperature"] == 0
     groups: dict[str, list] = {}
@@ -30,7 +30,7 @@ def per_set_table(results: dict) -> str:
     lines = ["| set | questions | τ | tokens/s | AR tokens/s | speedup | greedy match |", "|---|---|---|---|---|---|---|"]
     for name, m in rows:
         match = "-" if m["greedy_match"] is None else ("yes" if m["greedy_match"] else "**NO**")
-        lines.append(f"| {name} | {m['n_questions']} | {m['tau']:.2f} | {m['tokens_per_s']:.1f} | "
+        lines.append(f"| {name} | {m['n_questions']} | {format_tau(m['tau'])} | {m['tokens_per_s']:.1f} | "
                      f"{m['ar_tokens_per_s']:.1f} | {m['speedup']:.2f}x | {match} |")
     return "\n".join(lines)
 

@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Optional extra prompts from a dataset already prepared with TFDS (`pip install -e '.[tfds]'`).
     config.data.tfds = ml_collections.ConfigDict({"name": "", "split": "train", "field": "text", "data_dir": ""})
     config.data.cache_dir = "runs/smollm2-135m-instruct/distill"
-    config.data.max_prompts = 2048  # a seeded sample of the ~13k prompts; extend later, the cache resumes
+    config.data.max_prompts = 2048  # a seeded sample of the ~13k prompts (0: all); extend later, the cache resumes
     # Per-source caps on the training prompts (0: none), to rebalance the mix: the prompt pool is 56%
     # gsm8k_train and no source is code. With a cap equal to a source's count in the cache, raising
     # max_prompts extends the cache with the other sources only (a lower cap is refused). Only the

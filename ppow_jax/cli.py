@@ -74,6 +74,19 @@ def run_config_entry_point(main: Callable[[Any], int], argv: Optional[Sequence[s
         sys.argv = saved_argv
 
 
+def _config_path(args: Sequence[str]) -> Optional[str]:
+    """The file of `--config FILE` or `--config=FILE`, without config_flags' optional `:ARGS` suffix."""
+    for i, arg in enumerate(args):
+        if arg.startswith("--config="):
+            value = arg[len("--config="):]
+        elif arg == "--config" and i + 1 < len(args):
+            value = args[i + 1]
+        else:
+            continue
+        return value if pathlib.Path(value).is_file() else value.split(":", 1)[0]
+    return None
+
+
 def _run_with_config(main: Callable[[Any], int], argv: list[str], doc: str) -> int:
     from absl import flags
     from ml_collections import config_flags
@@ -85,21 +98,38 @@ def _run_with_config(main: Callable[[Any], int], argv: list[str], doc: str) -> i
         print(doc or main.__doc__ or "")
         print("flags: --config FILE [--config.KEY=VALUE ...]")
         return 0
+    path = _config_path(argv[1:])
+    if path is None:
+        print("error: --config FILE is required", file=sys.stderr)
+        return 2
+    if not pathlib.Path(path).is_file():
+        print(f"error: no config file {path}", file=sys.stderr)
+        return 2
     try:
         flag_values(argv)
-    except (flags.Error, ValueError, FileNotFoundError, AttributeError, KeyError) as err:
+        config = flag_values.config  # config_flags runs the file and applies the overrides on first access
+    except flags.Error as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if flag_values.config is None:
-        print("error: --config FILE is required", file=sys.stderr)
+    except AttributeError as err:
+        if err.args and isinstance(err.args[0], KeyError):  # how config_flags reports an unknown override key
+            print(f"error: unknown config key {err.args[0].args[0]} (not in {path})", file=sys.stderr)
+        else:
+            print(f"error: config file {path}: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # the config file is user code: a syntax error, a failed import, ...
+        print(f"error: config file {path} could not be loaded: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    if config is None:
+        print(f"error: config file {path}: get_config() returned None", file=sys.stderr)
         return 2
     enable_compilation_cache()
     try:
-        if flag_values.config.get("distributed", False):
+        if config.get("distributed", False):
             import jax
 
             jax.distributed.initialize()  # multi-host: one process per host, coordinator auto-detected
-        return main(flag_values.config)
+        return main(config)
     except PPOWError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ import time
 from typing import Optional, Sequence
 
 from ppow_jax.cli import run_entry_point
+from ppow_jax.drafters.specs import DRAFTER_HELP, add_window_arguments, load_drafter, window_policy
 from ppow_jax.errors import InputError
 from ppow_jax.weights.registry import DEFAULT_MODEL
 
@@ -29,59 +30,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ppow_jax.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default=DEFAULT_MODEL, help="registered name, .gguf file or HF directory")
-    parser.add_argument("--drafter", required=True,
-                        help="self:N (the target's first N layers), a trained drafter directory (python -m ppow_jax.train), "
-                             "or a drafter LM checkpoint sharing the vocabulary")
+    parser.add_argument("--drafter", required=True, help=DRAFTER_HELP)
     parser.add_argument("--questions", nargs="+", required=True, help="JSONL question files (MT-bench format)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--window", default="fixed",
-                        help="window policy: fixed | confidence | divergence | adaptive (a trained drafter's "
-                             "calibrated acceptance model)")
-    parser.add_argument("--k-max", type=int, default=5, help="largest window (drafted tokens per cycle)")
-    parser.add_argument("--threshold", type=float, default=0.5,
-                        help="confidence window: least top probability; divergence window: largest mean criticality; "
-                             "adaptive window: least predicted probability that the whole window is accepted")
+    add_window_arguments(parser, k_max=5)
     parser.add_argument("--limit", type=int, default=0, help="questions per file (0: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--out", required=True, help="output directory for results.json, results.md and plots")
     return parser
-
-
-def load_drafter(spec: str, target):
-    """A drafter SPEC -> (drafter, params): self:N, a trained drafter directory, or an LM checkpoint."""
-    from ppow_jax.drafters.lm import LMDrafter, self_speculative
-    from ppow_jax.drafters.store import is_drafter_dir, load_drafter as load_trained_drafter
-    from ppow_jax.weights.registry import load_model
-
-    if spec.startswith("self:"):
-        layers = spec[len("self:"):]
-        if not layers.isdigit():
-            raise InputError(f"drafter spec {spec!r}: expected self:N with N a number of layers")
-        return self_speculative(target.config, target.params, int(layers))
-    if not pathlib.Path(spec).exists():
-        raise InputError(f"unknown drafter spec {spec!r}: expected self:N or a path to a drafter checkpoint")
-    if is_drafter_dir(spec):  # a trained feature drafter (python -m ppow_jax.train)
-        return load_trained_drafter(spec, target.config)
-    drafter = load_model(spec, param_dtype=target.config.param_dtype)
-    return LMDrafter(config=drafter.config, name=spec), drafter.params
-
-
-def window_calibration(spec: str) -> tuple[float, ...]:
-    """The adaptive window's calibration weights stored with a trained drafter."""
-    from ppow_jax.drafters.store import is_drafter_dir, read_description
-
-    if not is_drafter_dir(spec):
-        raise InputError(f"--window adaptive needs a trained drafter directory (its calibrated acceptance model); "
-                         f"got {spec!r}")
-    calibration = read_description(spec).get("window_calibration")
-    if not calibration:
-        raise InputError(f"{spec}: drafter.json has no window_calibration; re-export the drafter with "
-                         "python -m ppow_jax.train (a rerun of a finished run only re-exports)")
-    return tuple(float(w) for w in calibration["weights"])
 
 
 def summarize(records: list[dict], greedy: bool) -> dict:
@@ -99,6 +59,11 @@ def summarize(records: list[dict], greedy: bool) -> dict:
             "accept_hist": hist}
 
 
+def format_tau(tau: Optional[float]) -> str:
+    """τ to two decimals; '-' when no turn reached a verify cycle (every answer ended at its first token)."""
+    return "-" if tau is None else f"{tau:.2f}"
+
+
 def write_report(out: pathlib.Path, results: dict) -> None:
     import matplotlib
 
@@ -113,10 +78,9 @@ def write_report(out: pathlib.Path, results: dict) -> None:
              f"{results['config']['temperature']}, {results['config']['max_new_tokens']} new tokens; {results['machine']}",
              "", "| category | questions | τ | tokens/s | AR tokens/s | speedup | greedy match |", "|---|---|---|---|---|---|---|"]
     for name, m in rows:
-        tau = f"{m['tau']:.2f}" if m["tau"] is not None else "-"
         match = "-" if m["greedy_match"] is None else ("yes" if m["greedy_match"] else "**NO**")
-        lines.append(f"| {name} | {m['n_questions']} | {tau} | {m['tokens_per_s']:.1f} | {m['ar_tokens_per_s']:.1f} "
-                     f"| {m['speedup']:.2f}x | {match} |")
+        lines.append(f"| {name} | {m['n_questions']} | {format_tau(m['tau'])} | {m['tokens_per_s']:.1f} "
+                     f"| {m['ar_tokens_per_s']:.1f} | {m['speedup']:.2f}x | {match} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
     names = [n for n, _ in rows]
@@ -147,16 +111,17 @@ def run(args: argparse.Namespace) -> int:
     from ppow_jax.inference.autoregressive import AutoregressiveDecoder, bucket
     from ppow_jax.inference.sampling import SamplingParams
     from ppow_jax.inference.speculative import SpeculativeDecoder
-    from ppow_jax.inference.windows import WindowPolicy
     from ppow_jax.weights.registry import load_model
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    calibration = window_calibration(args.drafter) if args.window == "adaptive" else ()
-    window = WindowPolicy(kind=args.window, k_max=args.k_max, threshold=args.threshold, calibration=calibration)
+    window = window_policy(args)
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.limit < 0:
         raise InputError(f"--limit must be >= 0, got {args.limit}")
+    out = pathlib.Path(args.out)
+    if out.exists() and not out.is_dir():  # checked before the run, not after it
+        raise InputError(f"--out {out} exists and is not a directory")
     questions = [q for path in args.questions for q in load_questions(path, args.limit)]
 
     target = load_model(args.target, param_dtype=args.dtype)
@@ -206,11 +171,11 @@ def run(args: argparse.Namespace) -> int:
                           "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "limit": args.limit,
                           "seed": args.seed, "dtype": args.dtype, "questions": args.questions},
                "machine": f"jax {jax.__version__} on {devices}", "turns": records}
-    out = pathlib.Path(args.out)
     write_report(out, results)
     overall = results["overall"]
     print((out / "results.md").read_text())
-    print(f"overall: tau {overall['tau']:.2f}, speedup {overall['speedup']:.2f}x; results in {out}", file=sys.stderr)
+    print(f"overall: tau {format_tau(overall['tau'])}, speedup {overall['speedup']:.2f}x; results in {out}",
+          file=sys.stderr)
     if sampling.greedy and not overall["greedy_match"]:
         print("error: greedy speculative outputs differ from autoregressive outputs (see results.json)",
               file=sys.stderr)

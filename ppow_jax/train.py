@@ -126,6 +126,33 @@ class DevProbe:
         return {f"dev/{name}": value for name, value in measured.items()}
 
 
+def check_loop_settings(config) -> None:
+    """Refuses loop settings the loop would fail on later (a zero divisor, no steps), before any work."""
+    from ppow_jax.errors import InputError
+
+    tc = config.train
+    for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "batch_size"):
+        if name in tc and not (isinstance(tc[name], int) and tc[name] >= 1):
+            raise InputError(f"train.{name} must be an integer >= 1, got {tc[name]!r}")
+    for name in ("eval_every", "max_seconds"):
+        if tc.get(name, 0) < 0:
+            raise InputError(f"train.{name} must be >= 0 (0: off), got {tc[name]!r}")
+
+
+def load_init_drafter(config, target):
+    """The drafter in `config.init_from`; refused when it reads other target layers than the feature
+    cache of this config holds (it would train on one set of layers and draft from another)."""
+    from ppow_jax.drafters.store import load_drafter
+    from ppow_jax.errors import InputError
+
+    drafter, params = load_drafter(config.init_from, target.config)
+    cached = tuple(int(i) for i in config.drafter.feature_layers)
+    if tuple(drafter.feature_layers) != cached:
+        raise InputError(f"{config.init_from} reads the target's layers {list(drafter.feature_layers)}, but this "
+                         f"config caches layers {list(cached)}: set --config.drafter.feature_layers to match")
+    return drafter, params
+
+
 def optimizer_config(tc):
     from ppow_jax.training.kd import OptimConfig
 
@@ -248,7 +275,6 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
     from ppow_jax.data.features import feature_shards
     from ppow_jax.data.pipeline import feature_dataset
     from ppow_jax.drafters.eagle import Eagle3Drafter
-    from ppow_jax.drafters.store import load_drafter
     from ppow_jax.errors import InputError
     from ppow_jax.generate import parse_mesh
     from ppow_jax.training.checkpoints import Checkpointer
@@ -256,16 +282,18 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
 
     if config.drafter.kind != "eagle3":
         raise InputError(f"unknown drafter kind {config.drafter.kind!r} (supported: eagle3)")
+    tc = config.train
+    mesh = parse_mesh(tc.mesh)
+    initial = None
+    if config.get("init_from"):  # continued token-level training (CST) of a trained drafter
+        drafter, initial = load_init_drafter(config, target)
     workdir = pathlib.Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    tc = config.train
     features_dir = feature_cache(config, target, progress)
 
     checkpointer = Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints)
     resume_step = checkpointer.latest_step()
-    initial = None
-    if config.get("init_from"):  # continued token-level training (CST) of a trained drafter
-        drafter, initial = load_drafter(config.init_from, target.config)
+    if initial is not None:
         d2t = np.asarray(initial["d2t"])
     else:
         drafter = Eagle3Drafter.for_target(target.config, tuple(config.drafter.feature_layers),
@@ -277,7 +305,7 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
                                    config.drafter.draft_vocab_size)
     (workdir / "d2t.json").write_text(json.dumps(np.asarray(d2t).tolist()))
     trainer = KDTrainer(drafter, target.params, d2t, optimizer_config(tc), unroll_steps=tc.unroll_steps,
-                        loss_positions=tc.loss_positions, mesh=parse_mesh(tc.mesh))
+                        loss_positions=tc.loss_positions, mesh=mesh)
     state = trainer.init_state(jax.random.key(config.seed), params=None if initial is None else split_params(initial)[0])
     iterator = iter(feature_dataset(feature_shards(features_dir), batch_size=tc.batch_size, seed=config.seed,
                                     num_epochs=config.data.num_epochs))
@@ -320,7 +348,6 @@ def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optiona
 
     from ppow_jax.data.features import feature_shards
     from ppow_jax.data.pipeline import feature_dataset
-    from ppow_jax.drafters.store import load_drafter
     from ppow_jax.errors import InputError
     from ppow_jax.generate import parse_mesh
     from ppow_jax.training.checkpoints import Checkpointer
@@ -334,10 +361,12 @@ def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optiona
     if pc.verifier == "cache" and config.data.temperature != 0:
         raise InputError("ppow.verifier='cache' needs the target's greedy responses (data.temperature=0); "
                          "use ppow.verifier='target'")
+    settings_from_config(pc, gamma=pc.gamma if pc.gamma > 0 else 1.0)  # its checks, before any work
+    mesh = parse_mesh(tc.mesh)
+    drafter, initial = load_init_drafter(config, target)
     workdir = pathlib.Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     features_dir = feature_cache(config, target, progress)
-    drafter, initial = load_drafter(config.init_from, target.config)
 
     checkpointer = Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints)
     resume_step = checkpointer.latest_step()
@@ -351,7 +380,7 @@ def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optiona
     optim = optimizer_config(tc)
     trainer = PPOWTrainer(drafter, target.config, target.params, np.asarray(initial["d2t"]),
                           settings_from_config(pc, gamma), make_optimizer(optim), learning_rate_schedule(optim),
-                          mesh=parse_mesh(tc.mesh))
+                          mesh=mesh)
     state = trainer.init_state(initial, jax.random.key(config.seed))
     iterator = iter(feature_dataset(feature_shards(features_dir), batch_size=pc.sequences_per_iteration,
                                     seed=config.seed, num_epochs=config.data.num_epochs))
@@ -382,6 +411,7 @@ def run(config) -> int:
     trainers = {"kd": run_training, "ppow": run_ppow_training}
     if stage not in trainers:
         raise InputError(f"unknown stage {stage!r}; choose one of {', '.join(trainers)}")
+    check_loop_settings(config)
     target = load_model(config.target, param_dtype=config.param_dtype)
     metrics = trainers[stage](config, target)
     log(json.dumps({"final_metrics": metrics}))

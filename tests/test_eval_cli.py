@@ -50,6 +50,23 @@ def test_bad_input_gets_a_clear_error(tmp_path, capsys, extra, message):
     assert "error: " in err and message in err
 
 
+def test_an_out_path_that_is_a_file_is_refused_before_the_run(tmp_path, capsys):
+    questions = tmp_path / "question.jsonl"
+    questions.write_text(json.dumps({"question_id": 1, "category": "c", "turns": ["Say hi."]}) + "\n")
+    (tmp_path / "taken").write_text("not a directory")
+    assert eval_cli.main(["--drafter", "self:8", "--questions", str(questions), "--out", str(tmp_path / "taken")]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+
+
+def test_turns_without_a_verify_cycle_have_no_tau():
+    """An answer that ends at its first token (prefill) has no cycle: τ is undefined, shown as '-'."""
+    turn = {"category": "c", "question_id": 1, "ar_new_tokens": 1, "spec_new_tokens": 1, "ar_seconds": 0.1,
+            "spec_seconds": 0.1, "accept_hist": [0, 0, 0], "match": True}
+    metrics = eval_cli.summarize([turn], greedy=True)
+    assert metrics["tau"] is None and eval_cli.format_tau(metrics["tau"]) == "-"
+    assert eval_cli.format_tau(1.456) == "1.46"
+
+
 def test_drafter_vocabulary_must_match(tmp_path, capsys):
     """A drafter checkpoint over another vocabulary is refused (tiny safetensors model, 101 tokens)."""
     import torch

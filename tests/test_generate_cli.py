@@ -47,11 +47,27 @@ def test_ignore_eos_generates_exactly_n_tokens_and_errors_exit_cleanly():
     (["--prompt", "hi", "--mesh", "data=two"], "--mesh"),
     (["--prompt", "hi", "--mesh", "data=64"], "needs 64 devices"),
     (["--prompt", "hi", "--model", "no-such-model"], "no-such-model"),
+    (["--prompt", "hi", "--drafter", "self:8", "--k-max", "0"], "k_max"),
+    (["--prompt", "hi", "--drafter", "self:8", "--window", "psychic"], "unknown window policy"),
+    (["--prompt", "hi", "--drafter", "self:x"], "self:N"),
+    (["--prompt", "hi", "--drafter", "no/such/drafter"], "unknown drafter spec"),
 ])
 def test_bad_input_gets_a_clear_error(args, message, capsys):
     assert generate.main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
+
+
+def test_greedy_generation_with_the_committed_drafter_equals_plain_generation(capsys):
+    """Two prompts in one batch, the committed SmolLM2 drafter: the same text, and τ reported."""
+    prompts = ["--prompt", "What is the capital of France?", "--prompt", "Name three colours.", "--chat",
+               "--max-new-tokens", "24"]
+    assert generate.main(prompts) == 0
+    plain = capsys.readouterr().out
+    assert generate.main([*prompts, "--drafter", str(REPO_ROOT / "checkpoints/smollm2-135m-instruct/kd")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain and "Paris" in plain
+    assert "verify passes, tau" in captured.err
 
 
 def test_bad_checkpoint_files_get_a_clear_error(tmp_path, capsys):

@@ -429,6 +429,27 @@ def test_ppow_needs_a_drafter_to_start_from(kd_run, distilled, tiny_target, tmp_
         run_ppow_training(config, tiny_target, progress=False)
 
 
+def test_a_drafter_on_other_layers_is_refused_before_the_feature_cache(kd_run, distilled, tiny_target, tmp_path):
+    """init_from reading other target layers than the config caches would train on one set and draft from another."""
+    import shutil
+
+    from ppow_jax.train import run_ppow_training
+
+    moved = tmp_path / "moved-layers"
+    shutil.copytree(kd_run / "drafter", moved)
+    description = json.loads((moved / "drafter.json").read_text())
+    layers = description["feature_layers"]
+    description["feature_layers"] = [layers[0]] * len(layers)
+    assert description["feature_layers"] != layers
+    (moved / "drafter.json").write_text(json.dumps(description))
+    config = load_config("tiny_ppow")
+    config.init_from, config.workdir = str(moved), str(tmp_path / "run")
+    config.data.cache_dir = distilled[0].data.cache_dir
+    with pytest.raises(InputError, match="reads the target's layers"):
+        run_ppow_training(config, tiny_target, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 # ----- the adaptive window -----
 
 def test_logistic_fit_recovers_known_weights():

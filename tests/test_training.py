@@ -270,7 +270,12 @@ def _abstract_state(config, target):
 
 @pytest.mark.parametrize("argv,message", [
     ([], "--config FILE is required"),
-    (["--config", "configs/tiny_kd.py", "--config.train.no_such_key=1"], "no_such_key"),
+    (["--config", "configs/no_such_config.py"], "no config file configs/no_such_config.py"),
+    (["--config=README.md"], "config file README.md could not be loaded: SyntaxError"),
+    (["--config", "configs/tiny_kd.py", "--config.train.no_such_key=1"], "unknown config key 'no_such_key'"),
+    (["--config", "configs/tiny_kd.py", "--config.train.log_every=0"], "train.log_every must be an integer >= 1"),
+    (["--config", "configs/tiny_kd.py", "--config.train.checkpoint_every=-2"], "train.checkpoint_every"),
+    (["--config", "configs/tiny_kd.py", "--config.train.eval_every=-1"], "train.eval_every must be >= 0"),
     (["--config", "configs/tiny_kd.py", "--config.target=smollm2-135m-instruct", "--config.data.cache_dir=/nonexistent",
       "--config.workdir=WORKDIR"], "no self-distilled data"),
 ])
@@ -281,3 +286,35 @@ def test_train_cli_bad_input(argv, message, tmp_path, capsys, monkeypatch):
     code = train.main([a.replace("WORKDIR", str(tmp_path)) for a in argv])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_config_without_a_config_is_an_error(tmp_path, capsys):
+    from ppow_jax import train
+
+    empty = tmp_path / "empty_config.py"
+    empty.write_text("def get_config():\n    return None\n")
+    assert train.main(["--config", str(empty)]) == 2
+    assert "get_config() returned None" in capsys.readouterr().err
+
+
+def test_distillation_refuses_bad_sizes_before_any_work(tmp_path):
+    settings = DistillSettings(model="m", max_prompt_tokens=8, max_new_tokens=4, temperature=0.0, top_p=1.0, seed=0)
+    for kwargs, message in (({"batch_size": 0}, "data.batch_size"),
+                            ({"batch_size": 4, "max_prompts": -3}, "data.max_prompts"),
+                            ({"batch_size": 4, "dev_prompts": -1}, "data.dev_prompts")):
+        with pytest.raises(InputError, match=message):
+            self_distill(None, None, [], tmp_path / "cache", settings, progress=False, **kwargs)
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("content,message", [
+    ("[1, 2]", "not a drafter description"),
+    ('{"kind": "eagle3"}', "lacks target, feature_layers, draft_vocab_size, intermediate_size"),
+    ('{"kind": "eagle3", "target": 3, "feature_layers": [0], "draft_vocab_size": 8, "intermediate_size": 8}',
+     "'target' must describe"),
+])
+def test_malformed_drafter_descriptions_name_the_file(tmp_path, tiny_target, content, message):
+    (tmp_path / "drafter.json").write_text(content)
+    with pytest.raises(CheckpointError, match=message) as raised:
+        load_drafter(tmp_path, tiny_target.config)
+    assert "drafter.json" in str(raised.value)

@@ -150,6 +150,10 @@ def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: 
 
     Returns the manifest. Prompts longer than `settings.max_prompt_tokens` are skipped and listed.
     """
+    for name, value, least in (("batch_size", batch_size, 1), ("max_prompts", max_prompts, 0),
+                               ("dev_prompts", dev_prompts, 0)):
+        if not isinstance(value, int) or value < least:
+            raise InputError(f"data.{name} must be an integer >= {least}, got {value!r}")
     cache_dir = pathlib.Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(cache_dir)

@@ -22,6 +22,7 @@ from ppow_jax.models.config import ModelConfig
 
 DESCRIPTION = "drafter.json"
 PARAMS = "params"
+REQUIRED_KEYS = ("target", "feature_layers", "draft_vocab_size", "intermediate_size")  # what load_drafter reads
 
 
 def save_drafter(path: str | pathlib.Path, drafter: Eagle3Drafter, params: dict, *, target_name: str,
@@ -56,9 +57,13 @@ def read_description(path: str | pathlib.Path) -> dict[str, Any]:
     """A drafter directory's `drafter.json`: what it is, which target it serves, how it was trained."""
     path = pathlib.Path(path).absolute()
     try:
-        return json.loads((path / DESCRIPTION).read_text())
+        description = json.loads((path / DESCRIPTION).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path / DESCRIPTION}: not a readable drafter description ({err})") from None
+    if not isinstance(description, dict):
+        raise CheckpointError(f"{path / DESCRIPTION}: not a drafter description (a JSON object), "
+                              f"but a JSON {type(description).__name__}")
+    return description
 
 
 def load_drafter(path: str | pathlib.Path, target_config: ModelConfig) -> tuple[Eagle3Drafter, dict[str, Any]]:
@@ -67,7 +72,11 @@ def load_drafter(path: str | pathlib.Path, target_config: ModelConfig) -> tuple[
     description = read_description(path)
     if description.get("kind") != "eagle3":
         raise CheckpointError(f"{path}: unsupported drafter kind {description.get('kind')!r}")
+    if missing := [key for key in REQUIRED_KEYS if key not in description]:
+        raise CheckpointError(f"{path / DESCRIPTION} lacks {', '.join(missing)}")
     target = description["target"]
+    if not isinstance(target, dict):
+        raise CheckpointError(f"{path / DESCRIPTION}: 'target' must describe the target model (a JSON object)")
     mine = {"hidden_size": target_config.hidden_size, "vocab_size": target_config.vocab_size,
             "num_heads": target_config.num_heads, "num_kv_heads": target_config.num_kv_heads}
     different = {k: (target.get(k), v) for k, v in mine.items() if target.get(k) != v}

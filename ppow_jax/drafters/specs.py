@@ -1,0 +1,66 @@
+"""The drafter and window flags that `python -m ppow_jax.eval` and `python -m ppow_jax.generate` share.
+
+A drafter SPEC is `self:N` (the target's first N layers), a trained drafter directory
+(`python -m ppow_jax.train` exports one) or a small LM checkpoint sharing the target's vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+from ppow_jax.errors import InputError
+
+DRAFTER_HELP = ("self:N (the target's first N layers), a trained drafter directory (python -m ppow_jax.train), "
+                "or a drafter LM checkpoint sharing the vocabulary")
+
+
+def add_window_arguments(parser: argparse.ArgumentParser, *, k_max: int) -> None:
+    parser.add_argument("--window", default="fixed",
+                        help="window policy: fixed | confidence | divergence | adaptive (a trained drafter's "
+                             "calibrated acceptance model)")
+    parser.add_argument("--k-max", type=int, default=k_max, help="largest window (drafted tokens per cycle)")
+    parser.add_argument("--threshold", type=float, default=0.5,
+                        help="confidence window: least top probability; divergence window: largest mean criticality; "
+                             "adaptive window: least predicted probability that the whole window is accepted")
+
+
+def window_policy(args: argparse.Namespace):
+    """The `WindowPolicy` of the parsed `--window`, `--k-max` and `--threshold` flags for `--drafter`."""
+    from ppow_jax.inference.windows import WindowPolicy
+
+    calibration = window_calibration(args.drafter) if args.window == "adaptive" else ()
+    return WindowPolicy(kind=args.window, k_max=args.k_max, threshold=args.threshold, calibration=calibration)
+
+
+def load_drafter(spec: str, target):
+    """A drafter SPEC and the target (a `LoadedModel`) -> (drafter, params)."""
+    from ppow_jax.drafters.lm import LMDrafter, self_speculative
+    from ppow_jax.drafters.store import is_drafter_dir, load_drafter as load_trained_drafter
+    from ppow_jax.weights.registry import load_model
+
+    if spec.startswith("self:"):
+        layers = spec[len("self:"):]
+        if not layers.isdigit():
+            raise InputError(f"drafter spec {spec!r}: expected self:N with N a number of layers")
+        return self_speculative(target.config, target.params, int(layers))
+    if not pathlib.Path(spec).exists():
+        raise InputError(f"unknown drafter spec {spec!r}: expected self:N or a path to a drafter checkpoint")
+    if is_drafter_dir(spec):  # a trained feature drafter (python -m ppow_jax.train)
+        return load_trained_drafter(spec, target.config)
+    drafter = load_model(spec, param_dtype=target.config.param_dtype)
+    return LMDrafter(config=drafter.config, name=spec), drafter.params
+
+
+def window_calibration(spec: str) -> tuple[float, ...]:
+    """The adaptive window's calibration weights stored with a trained drafter."""
+    from ppow_jax.drafters.store import is_drafter_dir, read_description
+
+    if not is_drafter_dir(spec):
+        raise InputError(f"--window adaptive needs a trained drafter directory (its calibrated acceptance model); "
+                         f"got {spec!r}")
+    calibration = read_description(spec).get("window_calibration")
+    if not calibration:
+        raise InputError(f"{spec}: drafter.json has no window_calibration; re-export the drafter with "
+                         "python -m ppow_jax.train (a rerun of a finished run only re-exports)")
+    return tuple(float(w) for w in calibration["weights"])
