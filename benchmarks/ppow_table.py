@@ -42,6 +42,8 @@ def main() -> int:
             parser.error(f"--run {spec!r}: expected NAME=DIR")
         runs.append((name, pathlib.Path(directory)))
 
+    from ppow_jax.eval import format_tau
+
     tables: dict[tuple[str, str], list[str]] = {}
     for name, directory in runs:
         for path in sorted(directory.glob("*/T*/results.json")):
@@ -49,10 +51,11 @@ def main() -> int:
             config = results["config"]
             key = (f"T = {config['temperature']:g}", f"{config['window']} window, K_max {config['k_max']}")
             m = set_metrics(results)
-            cells = [f"{m[s]['tau']:.2f}" if s in m else "-" for s in SETS]
+            cells = [format_tau(m[s]["tau"]) if s in m else "-" for s in SETS]
             match = m["overall"]["greedy_match"]
             tables.setdefault(key, []).append(
-                f"| {name} | " + " | ".join(cells) + f" | **{m['overall']['tau']:.2f}** | {m['overall']['speedup']:.2f}x | "
+                f"| {name} | " + " | ".join(cells) + f" | **{format_tau(m['overall']['tau'])}** | "
+                f"{m['overall']['speedup']:.2f}x | "
                 + ("-" if match is None else ("yes" if match else "**NO**")) + " |")
     if not tables:
         print("no results.json found under the given directories", file=sys.stderr)

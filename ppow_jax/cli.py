@@ -75,19 +75,34 @@ def run_config_entry_point(main: Callable[[Any], int], argv: Optional[Sequence[s
 
 
 def _config_path(args: Sequence[str]) -> Optional[str]:
-    """The file of `--config FILE` or `--config=FILE`, without config_flags' optional `:ARGS` suffix."""
+    """The file of `--config FILE` or `--config=FILE` (absl also takes one dash), without config_flags'
+    optional `:ARGS` suffix."""
     for i, arg in enumerate(args):
-        if arg.startswith("--config="):
-            value = arg[len("--config="):]
-        elif arg == "--config" and i + 1 < len(args):
-            value = args[i + 1]
-        else:
+        name, equals, value = arg.partition("=")
+        if name not in ("--config", "-config"):
             continue
+        if not equals:
+            if i + 1 == len(args):
+                return None
+            value = args[i + 1]
         return value if pathlib.Path(value).is_file() else value.split(":", 1)[0]
     return None
 
 
+def _override_naming(argv: Sequence[str], key: object) -> Optional[str]:
+    """The dotted path of the first `--config.A.B=V` override that names `key` (config_flags reports the key
+    alone), or None when no override names it."""
+    for arg in argv:
+        for prefix in ("--config.", "-config."):
+            if arg.startswith(prefix):
+                dotted = arg[len(prefix):].partition("=")[0]
+                if str(key).strip("'") in dotted.split("."):
+                    return repr(dotted)
+    return None
+
+
 def _run_with_config(main: Callable[[Any], int], argv: list[str], doc: str) -> int:
+    import ml_collections
     from absl import flags
     from ml_collections import config_flags
 
@@ -106,22 +121,25 @@ def _run_with_config(main: Callable[[Any], int], argv: list[str], doc: str) -> i
         print(f"error: no config file {path}", file=sys.stderr)
         return 2
     try:
-        flag_values(argv)
-        config = flag_values.config  # config_flags runs the file and applies the overrides on first access
+        flag_values(argv)  # runs the config file and applies the --config.KEY overrides
+        config = flag_values.config
     except flags.Error as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except AttributeError as err:
-        if err.args and isinstance(err.args[0], KeyError):  # how config_flags reports an unknown override key
-            print(f"error: unknown config key {err.args[0].args[0]} (not in {path})", file=sys.stderr)
-        else:
-            print(f"error: config file {path}: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
     except Exception as err:  # the config file is user code: a syntax error, a failed import, ...
-        print(f"error: config file {path} could not be loaded: {type(err).__name__}: {err}", file=sys.stderr)
+        # config_flags reports an unknown override key as a KeyError, or an AttributeError around one.
+        missing = err.args[0] if isinstance(err, AttributeError) and err.args else err
+        if isinstance(missing, KeyError) and missing.args and (dotted := _override_naming(argv, missing.args[0])):
+            print(f"error: unknown config key {dotted}", file=sys.stderr)
+        else:
+            print(f"error: --config {path} and its overrides: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     if config is None:
         print(f"error: config file {path}: get_config() returned None", file=sys.stderr)
+        return 2
+    if not isinstance(config, ml_collections.ConfigDict):  # config_flags keeps some load errors for later
+        error = getattr(config, "_error", None)
+        print(f"error: config file {path} could not be loaded: {type(error).__name__}: {error}", file=sys.stderr)
         return 2
     enable_compilation_cache()
     try:

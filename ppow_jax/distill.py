@@ -22,11 +22,13 @@ def data_root(config) -> pathlib.Path:
 
 
 def run(config) -> int:
-    from ppow_jax.data.distill import DistillSettings, self_distill
+    from ppow_jax.data.distill import DistillSettings, check_sizes, self_distill
     from ppow_jax.data.sources import read_training_prompts
     from ppow_jax.inference.autoregressive import AutoregressiveDecoder
     from ppow_jax.weights.registry import load_model
 
+    dev_prompts = config.data.get("dev_prompts", 0)
+    check_sizes(batch_size=config.data.batch_size, max_prompts=config.data.max_prompts, dev_prompts=dev_prompts)
     prompts, report = read_training_prompts(data_root(config), config.data.folders, config.data.tfds.to_dict())
     print(f"training prompts: {report.summary()}", file=sys.stderr)
     target = load_model(config.target, param_dtype=config.param_dtype)
@@ -35,7 +37,6 @@ def run(config) -> int:
     settings = DistillSettings(model=str(config.target), max_prompt_tokens=config.data.max_prompt_tokens,
                                max_new_tokens=config.data.max_new_tokens, temperature=config.data.temperature,
                                top_p=config.data.top_p, seed=config.seed)
-    dev_prompts = config.data.get("dev_prompts", 0)
     source_caps = config.data.source_caps.to_dict() if "source_caps" in config.data else {}
     splits = ([("dev", config.data.dev_cache_dir)] if dev_prompts else []) + [("train", config.data.cache_dir)]
     for split, cache_dir in splits:

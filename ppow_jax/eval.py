@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import time
 from typing import Optional, Sequence
 
 from ppow_jax.cli import run_entry_point
-from ppow_jax.drafters.specs import DRAFTER_HELP, add_window_arguments, load_drafter, window_policy
+from ppow_jax.drafters.specs import (DRAFTER_HELP, add_window_arguments, check_drafter_spec, load_drafter,
+                                     window_policy)
 from ppow_jax.errors import InputError
 from ppow_jax.weights.registry import DEFAULT_MODEL
 
@@ -115,13 +117,20 @@ def run(args: argparse.Namespace) -> int:
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     window = window_policy(args)
+    check_drafter_spec(args.drafter)
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.limit < 0:
         raise InputError(f"--limit must be >= 0, got {args.limit}")
     out = pathlib.Path(args.out)
-    if out.exists() and not out.is_dir():  # checked before the run, not after it
+    if out.exists() and not out.is_dir():  # --out is checked and made before the run, not after it
         raise InputError(f"--out {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"--out {out}: cannot create the directory ({err.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise InputError(f"--out {out}: the directory is not writable")
     questions = [q for path in args.questions for q in load_questions(path, args.limit)]
 
     target = load_model(args.target, param_dtype=args.dtype)

@@ -14,7 +14,8 @@ import time
 from typing import Optional, Sequence
 
 from ppow_jax.cli import run_entry_point
-from ppow_jax.drafters.specs import DRAFTER_HELP, add_window_arguments, load_drafter, window_policy
+from ppow_jax.drafters.specs import (DRAFTER_HELP, add_window_arguments, check_drafter_spec, load_drafter,
+                                     window_policy)
 from ppow_jax.errors import InputError
 from ppow_jax.weights.registry import DEFAULT_MODEL
 
@@ -89,7 +90,15 @@ def run(args: argparse.Namespace) -> int:
         if not prompt.strip():
             raise InputError(f"prompt {i} is empty")
     mesh = parse_mesh(args.mesh)
-    window = window_policy(args) if args.drafter else None
+    if args.drafter:
+        window = window_policy(args)
+        check_drafter_spec(args.drafter)
+    else:
+        window = None
+        defaults = build_parser()
+        if given := [f"--{name.replace('_', '-')}" for name in ("window", "k_max", "threshold")
+                     if getattr(args, name) != defaults.get_default(name)]:
+            raise InputError(f"{', '.join(given)} set the speculative window: they need --drafter")
 
     start = time.perf_counter()
     model = load_model(args.model, param_dtype=args.dtype)

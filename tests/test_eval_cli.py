@@ -56,6 +56,18 @@ def test_an_out_path_that_is_a_file_is_refused_before_the_run(tmp_path, capsys):
     (tmp_path / "taken").write_text("not a directory")
     assert eval_cli.main(["--drafter", "self:8", "--questions", str(questions), "--out", str(tmp_path / "taken")]) == 2
     assert "exists and is not a directory" in capsys.readouterr().err
+    assert eval_cli.main(["--drafter", "self:8", "--questions", str(questions),
+                          "--out", str(tmp_path / "taken" / "results")]) == 2
+    assert "cannot create the directory" in capsys.readouterr().err
+
+
+def test_a_calibration_without_weights_names_the_drafter(tmp_path, capsys):
+    (tmp_path / "drafter.json").write_text(json.dumps({"kind": "eagle3", "window_calibration": {"drafts": 3}}))
+    questions = tmp_path / "question.jsonl"
+    questions.write_text(json.dumps({"question_id": 1, "category": "c", "turns": ["Say hi."]}) + "\n")
+    assert eval_cli.main(["--drafter", str(tmp_path), "--window", "adaptive", "--questions", str(questions),
+                          "--out", str(tmp_path / "out")]) == 2
+    assert "window_calibration has no list of weights" in capsys.readouterr().err
 
 
 def test_turns_without_a_verify_cycle_have_no_tau():

@@ -429,11 +429,14 @@ def test_ppow_needs_a_drafter_to_start_from(kd_run, distilled, tiny_target, tmp_
         run_ppow_training(config, tiny_target, progress=False)
 
 
-def test_a_drafter_on_other_layers_is_refused_before_the_feature_cache(kd_run, distilled, tiny_target, tmp_path):
-    """init_from reading other target layers than the config caches would train on one set and draft from another."""
+@pytest.mark.parametrize("stage", ["kd", "ppow"])
+def test_a_drafter_on_other_layers_is_refused_before_the_feature_cache(kd_run, distilled, tiny_target, tmp_path,
+                                                                        stage):
+    """init_from reading other target layers than the config caches would train on one set and draft from another
+    (continued token-level training and PPOW alike)."""
     import shutil
 
-    from ppow_jax.train import run_ppow_training
+    from ppow_jax.train import run_ppow_training, run_training
 
     moved = tmp_path / "moved-layers"
     shutil.copytree(kd_run / "drafter", moved)
@@ -442,11 +445,11 @@ def test_a_drafter_on_other_layers_is_refused_before_the_feature_cache(kd_run, d
     description["feature_layers"] = [layers[0]] * len(layers)
     assert description["feature_layers"] != layers
     (moved / "drafter.json").write_text(json.dumps(description))
-    config = load_config("tiny_ppow")
+    config = load_config("tiny_ppow") if stage == "ppow" else distilled[0].copy_and_resolve_references()
     config.init_from, config.workdir = str(moved), str(tmp_path / "run")
     config.data.cache_dir = distilled[0].data.cache_dir
     with pytest.raises(InputError, match="reads the target's layers"):
-        run_ppow_training(config, tiny_target, progress=False)
+        (run_ppow_training if stage == "ppow" else run_training)(config, tiny_target, progress=False)
     assert not (tmp_path / "run").exists()
 
 

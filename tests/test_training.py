@@ -271,8 +271,10 @@ def _abstract_state(config, target):
 @pytest.mark.parametrize("argv,message", [
     ([], "--config FILE is required"),
     (["--config", "configs/no_such_config.py"], "no config file configs/no_such_config.py"),
-    (["--config=README.md"], "config file README.md could not be loaded: SyntaxError"),
-    (["--config", "configs/tiny_kd.py", "--config.train.no_such_key=1"], "unknown config key 'no_such_key'"),
+    (["--config=README.md"], "--config README.md and its overrides: SyntaxError"),
+    (["--config", "configs/tiny_kd.py", "--config.train.no_such_key=1"], "unknown config key 'train.no_such_key'"),
+    (["-config", "configs/tiny_kd.py", "--config.train.keep_checkpoints=0"], "train.keep_checkpoints"),
+    (["--config", "configs/tiny_kd.py", "--config.no_such_group.key=1"], "unknown config key 'no_such_group.key'"),
     (["--config", "configs/tiny_kd.py", "--config.train.log_every=0"], "train.log_every must be an integer >= 1"),
     (["--config", "configs/tiny_kd.py", "--config.train.checkpoint_every=-2"], "train.checkpoint_every"),
     (["--config", "configs/tiny_kd.py", "--config.train.eval_every=-1"], "train.eval_every must be >= 0"),
@@ -288,13 +290,19 @@ def test_train_cli_bad_input(argv, message, tmp_path, capsys, monkeypatch):
     assert message in capsys.readouterr().err
 
 
-def test_a_config_without_a_config_is_an_error(tmp_path, capsys):
+def test_config_files_that_give_no_config_are_errors(tmp_path, capsys):
     from ppow_jax import train
 
     empty = tmp_path / "empty_config.py"
     empty.write_text("def get_config():\n    return None\n")
     assert train.main(["--config", str(empty)]) == 2
     assert "get_config() returned None" in capsys.readouterr().err
+    # config_flags keeps an OSError of get_config() (say, a missing sibling config) for later: still one line.
+    failing = tmp_path / "failing_config.py"
+    failing.write_text("def get_config():\n    return open('/no/such/sibling_config.py')\n")
+    assert train.main(["--config", str(failing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "sibling_config.py" in err and "Traceback" not in err
 
 
 def test_distillation_refuses_bad_sizes_before_any_work(tmp_path):
@@ -312,6 +320,10 @@ def test_distillation_refuses_bad_sizes_before_any_work(tmp_path):
     ('{"kind": "eagle3"}', "lacks target, feature_layers, draft_vocab_size, intermediate_size"),
     ('{"kind": "eagle3", "target": 3, "feature_layers": [0], "draft_vocab_size": 8, "intermediate_size": 8}',
      "'target' must describe"),
+    ('{"kind": "eagle3", "target": {}, "feature_layers": 3, "draft_vocab_size": 8, "intermediate_size": 8}',
+     "feature_layers must be a list"),
+    ('{"kind": "eagle3", "target": {}, "feature_layers": [0], "draft_vocab_size": "8", "intermediate_size": 8}',
+     "draft_vocab_size must be a positive integer"),
 ])
 def test_malformed_drafter_descriptions_name_the_file(tmp_path, tiny_target, content, message):
     (tmp_path / "drafter.json").write_text(content)

@@ -142,6 +142,14 @@ def select_prompts(prompts: Sequence[Prompt], seed: int, *, max_prompts: int = 0
     return available[:max_prompts or len(available)]
 
 
+def check_sizes(*, batch_size: int, max_prompts: int, dev_prompts: int) -> None:
+    """The `config.data` sizes of a self-distillation, refused before any work when out of range."""
+    for name, value, least in (("batch_size", batch_size, 1), ("max_prompts", max_prompts, 0),
+                               ("dev_prompts", dev_prompts, 0)):
+        if not isinstance(value, int) or value < least:
+            raise InputError(f"data.{name} must be an integer >= {least}, got {value!r}")
+
+
 def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: Sequence[Prompt],
                  cache_dir: str | pathlib.Path, settings: DistillSettings, *, batch_size: int,
                  max_prompts: int = 0, dev_prompts: int = 0, split: str = "train",
@@ -150,10 +158,7 @@ def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: 
 
     Returns the manifest. Prompts longer than `settings.max_prompt_tokens` are skipped and listed.
     """
-    for name, value, least in (("batch_size", batch_size, 1), ("max_prompts", max_prompts, 0),
-                               ("dev_prompts", dev_prompts, 0)):
-        if not isinstance(value, int) or value < least:
-            raise InputError(f"data.{name} must be an integer >= {least}, got {value!r}")
+    check_sizes(batch_size=batch_size, max_prompts=max_prompts, dev_prompts=dev_prompts)
     cache_dir = pathlib.Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(cache_dir)

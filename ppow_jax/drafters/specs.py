@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 
-from ppow_jax.errors import InputError
+from ppow_jax.errors import CheckpointError, InputError
 
 DRAFTER_HELP = ("self:N (the target's first N layers), a trained drafter directory (python -m ppow_jax.train), "
                 "or a drafter LM checkpoint sharing the vocabulary")
@@ -33,19 +33,24 @@ def window_policy(args: argparse.Namespace):
     return WindowPolicy(kind=args.window, k_max=args.k_max, threshold=args.threshold, calibration=calibration)
 
 
+def check_drafter_spec(spec: str) -> None:
+    """What can be told of a drafter SPEC before the target loads: its form, and that its path exists."""
+    if spec.startswith("self:"):
+        if not spec[len("self:"):].isdigit():
+            raise InputError(f"drafter spec {spec!r}: expected self:N with N a number of layers")
+    elif not pathlib.Path(spec).exists():
+        raise InputError(f"unknown drafter spec {spec!r}: expected self:N or a path to a drafter checkpoint")
+
+
 def load_drafter(spec: str, target):
     """A drafter SPEC and the target (a `LoadedModel`) -> (drafter, params)."""
     from ppow_jax.drafters.lm import LMDrafter, self_speculative
     from ppow_jax.drafters.store import is_drafter_dir, load_drafter as load_trained_drafter
     from ppow_jax.weights.registry import load_model
 
+    check_drafter_spec(spec)
     if spec.startswith("self:"):
-        layers = spec[len("self:"):]
-        if not layers.isdigit():
-            raise InputError(f"drafter spec {spec!r}: expected self:N with N a number of layers")
-        return self_speculative(target.config, target.params, int(layers))
-    if not pathlib.Path(spec).exists():
-        raise InputError(f"unknown drafter spec {spec!r}: expected self:N or a path to a drafter checkpoint")
+        return self_speculative(target.config, target.params, int(spec[len("self:"):]))
     if is_drafter_dir(spec):  # a trained feature drafter (python -m ppow_jax.train)
         return load_trained_drafter(spec, target.config)
     drafter = load_model(spec, param_dtype=target.config.param_dtype)
@@ -63,4 +68,7 @@ def window_calibration(spec: str) -> tuple[float, ...]:
     if not calibration:
         raise InputError(f"{spec}: drafter.json has no window_calibration; re-export the drafter with "
                          "python -m ppow_jax.train (a rerun of a finished run only re-exports)")
-    return tuple(float(w) for w in calibration["weights"])
+    weights = calibration.get("weights") if isinstance(calibration, dict) else None
+    if not (isinstance(weights, list) and all(isinstance(w, (int, float)) for w in weights)):
+        raise CheckpointError(f"{spec}: drafter.json's window_calibration has no list of weights")
+    return tuple(float(w) for w in weights)

@@ -74,6 +74,16 @@ def load_drafter(path: str | pathlib.Path, target_config: ModelConfig) -> tuple[
         raise CheckpointError(f"{path}: unsupported drafter kind {description.get('kind')!r}")
     if missing := [key for key in REQUIRED_KEYS if key not in description]:
         raise CheckpointError(f"{path / DESCRIPTION} lacks {', '.join(missing)}")
+    layers = description["feature_layers"]
+    if not (isinstance(layers, list) and layers and all(isinstance(i, int) for i in layers)):
+        raise CheckpointError(f"{path / DESCRIPTION}: feature_layers must be a list of layer indices, got {layers!r}")
+    for key in ("draft_vocab_size", "intermediate_size"):
+        if not (isinstance(description[key], int) and description[key] >= 1):
+            raise CheckpointError(f"{path / DESCRIPTION}: {key} must be a positive integer, got {description[key]!r}")
+    try:
+        stored = jnp.dtype(description.get("dtype", "float32"))
+    except TypeError:
+        raise CheckpointError(f"{path / DESCRIPTION}: unknown dtype {description.get('dtype')!r}") from None
     target = description["target"]
     if not isinstance(target, dict):
         raise CheckpointError(f"{path / DESCRIPTION}: 'target' must describe the target model (a JSON object)")
@@ -87,7 +97,6 @@ def load_drafter(path: str | pathlib.Path, target_config: ModelConfig) -> tuple[
                                        description["draft_vocab_size"], description["intermediate_size"],
                                        name=description.get("name", path.name))
     abstract = jax.eval_shape(lambda: drafter.init_params(jax.random.key(0)))
-    stored = jnp.dtype(description.get("dtype", "float32"))
     abstract = jax.tree_util.tree_map(
         lambda x: x if jnp.issubdtype(x.dtype, jnp.integer) else jax.ShapeDtypeStruct(x.shape, stored), abstract)
     try:
