@@ -20,7 +20,6 @@ def get_config() -> ml_collections.ConfigDict:
     # empty: train from scratch.
     config.init_from = ""
     config.seed = 0
-    config.distributed = False  # True on multi-host pods: jax.distributed.initialize() (launch/tpu_pod.sh)
     config.export_dtype = "bfloat16"  # the exported drafter's storage dtype (computation runs in the target's)
 
     config.data = ml_collections.ConfigDict()

@@ -143,10 +143,6 @@ def _run_with_config(main: Callable[[Any], int], argv: list[str], doc: str) -> i
         return 2
     enable_compilation_cache()
     try:
-        if config.get("distributed", False):
-            import jax
-
-            jax.distributed.initialize()  # multi-host: one process per host, coordinator auto-detected
         return main(config)
     except PPOWError as err:
         print(f"error: {err}", file=sys.stderr)
