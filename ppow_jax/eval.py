@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import sys
@@ -62,8 +63,9 @@ def summarize(records: list[dict], greedy: bool) -> dict:
 
 
 def format_tau(tau: Optional[float]) -> str:
-    """τ to two decimals; '-' when no turn reached a verify cycle (every answer ended at its first token)."""
-    return "-" if tau is None else f"{tau:.2f}"
+    """τ to two decimals; '-' when no verify cycle ran (every answer ended at its first token): `summarize`
+    gives None then, `SpeculativeResult.tau` NaN."""
+    return "-" if tau is None or math.isnan(tau) else f"{tau:.2f}"
 
 
 def write_report(out: pathlib.Path, results: dict) -> None:

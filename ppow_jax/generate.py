@@ -129,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
 
 def speculative_generate(args: argparse.Namespace, model, prompts: list[list[int]], sampling, window, mesh, *,
                          loaded_at: float) -> int:
+    from ppow_jax.eval import format_tau
     from ppow_jax.inference.speculative import SpeculativeDecoder
 
     drafter, drafter_params = load_drafter(args.drafter, model)
@@ -143,10 +144,9 @@ def speculative_generate(args: argparse.Namespace, model, prompts: list[list[int
         sys.stdout.write(tokenizer.decode(row) + ("\n" if len(result.tokens) == 1 else "\n\n"))
     sys.stdout.flush()
     new_tokens = sum(len(r) for r in result.tokens)
-    tau = f"{result.tau:.2f}" if sum(result.accept_hist) else "-"
-    print(f"{new_tokens} new tokens; {sum(result.cycles)} verify passes, tau {tau} ({args.window} window, "
-          f"K_max {window.k_max}); prefill {result.prefill_seconds:.2f}s; decode {result.decode_seconds:.2f}s "
-          f"(includes compilation on first use)", file=sys.stderr)
+    print(f"{new_tokens} new tokens; {sum(result.cycles)} verify passes, tau {format_tau(result.tau)} "
+          f"({args.window} window, K_max {window.k_max}); prefill {result.prefill_seconds:.2f}s; "
+          f"decode {result.decode_seconds:.2f}s (includes compilation on first use)", file=sys.stderr)
     return 0
 
 

@@ -66,27 +66,33 @@ def read_description(path: str | pathlib.Path) -> dict[str, Any]:
     return description
 
 
+def _checked_fields(file: pathlib.Path, description: dict[str, Any]) -> jnp.dtype:
+    """Refuses a description whose fields `load_drafter` reads are missing or of the wrong type;
+    -> the stored parameters' dtype."""
+    if missing := [key for key in REQUIRED_KEYS if key not in description]:
+        raise CheckpointError(f"{file} lacks {', '.join(missing)}")
+    if not isinstance(description["target"], dict):
+        raise CheckpointError(f"{file}: 'target' must describe the target model (a JSON object)")
+    layers = description["feature_layers"]
+    if not (isinstance(layers, list) and layers and all(isinstance(i, int) for i in layers)):
+        raise CheckpointError(f"{file}: feature_layers must be a list of layer indices, got {layers!r}")
+    for key in ("draft_vocab_size", "intermediate_size"):
+        if not (isinstance(description[key], int) and description[key] >= 1):
+            raise CheckpointError(f"{file}: {key} must be a positive integer, got {description[key]!r}")
+    try:
+        return jnp.dtype(description.get("dtype", "float32"))
+    except TypeError:
+        raise CheckpointError(f"{file}: unknown dtype {description.get('dtype')!r}") from None
+
+
 def load_drafter(path: str | pathlib.Path, target_config: ModelConfig) -> tuple[Eagle3Drafter, dict[str, Any]]:
     """-> (drafter, params in the target's compute dtype). Errors name the file and the mismatch."""
     path = pathlib.Path(path).absolute()
     description = read_description(path)
     if description.get("kind") != "eagle3":
         raise CheckpointError(f"{path}: unsupported drafter kind {description.get('kind')!r}")
-    if missing := [key for key in REQUIRED_KEYS if key not in description]:
-        raise CheckpointError(f"{path / DESCRIPTION} lacks {', '.join(missing)}")
-    layers = description["feature_layers"]
-    if not (isinstance(layers, list) and layers and all(isinstance(i, int) for i in layers)):
-        raise CheckpointError(f"{path / DESCRIPTION}: feature_layers must be a list of layer indices, got {layers!r}")
-    for key in ("draft_vocab_size", "intermediate_size"):
-        if not (isinstance(description[key], int) and description[key] >= 1):
-            raise CheckpointError(f"{path / DESCRIPTION}: {key} must be a positive integer, got {description[key]!r}")
-    try:
-        stored = jnp.dtype(description.get("dtype", "float32"))
-    except TypeError:
-        raise CheckpointError(f"{path / DESCRIPTION}: unknown dtype {description.get('dtype')!r}") from None
+    stored = _checked_fields(path / DESCRIPTION, description)
     target = description["target"]
-    if not isinstance(target, dict):
-        raise CheckpointError(f"{path / DESCRIPTION}: 'target' must describe the target model (a JSON object)")
     mine = {"hidden_size": target_config.hidden_size, "vocab_size": target_config.vocab_size,
             "num_heads": target_config.num_heads, "num_kv_heads": target_config.num_kv_heads}
     different = {k: (target.get(k), v) for k, v in mine.items() if target.get(k) != v}
