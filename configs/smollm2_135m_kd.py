@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.drafter.intermediate_size = 1536
 
     config.train = ml_collections.ConfigDict()
-    config.train.batch_size = 4
+    config.train.batch_size = 4  # the global batch: with several hosts each loads its share
     # The committed drafter (checkpoints/smollm2-135m-instruct/kd): 1,800 steps, 3.6 epochs of the
     # 2,048-prompt distillation, 80 minutes on a 2-core CPU; on a GPU raise steps and unroll_steps.
     config.train.steps = 1800
@@ -79,7 +79,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.eval_window = 5
     config.train.eval_stride = 8
     config.train.max_seconds = 0  # training-time budget in seconds (0: none); the run exports when it is spent
-    config.train.mesh = ""  # e.g. "data=8" on a pod slice; default one device
+    config.train.mesh = ""  # e.g. "data=8" on a pod slice; default one device (several hosts: data over all)
+    # Several hosts (launch/tpu_pod.sh): one process per host, started alike; enabled=True calls
+    # jax.distributed.initialize, which finds the rest on Cloud TPU, SLURM, Open MPI and Kubernetes.
+    # Elsewhere set all three (CPU hosts talk through gloo). train.mesh must span every host's devices.
+    config.distributed = ml_collections.ConfigDict(
+        {"enabled": False, "coordinator_address": "", "num_processes": 0, "process_id": -1})
 
     # The adaptive window's calibration, fitted on greedy windows of the training data at export.
     config.calibration = ml_collections.ConfigDict()

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Runs one ppow_jax entry point on a Cloud TPU VM, on worker 0 and over that host's chips.
+# Runs one ppow_jax entry point on a Cloud TPU VM slice.
 #
-#   launch/tpu_pod.sh TPU_NAME ZONE distill --config configs/smollm2_135m_kd.py
-#   launch/tpu_pod.sh TPU_NAME ZONE train --config configs/smollm2_135m_kd.py --config.train.mesh=data=8
+#   launch/tpu_pod.sh TPU_NAME ZONE distill --config configs/smollm2_135m_kd.py --config.data.cache_dir=/mnt/shared/distill
+#   launch/tpu_pod.sh TPU_NAME ZONE train --config configs/smollm2_135m_kd.py --config.workdir=/mnt/shared/kd ...
 #
-# The repository's tracked files (as they are in the working tree) are copied to worker 0, which
-# installs them in a virtualenv (Python >= 3.11) and runs the entry point with the arguments given.
-# On a multi-host slice the other hosts stay idle: training across hosts is not supported yet
-# (README.md, "Training a drafter (token level)", says what fails). Not yet run on a TPU (none was
-# available to this project); the copying and the argument quoting are checked with a stub gcloud.
+# The repository's tracked files (as they are in the working tree) are copied to the workers, which
+# install them in a virtualenv (Python >= 3.11) and run the entry point with the arguments given.
+# `train` runs on every worker, one process per host (--config.distributed.enabled=True: JAX finds
+# the other hosts by itself on Cloud TPU) with data parallelism over all chips unless --config.train.mesh
+# says otherwise; its workdir and caches must be on storage every worker sees (a Filestore or GCS FUSE
+# mount). `distill` runs on worker 0. Not yet run on a TPU (none was available to this project): the
+# multi-host training path is tested with two CPU processes (tests/test_multihost.py), the copying
+# and the argument quoting with a stub gcloud.
 set -euo pipefail
 if [[ $# -lt 3 ]]; then
   echo "usage: $0 TPU_NAME ZONE ENTRY_POINT [ARGS...]   (ENTRY_POINT: train | distill)" >&2
@@ -32,8 +35,14 @@ trap 'rm -f "$tarball"' EXIT
 git -C "$repo_root" ls-files -z | tar -C "$repo_root" --null -T - -czf "$tarball"
 # Each argument is quoted for the remote shell, so values with spaces, quotes or ';' arrive intact.
 remote_args=$(printf '%q ' "$@")
-gcloud compute tpus tpu-vm scp --zone "$zone" --worker=0 "$tarball" "$tpu_name:$repo_dir.tar.gz"
-gcloud compute tpus tpu-vm ssh "$tpu_name" --zone "$zone" --worker=0 --command "
+if [[ $entry == train ]]; then
+  workers=all
+  remote_args+=" --config.distributed.enabled=True"
+else
+  workers=0  # self-distillation writes one cache: a single process
+fi
+gcloud compute tpus tpu-vm scp --zone "$zone" --worker="$workers" "$tarball" "$tpu_name:$repo_dir.tar.gz"
+gcloud compute tpus tpu-vm ssh "$tpu_name" --zone "$zone" --worker="$workers" --command "
   set -e
   python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo 'error: ppow_jax needs Python >= 3.11 on the workers' >&2; exit 2; }
   mkdir -p $repo_dir && tar -C $repo_dir -xzf $repo_dir.tar.gz && cd $repo_dir

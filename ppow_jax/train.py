@@ -28,7 +28,11 @@ from ppow_jax.cli import run_config_entry_point
 
 
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """Progress on stderr, from the primary process only (every process runs the same loop)."""
+    import jax
+
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 def token_counts(distill_dir: pathlib.Path, vocab_size: int):
@@ -43,15 +47,20 @@ def token_counts(distill_dir: pathlib.Path, vocab_size: int):
 
 
 class MetricsLog:
-    """Scalars to TensorBoard (`WORKDIR/logs`) and, for scripts, to `WORKDIR/metrics.jsonl`."""
+    """Scalars to TensorBoard (`WORKDIR/logs`) and, for scripts, to `WORKDIR/metrics.jsonl`; written by
+    the primary process only."""
 
     def __init__(self, workdir: pathlib.Path):
         from tensorboardX import SummaryWriter
 
-        self.writer = SummaryWriter(str(workdir / "logs"))
+        from ppow_jax import multihost
+
+        self.writer = SummaryWriter(str(workdir / "logs")) if multihost.is_primary() else None
         self.path = workdir / "metrics.jsonl"
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
+        if self.writer is None:
+            return
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, step)
         self.writer.flush()
@@ -59,12 +68,16 @@ class MetricsLog:
             history.write(json.dumps({"step": step, **scalars}) + "\n")
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def feature_cache(config, target, progress: bool, split: str = "train") -> pathlib.Path:
-    """Builds (or resumes, or just checks) the target-feature cache of a split; -> its directory."""
-    from ppow_jax.data.features import build_feature_cache
+    """Builds (or resumes, or just checks) the target-feature cache of a split; -> its directory.
+
+    With several processes the primary builds it on the shared workdir and the others wait for it."""
+    from ppow_jax import multihost
+    from ppow_jax.data.features import build_feature_cache, complete_manifest
 
     data = config.data
     if split == "train":
@@ -72,10 +85,14 @@ def feature_cache(config, target, progress: bool, split: str = "train") -> pathl
     else:
         distill_dir, directory = data.dev_cache_dir, data.get("dev_features_dir")
     directory = pathlib.Path(directory or pathlib.Path(config.workdir) / ("features" if split == "train" else "features-dev"))
-    manifest = build_feature_cache(target.config, target.params, distill_dir, directory,
-                                   feature_layers=tuple(config.drafter.feature_layers), seq_len=data.seq_len,
-                                   batch_size=data.feature_batch_size,
-                                   pad_token_id=target.tokenizer.pad_token_id or 0, progress=progress)
+    settings = dict(feature_layers=tuple(config.drafter.feature_layers), seq_len=data.seq_len)
+    if multihost.is_primary():
+        build_feature_cache(target.config, target.params, distill_dir, directory, **settings,
+                            batch_size=data.feature_batch_size, pad_token_id=target.tokenizer.pad_token_id or 0,
+                            progress=progress)
+    multihost.wait_for(lambda: complete_manifest(target.config, distill_dir, directory, **settings) is not None,
+                       f"the feature cache {directory}")
+    manifest = complete_manifest(target.config, distill_dir, directory, **settings)
     loss_tokens = sum(s["loss_tokens"] for s in manifest["shards"])
     log(f"feature cache {directory} ({split}): {sum(s['examples'] for s in manifest['shards'])} sequences, "
         f"{loss_tokens} response tokens")
@@ -116,11 +133,13 @@ class DevProbe:
 
         import jax
 
+        from ppow_jax import multihost
         from ppow_jax.training.ppow import PPOWTarget, greedy_acceptance, greedy_window_records
 
         if self._records is None:  # compiled once per run
             self._records = jax.jit(functools.partial(greedy_window_records, drafter, window=self.window,
                                                       stride=self.stride))
+        params = multihost.to_host(params)  # every process measures the whole dev split on its own
         frozen = PPOWTarget.from_target(self.target_params, params["d2t"])
         measured = greedy_acceptance(self._records, params, frozen, self.batches)
         return {f"dev/{name}": value for name, value in measured.items()}
@@ -153,6 +172,20 @@ def load_init_drafter(config, target):
     return drafter, params
 
 
+def training_mesh(spec: str):
+    """The mesh of `train.mesh`; when it is empty, one device, or with several processes data
+    parallelism over every host's devices (each host must feed its own)."""
+    import jax
+
+    from ppow_jax import sharding
+    from ppow_jax.generate import parse_mesh
+
+    mesh = parse_mesh(spec)
+    if mesh is None and jax.process_count() > 1:
+        mesh = sharding.make_mesh(data=jax.device_count())
+    return mesh
+
+
 def optimizer_config(tc):
     from ppow_jax.training.kd import OptimConfig
 
@@ -162,24 +195,30 @@ def optimizer_config(tc):
 
 
 def export_drafter(config, target, drafter, params, features_dir: pathlib.Path, extra: dict) -> pathlib.Path:
-    """Fits the adaptive window's calibration on greedy windows of the training data, then saves the drafter."""
+    """Fits the adaptive window's calibration on greedy windows of the training data, then saves the drafter
+    (every process fits it on host copies of the parameters; the primary saves)."""
     import itertools
 
+    from ppow_jax import multihost
     from ppow_jax.data.features import feature_shards
     from ppow_jax.data.pipeline import feature_dataset
     from ppow_jax.drafters.store import save_drafter
     from ppow_jax.training.ppow import PPOWTarget, fit_window_calibration
 
     cc = config.calibration
+    params = multihost.to_host(params)
     frozen = PPOWTarget.from_target(target.params, params["d2t"])
     batches = itertools.islice(iter(feature_dataset(feature_shards(features_dir), batch_size=cc.batch_size,
                                                     seed=config.seed + 1)), cc.batches)
     calibration = fit_window_calibration(drafter, params, frozen, batches, cc.window)
     log(f"adaptive-window calibration: {calibration['drafts']} greedy drafts, accept rate "
         f"{calibration['accept_rate']:.3f}, log loss {calibration['log_loss']:.3f}")
-    exported = save_drafter(pathlib.Path(config.workdir) / "drafter", drafter, params, target_name=str(config.target),
-                            dtype=config.export_dtype, extra={**extra, "window_calibration": calibration})
-    log(f"drafter exported to {exported}")
+    exported = pathlib.Path(config.workdir) / "drafter"
+    if multihost.is_primary():
+        save_drafter(exported, drafter, params, target_name=str(config.target), dtype=config.export_dtype,
+                     extra={**extra, "window_calibration": calibration})
+        log(f"drafter exported to {exported}")
+    multihost.barrier("drafter exported")
     return exported
 
 
@@ -204,11 +243,14 @@ def train_loop(config, *, state, update: Callable, iterator, checkpointer, train
     import numpy as np
     from tqdm import tqdm
 
+    from ppow_jax import multihost
+
     tc = config.train
     start_step = int(state.step)
     if probe and start_step == 0:
         metrics_log.write(0, probe(state))
-    bar = tqdm(total=tc.steps, initial=start_step, desc=str(config.get("stage", "kd")), unit=unit, disable=not progress)
+    bar = tqdm(total=tc.steps, initial=start_step, desc=str(config.get("stage", "kd")), unit=unit,
+               disable=not (progress and multihost.is_primary()))
     end_step = tc.steps if stop_at is None else min(stop_at, tc.steps)
     metrics, out_of_time = {}, False
     window_tokens, window_start = 0, time.perf_counter()
@@ -226,7 +268,7 @@ def train_loop(config, *, state, update: Callable, iterator, checkpointer, train
         done = step + 1
         out_of_time = bool(tc.get("max_seconds", 0)) and train_seconds >= tc.max_seconds
         if done % tc.log_every == 0 or done == tc.steps or out_of_time:
-            metrics = jax.device_get(metrics)
+            metrics = multihost.to_host(metrics)
             logged = scalars(metrics)
             if not np.isfinite(logged["loss"]):
                 raise FloatingPointError(f"loss is {logged['loss']} at {unit} {done}; last good checkpoint: "
@@ -252,7 +294,7 @@ def train_loop(config, *, state, update: Callable, iterator, checkpointer, train
     finished = int(state.step) >= tc.steps or out_of_time
     if not finished:
         log(f"stopped at {unit} {int(state.step)} of {tc.steps}; rerun to resume")
-    return LoopOutcome(state, jax.device_get(metrics), train_seconds, finished)
+    return LoopOutcome(state, multihost.to_host(metrics), train_seconds, finished)
 
 
 def resume(checkpointer, state, iterator, unit: str) -> tuple[Any, float]:
@@ -272,18 +314,19 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
     import jax
     import numpy as np
 
+    from ppow_jax import multihost
     from ppow_jax.data.features import feature_shards
     from ppow_jax.data.pipeline import feature_dataset
     from ppow_jax.drafters.eagle import Eagle3Drafter
     from ppow_jax.errors import InputError
-    from ppow_jax.generate import parse_mesh
     from ppow_jax.training.checkpoints import Checkpointer
     from ppow_jax.training.kd import KDTrainer, draft_vocabulary, split_params
 
     if config.drafter.kind != "eagle3":
         raise InputError(f"unknown drafter kind {config.drafter.kind!r} (supported: eagle3)")
     tc = config.train
-    mesh = parse_mesh(tc.mesh)
+    mesh = training_mesh(tc.mesh)
+    rows = multihost.batch_rows(mesh, tc.batch_size)  # this process's share of every batch
     initial = None
     if config.get("init_from"):  # continued token-level training (CST) of a trained drafter
         drafter, initial = load_init_drafter(config, target)
@@ -303,12 +346,13 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
         else:
             d2t = draft_vocabulary(token_counts(pathlib.Path(config.data.cache_dir), target.config.vocab_size),
                                    config.drafter.draft_vocab_size)
-    (workdir / "d2t.json").write_text(json.dumps(np.asarray(d2t).tolist()))
+    if multihost.is_primary():
+        (workdir / "d2t.json").write_text(json.dumps(np.asarray(d2t).tolist()))
     trainer = KDTrainer(drafter, target.params, d2t, optimizer_config(tc), unroll_steps=tc.unroll_steps,
                         loss_positions=tc.loss_positions, mesh=mesh)
     state = trainer.init_state(jax.random.key(config.seed), params=None if initial is None else split_params(initial)[0])
     iterator = iter(feature_dataset(feature_shards(features_dir), batch_size=tc.batch_size, seed=config.seed,
-                                    num_epochs=config.data.num_epochs))
+                                    num_epochs=config.data.num_epochs, rows=rows))
     train_seconds = 0.0
     if resume_step is not None:
         state, train_seconds = resume(checkpointer, state, iterator, "step")
@@ -346,10 +390,10 @@ def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optiona
     import jax
     import numpy as np
 
+    from ppow_jax import multihost
     from ppow_jax.data.features import feature_shards
     from ppow_jax.data.pipeline import feature_dataset
     from ppow_jax.errors import InputError
-    from ppow_jax.generate import parse_mesh
     from ppow_jax.training.checkpoints import Checkpointer
     from ppow_jax.training.kd import learning_rate_schedule, make_optimizer
     from ppow_jax.training.ppow import PPOWTrainer, measure_cost_ratio, settings_from_config
@@ -362,7 +406,8 @@ def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optiona
         raise InputError("ppow.verifier='cache' needs the target's greedy responses (data.temperature=0); "
                          "use ppow.verifier='target'")
     settings_from_config(pc, gamma=pc.gamma if pc.gamma > 0 else 1.0)  # its checks, before any work
-    mesh = parse_mesh(tc.mesh)
+    mesh = training_mesh(tc.mesh)
+    rows = multihost.batch_rows(mesh, pc.sequences_per_iteration)  # this process's share of every batch
     drafter, initial = load_init_drafter(config, target)
     workdir = pathlib.Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -374,8 +419,9 @@ def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optiona
         gamma = checkpointer.restore_meta(resume_step)["gamma"]
     elif pc.gamma > 0:
         gamma = pc.gamma
-    else:
-        gamma = measure_cost_ratio(drafter, initial, target.config, target.params, pc.window)
+    else:  # each host times its own; all use the primary's, so every process computes the same rewards
+        gamma = multihost.broadcast_from_primary(
+            measure_cost_ratio(drafter, initial, target.config, target.params, pc.window))
         log(f"measured cost ratio γ = {gamma:.4f} (drafter step / target verify of {pc.window + 1} tokens)")
     optim = optimizer_config(tc)
     trainer = PPOWTrainer(drafter, target.config, target.params, np.asarray(initial["d2t"]),
@@ -383,7 +429,7 @@ def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optiona
                           mesh=mesh)
     state = trainer.init_state(initial, jax.random.key(config.seed))
     iterator = iter(feature_dataset(feature_shards(features_dir), batch_size=pc.sequences_per_iteration,
-                                    seed=config.seed, num_epochs=config.data.num_epochs))
+                                    seed=config.seed, num_epochs=config.data.num_epochs, rows=rows))
     train_seconds = 0.0
     if resume_step is not None:
         state, train_seconds = resume(checkpointer, state, iterator, "iteration")
@@ -404,6 +450,7 @@ def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optiona
 
 
 def run(config) -> int:
+    from ppow_jax import multihost
     from ppow_jax.errors import InputError
     from ppow_jax.weights.registry import load_model
 
@@ -412,6 +459,7 @@ def run(config) -> int:
     if stage not in trainers:
         raise InputError(f"unknown stage {stage!r}; choose one of {', '.join(trainers)}")
     check_loop_settings(config)
+    multihost.initialize(config.get("distributed") or {})
     target = load_model(config.target, param_dtype=config.param_dtype)
     metrics = trainers[stage](config, target)
     log(json.dumps({"final_metrics": metrics}))

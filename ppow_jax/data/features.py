@@ -26,7 +26,7 @@ import numpy as np
 from array_record.python import array_record_module
 from tqdm import tqdm
 
-from ppow_jax.data.distill import read_records, shard_paths
+from ppow_jax.data.distill import read_manifest, read_records, shard_paths
 from ppow_jax.drafters.interface import concat_features
 from ppow_jax.errors import InputError
 from ppow_jax.models import llama
@@ -77,13 +77,8 @@ def build_feature_cache(target_config: ModelConfig, target_params: llama.Params,
     """Runs the target over every cached response; returns the manifest."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"distill_dir": str(pathlib.Path(distill_dir).absolute()), "feature_layers": list(feature_layers),
-                "seq_len": seq_len, "hidden_size": target_config.hidden_size}
     manifest_path = out_dir / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"settings": settings, "shards": []}
-    if manifest["settings"] != settings:
-        raise InputError(f"feature cache {out_dir} was built with {manifest['settings']}, not {settings}; "
-                         "use another directory")
+    manifest = _checked_manifest(target_config, distill_dir, out_dir, feature_layers, seq_len)
     records = read_records(shard_paths(distill_dir))
     done = sum(s["examples"] for s in manifest["shards"])
     forward = jax.jit(lambda params, tokens: _teacher_forced(params, tokens, target_config, tuple(feature_layers)))
@@ -111,6 +106,31 @@ def build_feature_cache(target_config: ModelConfig, target_params: llama.Params,
         bar.update(len(batch))
     bar.close()
     return manifest
+
+
+def _checked_manifest(target_config: ModelConfig, distill_dir: str | pathlib.Path, out_dir: pathlib.Path,
+                      feature_layers: Sequence[int], seq_len: int) -> dict:
+    """The cache's manifest (an empty one when there is none yet); refused when built with other settings."""
+    settings = {"distill_dir": str(pathlib.Path(distill_dir).absolute()), "feature_layers": list(feature_layers),
+                "seq_len": seq_len, "hidden_size": target_config.hidden_size}
+    path = out_dir / MANIFEST
+    manifest = json.loads(path.read_text()) if path.exists() else {"settings": settings, "shards": []}
+    if manifest["settings"] != settings:
+        raise InputError(f"feature cache {out_dir} was built with {manifest['settings']}, not {settings}; "
+                         "use another directory")
+    return manifest
+
+
+def complete_manifest(target_config: ModelConfig, distill_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *,
+                      feature_layers: Sequence[int], seq_len: int) -> dict | None:
+    """The manifest of a cache that holds every self-distilled sequence of `distill_dir`, else None
+    (what the other processes of a multi-host run wait for while the primary builds it)."""
+    out_dir = pathlib.Path(out_dir)
+    if not (out_dir / MANIFEST).exists():
+        return None
+    manifest = _checked_manifest(target_config, distill_dir, out_dir, feature_layers, seq_len)
+    distilled = sum(len(shard["keys"]) for shard in read_manifest(pathlib.Path(distill_dir))["shards"])
+    return manifest if sum(s["examples"] for s in manifest["shards"]) == distilled else None
 
 
 def _teacher_forced(params, tokens, config: ModelConfig, feature_layers: tuple[int, ...]):

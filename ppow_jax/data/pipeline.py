@@ -1,18 +1,19 @@
 """The Grain input pipeline over the target-feature cache.
 
-Random access over ArrayRecord shards, a slice per JAX process, a seeded shuffle that changes every
-epoch, static-shape batches (every example is already padded to the same length). The iterator's
-state is a small dict saved with each checkpoint, so a resumed run sees exactly the batches an
-uninterrupted one would.
+Random access over ArrayRecord shards, a seeded shuffle that changes every epoch, static-shape
+batches (every example is already padded to the same length). `batch_size` is the global batch:
+with several JAX processes each one decodes only its `rows` of every batch (`multihost.batch_rows`),
+so the batches, and a run's losses, do not depend on the number of hosts. The iterator's state is a
+small dict saved with each checkpoint, the same on every process, so a resumed run sees exactly the
+batches an uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import pathlib
-from typing import Sequence
+from typing import Optional, Sequence
 
 import grain
-import jax
 import numpy as np
 
 from ppow_jax.data.features import decode_example
@@ -20,18 +21,19 @@ from ppow_jax.errors import InputError
 
 
 def feature_dataset(shards: Sequence[pathlib.Path], *, batch_size: int, seed: int, num_epochs: int = 0,
-                    process_index: int | None = None, process_count: int | None = None) -> grain.MapDataset:
-    """Batches of {"tokens", "loss_mask", "features", "target_hidden"} for this process."""
+                    rows: Optional[slice] = None) -> grain.MapDataset:
+    """Batches of {"tokens", "loss_mask", "features", "target_hidden"}: `rows` of each (default all)."""
     if not shards:
         raise InputError("the target feature cache holds no shards")
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
     source = grain.sources.ArrayRecordDataSource([str(p) for p in shards])
-    dataset = grain.MapDataset.source(source)[process_index::process_count]
+    dataset = grain.MapDataset.source(source)
     if len(dataset) < batch_size:
-        raise InputError(f"{len(dataset)} training sequences for this process, fewer than one batch of {batch_size}")
-    dataset = dataset.shuffle(seed=seed).repeat(num_epochs or None).map(decode_example)
-    return dataset.batch(batch_size, drop_remainder=True, batch_fn=_stack)
+        raise InputError(f"{len(dataset)} training sequences, fewer than one batch of {batch_size}")
+    rows = rows or slice(0, batch_size)
+    # Batches of still-encoded records: a process decodes only its own rows.
+    dataset = dataset.shuffle(seed=seed).repeat(num_epochs or None).batch(batch_size, drop_remainder=True,
+                                                                          batch_fn=list)
+    return dataset.map(lambda records: _stack([decode_example(r) for r in records[rows]]))
 
 
 def _stack(examples: Sequence[dict]) -> dict[str, np.ndarray]:

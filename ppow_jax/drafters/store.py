@@ -25,6 +25,14 @@ PARAMS = "params"
 REQUIRED_KEYS = ("target", "feature_layers", "draft_vocab_size", "intermediate_size")  # what load_drafter reads
 
 
+def _this_process_checkpointer() -> ocp.StandardCheckpointer:
+    """A checkpointer that runs on the calling process alone: a drafter is a small file that one process
+    of a multi-host run writes (the primary) or that each reads for itself, with no barrier between them."""
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
+
+
 def save_drafter(path: str | pathlib.Path, drafter: Eagle3Drafter, params: dict, *, target_name: str,
                  dtype: str = "float32", extra: dict | None = None) -> pathlib.Path:
     """Writes the drafter to `path` (replaced atomically: written beside it, then renamed)."""
@@ -34,7 +42,7 @@ def save_drafter(path: str | pathlib.Path, drafter: Eagle3Drafter, params: dict,
     tmp.mkdir(parents=True)
     cast = jax.tree_util.tree_map(
         lambda x: np.asarray(x if jnp.issubdtype(x.dtype, jnp.integer) else jnp.asarray(x, dtype)), params)
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _this_process_checkpointer() as checkpointer:
         checkpointer.save(tmp / PARAMS, cast)
     c = drafter.layer_config
     description = {"kind": "eagle3", "name": drafter.name, "feature_layers": list(drafter.feature_layers),
@@ -106,7 +114,7 @@ def load_drafter(path: str | pathlib.Path, target_config: ModelConfig) -> tuple[
     abstract = jax.tree_util.tree_map(
         lambda x: x if jnp.issubdtype(x.dtype, jnp.integer) else jax.ShapeDtypeStruct(x.shape, stored), abstract)
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        with _this_process_checkpointer() as checkpointer:
             params = checkpointer.restore(path / PARAMS, abstract)
     except Exception as err:  # orbax raises many types for missing or corrupt files
         raise CheckpointError(f"{path / PARAMS}: cannot restore the drafter parameters "

@@ -150,7 +150,8 @@ class KDTrainer:
         self.drafter, self.unroll_steps, self.loss_positions = drafter, unroll_steps, loss_positions
         self.mesh = mesh if mesh is not None else sharding.make_mesh(devices=jax.devices()[:1])
         self.optimizer, self.schedule = make_optimizer(optim), learning_rate_schedule(optim)
-        target = TargetConstants.from_target(target_params, drafter.check_d2t(d2t))
+        self.d2t = np.asarray(drafter.check_d2t(d2t))  # a host copy: the device one may span several hosts
+        target = TargetConstants.from_target(target_params, self.d2t)
         self.target_shardings = TargetConstants(
             embed=sharding.named_sharding(self.mesh, sharding.PARAM_AXES["embed"], target.embed.shape),
             head_rows=sharding.named_sharding(self.mesh, ("vocab", "embed"), target.head_rows.shape),
@@ -162,18 +163,19 @@ class KDTrainer:
         """A fresh train state: random parameters, or `params` (trainable leaves) to continue from."""
         init_key, rng = jax.random.split(key)
         if params is None:
-            params, _ = split_params(self.drafter.init_params(init_key, d2t=np.asarray(self.target.d2t)))
+            params, _ = split_params(self.drafter.init_params(init_key, d2t=self.d2t))
         params = jax.device_put(params, sharding.param_shardings(params, self.mesh))
         # Optimiser moments follow their parameters' shardings (propagated through jit).
         opt_state = jax.jit(self.optimizer.init)(params)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                          rng=jax.random.key_data(rng))
+        return on_mesh(TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                                  rng=jax.random.key_data(rng)), self.mesh)
 
     def state_shardings(self, state: TrainState) -> TrainState:
         return jax.tree_util.tree_map(lambda x: x.sharding, state)
 
     def batch_shardings(self, batch: Batch) -> Batch:
-        return {k: sharding.batch_sharding(self.mesh, v.shape) for k, v in batch.items()}
+        """Shardings of the global batch whose rows this process holds a share of."""
+        return {k: sharding.batch_sharding(self.mesh, global_batch_shape(v)) for k, v in batch.items()}
 
     def step(self, state: TrainState, batch: dict[str, np.ndarray]) -> tuple[TrainState, dict]:
         if self._step_fn is None:
@@ -184,14 +186,33 @@ class KDTrainer:
                                    schedule=self.schedule)
             self._step_fn = jax.jit(fn, in_shardings=(state_sh, self.batch_shardings(batch), self.target_shardings),
                                     out_shardings=(state_sh, replicated), donate_argnums=(0,))
-        if jax.process_count() > 1:  # each host holds its slice of the global batch
-            batch = {k: jax.make_array_from_process_local_data(sh, batch[k])
-                     for k, sh in self.batch_shardings(batch).items()}
+        batch = process_local_to_global(batch, self.batch_shardings(batch))
         with jax.set_mesh(self.mesh):
             return self._step_fn(state, batch, self.target)
 
     def drafter_params(self, state: TrainState) -> dict:
         return {**state.params, "d2t": self.target.d2t}
+
+
+def on_mesh(tree: Any, mesh: Mesh) -> Any:
+    """Leaves not laid out over `mesh` yet (the step, the RNG, optimiser counters: created on one device)
+    are replicated over it, so that the jitted step gets every argument on the same devices."""
+    devices, replicated = set(mesh.devices.flat), sharding.replicated(mesh)
+    return jax.tree_util.tree_map(lambda x: x if x.sharding.device_set == devices else jax.device_put(x, replicated),
+                                  tree)
+
+
+def global_batch_shape(local: np.ndarray) -> tuple[int, ...]:
+    """The global batch's shape: every process loads an equal share of its rows (`multihost.batch_rows`)."""
+    return (local.shape[0] * jax.process_count(), *local.shape[1:])
+
+
+def process_local_to_global(batch: dict[str, np.ndarray], shardings: dict) -> dict:
+    """With several processes, each host's rows become one global array; with one, the batch as it is."""
+    if jax.process_count() == 1:
+        return batch
+    return {k: jax.make_array_from_process_local_data(shardings[k], v, global_batch_shape(v))
+            for k, v in batch.items()}
 
 
 def draft_vocabulary(token_counts: np.ndarray, size: int) -> np.ndarray:

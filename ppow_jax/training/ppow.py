@@ -57,7 +57,8 @@ from ppow_jax.inference.speculative import accept_greedy, accept_sampling
 from ppow_jax.inference.windows import MAX_WINDOW, calibration_features
 from ppow_jax.models import llama
 from ppow_jax.models.config import ModelConfig
-from ppow_jax.training.kd import TargetConstants, TrainState, output_head
+from ppow_jax.training.kd import (TargetConstants, TrainState, global_batch_shape, on_mesh, output_head,
+                                  process_local_to_global)
 
 Batch = dict[str, jax.Array]
 VERIFIERS = ("cache", "target")
@@ -542,15 +543,15 @@ class PPOWTrainer:
         """The train state from drafter params (the token-level drafter PPOW starts from)."""
         trainable = {k: v for k, v in params.items() if k != "d2t"}
         trainable = jax.device_put(trainable, sharding.param_shardings(trainable, self.mesh))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
-                          opt_state=jax.jit(self.optimizer.init)(trainable), rng=jax.random.key_data(key))
+        return on_mesh(TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
+                                  opt_state=jax.jit(self.optimizer.init)(trainable), rng=jax.random.key_data(key)),
+                       self.mesh)
 
     def drafter_params(self, state: TrainState) -> dict:
         return {**state.params, "d2t": self.target.constants.d2t}
 
     def _compile(self, state: TrainState, batch: dict) -> None:
         state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
-        batch_sh = {k: sharding.batch_sharding(self.mesh, v.shape) for k, v in batch.items()}
         replicated = sharding.replicated(self.mesh)
         target_params_sh = None if self.target_params is None else \
             jax.tree_util.tree_map(lambda x: x.sharding, self.target_params)
@@ -558,17 +559,24 @@ class PPOWTrainer:
         self._rollout_fn = jax.jit(
             lambda params, target, batch, key, target_params: roll({**params, "d2t": target.constants.d2t}, target,
                                                                    batch, key, target_params),
-            in_shardings=(state_sh.params, self.target_shardings, batch_sh, replicated, target_params_sh))
+            in_shardings=(state_sh.params, self.target_shardings, self.batch_shardings(batch), replicated,
+                          target_params_sh))
         update = functools.partial(ppo_update, drafter=self.drafter, settings=self.settings, optimizer=self.optimizer,
                                    schedule=self.schedule)
         self._update_fn = jax.jit(update, out_shardings=(state_sh, replicated), donate_argnums=(0,))
 
+    def batch_shardings(self, batch: dict[str, np.ndarray]) -> dict:
+        """Shardings of the global batch whose rows this process holds a share of."""
+        return {k: sharding.batch_sharding(self.mesh, global_batch_shape(v)) for k, v in batch.items()}
+
     def iteration(self, state: TrainState, batch: dict[str, np.ndarray]) -> tuple[TrainState, dict]:
-        if batch["tokens"].shape[0] % self.settings.minibatches:
-            raise InputError(f"{batch['tokens'].shape[0]} sequences per iteration do not split into "
+        sequences = global_batch_shape(batch["tokens"])[0]
+        if sequences % self.settings.minibatches:
+            raise InputError(f"{sequences} sequences per iteration do not split into "
                              f"{self.settings.minibatches} minibatches")
         if self._rollout_fn is None:
             self._compile(state, batch)
+        batch = process_local_to_global(batch, self.batch_shardings(batch))
         rollout_key, update_key, next_key = jax.random.split(jax.random.wrap_key_data(state.rng), 3)
         state = state.replace(rng=jax.random.key_data(next_key))
         with jax.set_mesh(self.mesh):

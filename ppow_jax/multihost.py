@@ -1,0 +1,118 @@
+"""Training across the hosts of a pod slice: one process per host, each feeding its own devices.
+
+Every process runs the same program. What differs, and why:
+  - the input: each process loads only the rows of every global batch that its devices hold
+    (`batch_rows`), so a run sees the same batches whatever the number of processes;
+  - files: process 0 (the primary) builds the target-feature cache, writes logs, metrics and the
+    exported drafter, while the others wait for it (`wait_for`) or skip the write;
+  - host values: arrays spread over several hosts are gathered (`to_host`) before NumPy reads them.
+With one process every helper here is the plain single-host operation.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from ppow_jax.errors import InputError
+from ppow_jax.sharding import batch_sharding
+
+
+def initialize(settings: Any) -> None:
+    """`jax.distributed.initialize` from a config's `distributed` block, before JAX touches a device.
+
+    Unset fields (an empty address, `num_processes` 0, `process_id` -1) are detected by JAX on Cloud
+    TPU, SLURM, Open MPI and Kubernetes. On CPU hosts the collectives go through gloo.
+    """
+    if not settings.get("enabled", False):
+        return
+    address = settings.get("coordinator_address") or None
+    processes = settings.get("num_processes", 0) or None
+    process_id = settings.get("process_id", -1)
+    process_id = None if process_id < 0 else process_id
+    if processes is not None and process_id is not None and not 0 <= process_id < processes:
+        raise InputError(f"distributed.process_id {process_id} is not in [0, {processes})")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator_address=address, num_processes=processes, process_id=process_id)
+    except ValueError as err:  # nothing to detect the cluster from, and settings missing
+        raise InputError(f"distributed.enabled: {err} (no cluster detected here: set distributed.coordinator_address, "
+                         "num_processes and process_id)") from None
+
+
+def is_primary() -> bool:
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (a collective over all devices)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def wait_for(ready: Callable[[], bool], what: str, poll_seconds: float = 2.0) -> None:
+    """On non-primary processes, polls `ready()` until the primary has produced `what` on shared storage.
+
+    Polling rather than a device barrier: the primary may take half an hour (the feature cache), longer
+    than a collective should block. If the primary dies, JAX's coordination service stops this process.
+    """
+    if is_primary():
+        return
+    if not ready():
+        print(f"process {jax.process_index()}: waiting for process 0 to finish {what}", file=sys.stderr, flush=True)
+    while not ready():
+        time.sleep(poll_seconds)
+
+
+def to_host(tree: Any) -> Any:
+    """NumPy copies of a pytree's arrays; those spread over several processes are gathered first.
+
+    Gathering is a collective: with several processes, every one must call this in the same order.
+    """
+
+    def fetch(leaf):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return multihost_utils.process_allgather(leaf, tiled=True)
+        return np.asarray(jax.device_get(leaf))
+
+    return jax.tree_util.tree_map(fetch, tree)
+
+
+def broadcast_from_primary(value: float) -> float:
+    """The primary's value on every process (a figure measured on one host, e.g. the cost ratio γ)."""
+    if jax.process_count() == 1:
+        return value
+    return float(multihost_utils.broadcast_one_to_all(np.asarray(value, np.float32)))
+
+
+def batch_rows(mesh: Mesh, global_batch: int) -> slice:
+    """The rows of a global batch that this process's devices hold (`sharding.batch_sharding`).
+
+    Each process must hold an equal, contiguous share: the mesh's batch axes ("data", "fsdp") split
+    the batch over the processes, in process order (as `sharding.make_mesh` orders devices). Each
+    process then reads that slice of every batch, and `jax.make_array_from_process_local_data`
+    puts it in place.
+    """
+    processes = jax.process_count()
+    if processes == 1:
+        return slice(0, global_batch)
+    if not set(mesh.devices.flat) >= set(jax.devices()):
+        raise InputError(f"train.mesh covers {mesh.devices.size} of the {jax.device_count()} devices; with several "
+                         "processes it must cover all of them")
+    share = global_batch // processes
+    spans = {(index[0].start or 0, global_batch if index[0].stop is None else index[0].stop)
+             for index in batch_sharding(mesh, (global_batch,)).addressable_devices_indices_map(
+                 (global_batch,)).values()}
+    start, stop = min(s for s, _ in spans), max(e for _, e in spans)
+    covered = sum(e - s for s, e in spans)
+    if global_batch % processes or stop - start != share or covered != share:
+        raise InputError(f"a batch of {global_batch} must split evenly over the {processes} processes along the "
+                         f"mesh's data/fsdp axes (train.mesh={dict(mesh.shape)}); this process's devices hold rows "
+                         f"{sorted(spans)}")
+    return slice(start, stop)
