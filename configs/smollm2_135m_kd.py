@@ -78,7 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.eval_every = 100
     config.train.eval_window = 5
     config.train.eval_stride = 8
-    config.train.max_seconds = 0  # training-time budget in seconds (0: none); the run exports when it is spent
+    config.train.max_seconds = 0.0  # training-time budget in seconds (0: none); the run exports when it is spent
     config.train.mesh = ""  # e.g. "data=8" on a pod slice; default one device (several hosts: data over all)
     # Several hosts (launch/tpu_pod.sh): one process per host, started alike; enabled=True calls
     # jax.distributed.initialize, which finds the rest on Cloud TPU, SLURM, Open MPI and Kubernetes.

@@ -9,9 +9,11 @@
 # `train` runs on every worker, one process per host (--config.distributed.enabled=True: JAX finds
 # the other hosts by itself on Cloud TPU) with data parallelism over all chips unless --config.train.mesh
 # says otherwise; its workdir and caches must be on storage every worker sees (a Filestore or GCS FUSE
-# mount). `distill` runs on worker 0. Not yet run on a TPU (none was available to this project): the
-# multi-host training path is tested with two CPU processes (tests/test_multihost.py), the copying
-# and the argument quoting with a stub gcloud.
+# mount). `distill` runs on worker 0 alone; on a multi-host slice JAX on one worker may need that
+# worker's chips declared on their own (TPU_PROCESS_BOUNDS and related variables), or distill on a
+# single-host VM. Not yet run on a TPU (none was available to this project): the multi-host
+# training path is tested with two CPU processes (tests/test_multihost.py), the copying and the
+# argument quoting with a stub gcloud.
 set -euo pipefail
 if [[ $# -lt 3 ]]; then
   echo "usage: $0 TPU_NAME ZONE ENTRY_POINT [ARGS...]   (ENTRY_POINT: train | distill)" >&2

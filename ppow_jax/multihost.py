@@ -11,6 +11,7 @@ With one process every helper here is the plain single-host operation.
 
 from __future__ import annotations
 
+import pathlib
 import sys
 import time
 from typing import Any, Callable
@@ -77,7 +78,8 @@ def to_host(tree: Any) -> Any:
     """
 
     def fetch(leaf):
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        # A replicated array (metrics, the step) has a whole copy on this host: no gathering.
+        if isinstance(leaf, jax.Array) and not (leaf.is_fully_addressable or leaf.is_fully_replicated):
             return multihost_utils.process_allgather(leaf, tiled=True)
         return np.asarray(jax.device_get(leaf))
 
@@ -85,17 +87,63 @@ def to_host(tree: Any) -> Any:
 
 
 def broadcast_from_primary(value: float) -> float:
-    """The primary's value on every process (a figure measured on one host, e.g. the cost ratio γ)."""
+    """The primary's value on every process (a figure measured on one host, e.g. the cost ratio γ),
+    exactly: its float64 bits travel as two uint32 (JAX computes in 32 bits by default)."""
     if jax.process_count() == 1:
         return value
-    return float(multihost_utils.broadcast_one_to_all(np.asarray(value, np.float32)))
+    bits = multihost_utils.broadcast_one_to_all(np.asarray([value], np.float64).view(np.uint32))
+    return float(np.asarray(bits, np.uint32).view(np.float64)[0])
+
+
+def agree(flag: bool) -> bool:
+    """The primary's decision on every process, for choices that lead to collectives (stopping on a
+    time budget measured by each host's own clock)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.int32)))
+
+
+def put(tree: Any, shardings: Any) -> Any:
+    """`jax.device_put` of host values that every process holds alike (parameters, the target).
+
+    Across processes each host copies in only the pieces its devices hold; `jax.device_put` would
+    first check that the hosts agree by gathering every array whole onto every device.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def place(leaf, leaf_sharding):
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, leaf_sharding, lambda index: host[index])
+
+    return jax.tree_util.tree_map(place, tree, shardings)
+
+
+def check_shared_directory(directory: pathlib.Path) -> None:
+    """Refuses a run whose workdir the hosts do not share: the others would wait for files that
+    never appear. The primary writes a token there; every process checks it can read it."""
+    if jax.process_count() == 1:
+        return
+    token = np.asarray(time.time_ns() % (1 << 31), np.int32)
+    marker = directory / f".shared-by-hosts-{int(multihost_utils.broadcast_one_to_all(token))}"
+    if is_primary():
+        directory.mkdir(parents=True, exist_ok=True)
+        marker.write_text("")
+    barrier("shared directory marker written")
+    seen = multihost_utils.process_allgather(np.asarray(marker.exists(), np.int32))
+    barrier("shared directory marker read")
+    if is_primary():
+        marker.unlink()
+    if not np.all(seen):
+        raise InputError(f"{directory} is not shared by all hosts (processes {np.flatnonzero(seen == 0).tolist()} "
+                         "cannot see it): put the workdir and the caches on storage every host mounts")
 
 
 def batch_rows(mesh: Mesh, global_batch: int) -> slice:
     """The rows of a global batch that this process's devices hold (`sharding.batch_sharding`).
 
     Each process must hold an equal, contiguous share: the mesh's batch axes ("data", "fsdp") split
-    the batch over the processes, in process order (as `sharding.make_mesh` orders devices). Each
+    the batch over the processes, and each process's devices sit next to each other on them. Each
     process then reads that slice of every batch, and `jax.make_array_from_process_local_data`
     puts it in place.
     """
@@ -106,13 +154,17 @@ def batch_rows(mesh: Mesh, global_batch: int) -> slice:
         raise InputError(f"train.mesh covers {mesh.devices.size} of the {jax.device_count()} devices; with several "
                          "processes it must cover all of them")
     share = global_batch // processes
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
     spans = {(index[0].start or 0, global_batch if index[0].stop is None else index[0].stop)
              for index in batch_sharding(mesh, (global_batch,)).addressable_devices_indices_map(
                  (global_batch,)).values()}
     start, stop = min(s for s, _ in spans), max(e for _, e in spans)
     covered = sum(e - s for s, e in spans)
-    if global_batch % processes or stop - start != share or covered != share:
-        raise InputError(f"a batch of {global_batch} must split evenly over the {processes} processes along the "
-                         f"mesh's data/fsdp axes (train.mesh={dict(mesh.shape)}); this process's devices hold rows "
-                         f"{sorted(spans)}")
+    if global_batch % split:
+        raise InputError(f"a batch of {global_batch} must be a multiple of the mesh's data x fsdp = {split} "
+                         f"(train.mesh={dict(mesh.shape)}), so that the hosts split it")
+    if stop - start != share or covered != share:
+        raise InputError(f"this process's devices hold rows {sorted(spans)} of a batch of {global_batch}, not one "
+                         f"contiguous share of {share}: train.mesh={dict(mesh.shape)} must split the batch over the "
+                         "hosts along data/fsdp, with each host's devices next to each other")
     return slice(start, stop)

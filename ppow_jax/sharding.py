@@ -59,13 +59,17 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1,
-              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over the first data*fsdp*tensor devices."""
+              devices: Optional[Sequence[jax.Device]] = None, keep_order: bool = False) -> Mesh:
+    """A (data, fsdp, tensor) mesh over the first data*fsdp*tensor devices, laid out by
+    `jax.make_mesh` for the interconnect, or in the order given when `keep_order`."""
     needed = data * fsdp * tensor
     devices = list(devices if devices is not None else jax.devices())
     if needed > len(devices):
         raise ValueError(f"mesh data={data} fsdp={fsdp} tensor={tensor} needs {needed} devices, "
                          f"but {len(devices)} are available")
+    if keep_order:
+        return Mesh(np.asarray(devices[:needed]).reshape(data, fsdp, tensor), MESH_AXES,
+                    axis_types=(AxisType.Auto,) * 3)
     return jax.make_mesh((data, fsdp, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
                          devices=devices[:needed])
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import sys
 import time
@@ -87,12 +88,13 @@ def feature_cache(config, target, progress: bool, split: str = "train") -> pathl
     directory = pathlib.Path(directory or pathlib.Path(config.workdir) / ("features" if split == "train" else "features-dev"))
     settings = dict(feature_layers=tuple(config.drafter.feature_layers), seq_len=data.seq_len)
     if multihost.is_primary():
-        build_feature_cache(target.config, target.params, distill_dir, directory, **settings,
-                            batch_size=data.feature_batch_size, pad_token_id=target.tokenizer.pad_token_id or 0,
-                            progress=progress)
-    multihost.wait_for(lambda: complete_manifest(target.config, distill_dir, directory, **settings) is not None,
-                       f"the feature cache {directory}")
-    manifest = complete_manifest(target.config, distill_dir, directory, **settings)
+        manifest = build_feature_cache(target.config, target.params, distill_dir, directory, **settings,
+                                       batch_size=data.feature_batch_size,
+                                       pad_token_id=target.tokenizer.pad_token_id or 0, progress=progress)
+    else:
+        complete = lambda: complete_manifest(target.config, distill_dir, directory, **settings)  # noqa: E731
+        multihost.wait_for(lambda: complete() is not None, f"the feature cache {directory}")
+        manifest = complete()
     loss_tokens = sum(s["loss_tokens"] for s in manifest["shards"])
     log(f"feature cache {directory} ({split}): {sum(s['examples'] for s in manifest['shards'])} sequences, "
         f"{loss_tokens} response tokens")
@@ -145,6 +147,26 @@ class DevProbe:
         return {f"dev/{name}": value for name, value in measured.items()}
 
 
+def write_atomically(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def check_shared_storage(config) -> None:
+    """With several processes: refuses directories of the run that the hosts do not all see (the
+    others would wait for the primary's feature cache forever, or train on other data)."""
+    from ppow_jax import multihost
+
+    data = config.data
+    directories = [config.workdir, data.cache_dir, data.get("features_dir"), data.get("dev_features_dir")]
+    if data.get("dev_prompts"):
+        directories.append(data.dev_cache_dir)
+    for directory in filter(None, directories):
+        if multihost.agree(pathlib.Path(directory).is_dir()):  # a missing one is reported where it is read
+            multihost.check_shared_directory(pathlib.Path(directory))
+
+
 def check_loop_settings(config) -> None:
     """Refuses loop settings the loop would fail on later (a zero divisor, no steps), before any work."""
     from ppow_jax.errors import InputError
@@ -181,8 +203,9 @@ def training_mesh(spec: str):
     from ppow_jax.generate import parse_mesh
 
     mesh = parse_mesh(spec)
-    if mesh is None and jax.process_count() > 1:
-        mesh = sharding.make_mesh(data=jax.device_count())
+    if mesh is None and jax.process_count() > 1:  # devices by host, so that each host's rows are contiguous
+        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+        mesh = sharding.make_mesh(data=len(devices), devices=devices, keep_order=True)
     return mesh
 
 
@@ -234,10 +257,10 @@ def train_loop(config, *, state, update: Callable, iterator, checkpointer, train
                scalars: Callable[[dict], dict[str, float]], postfix: Callable[[dict[str, float]], dict[str, str]],
                probe: Optional[Callable[[Any], dict[str, float]]], unit: str, progress: bool,
                stop_at: Optional[int], checkpoint_meta: Optional[dict] = None,
-               batch_tokens: Optional[Callable[[dict], int]] = None) -> LoopOutcome:
+               step_tokens: Optional[Callable[[dict], Any]] = None) -> LoopOutcome:
     """The loop both stages share: `state, metrics = update(state, batch)` until `train.steps`, the
     time budget `train.max_seconds` (update time only) or `stop_at`; metrics every `train.log_every`
-    steps (with tokens/s when `batch_tokens` counts a batch's trained tokens), a checkpoint every
+    steps (with tokens/s when `step_tokens(metrics)` counts a step's trained tokens), a checkpoint every
     `train.checkpoint_every`, the dev `probe(state)` every `train.eval_every`."""
     import jax
     import numpy as np
@@ -264,9 +287,11 @@ def train_loop(config, *, state, update: Callable, iterator, checkpointer, train
         state, metrics = update(state, batch)
         jax.block_until_ready(state.step)
         train_seconds += time.perf_counter() - step_start
-        window_tokens += batch_tokens(batch) if batch_tokens else 0
+        if step_tokens:  # a device scalar over the global batch, read at the next log
+            window_tokens = window_tokens + step_tokens(metrics)
         done = step + 1
-        out_of_time = bool(tc.get("max_seconds", 0)) and train_seconds >= tc.max_seconds
+        # Each host's clock differs: all follow the primary's, so all stop after the same step.
+        out_of_time = bool(tc.get("max_seconds", 0)) and multihost.agree(train_seconds >= tc.max_seconds)
         if done % tc.log_every == 0 or done == tc.steps or out_of_time:
             metrics = multihost.to_host(metrics)
             logged = scalars(metrics)
@@ -274,8 +299,8 @@ def train_loop(config, *, state, update: Callable, iterator, checkpointer, train
                 raise FloatingPointError(f"loss is {logged['loss']} at {unit} {done}; last good checkpoint: "
                                          f"{checkpointer.latest_step()}")
             logged["train_seconds"] = train_seconds
-            if batch_tokens:
-                logged["tokens_per_s"] = window_tokens / (time.perf_counter() - window_start)
+            if step_tokens:
+                logged["tokens_per_s"] = float(multihost.to_host(window_tokens)) / (time.perf_counter() - window_start)
             metrics_log.write(done, logged)
             bar.set_postfix(postfix(logged))
             window_tokens, window_start = 0, time.perf_counter()
@@ -332,6 +357,7 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
         drafter, initial = load_init_drafter(config, target)
     workdir = pathlib.Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    check_shared_storage(config)
     features_dir = feature_cache(config, target, progress)
 
     checkpointer = Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints)
@@ -346,8 +372,8 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
         else:
             d2t = draft_vocabulary(token_counts(pathlib.Path(config.data.cache_dir), target.config.vocab_size),
                                    config.drafter.draft_vocab_size)
-    if multihost.is_primary():
-        (workdir / "d2t.json").write_text(json.dumps(np.asarray(d2t).tolist()))
+    if resume_step is None and multihost.is_primary():  # a resumed run's other processes are reading it
+        write_atomically(workdir / "d2t.json", json.dumps(np.asarray(d2t).tolist()))
     trainer = KDTrainer(drafter, target.params, d2t, optimizer_config(tc), unroll_steps=tc.unroll_steps,
                         loss_positions=tc.loss_positions, mesh=mesh)
     state = trainer.init_state(jax.random.key(config.seed), params=None if initial is None else split_params(initial)[0])
@@ -363,17 +389,14 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
         logged.update({f"loss/step{j}": float(x) for j, x in enumerate(metrics["step_loss"])})
         return logged
 
-    def batch_tokens(batch: dict) -> int:  # response tokens that got the loss
-        tokens = int(batch["loss_mask"].sum())
-        return min(tokens, tc.loss_positions) if tc.loss_positions else tokens
-
     outcome = train_loop(
         config, state=state, update=trainer.step, iterator=iterator, checkpointer=checkpointer,
         train_seconds=train_seconds, metrics_log=MetricsLog(workdir), scalars=scalars,
         postfix=lambda s: {"loss": f"{s['loss']:.3f}", "agree0": f"{s['agreement/step0']:.3f}",
                            "tok_s": f"{s['tokens_per_s']:.0f}"},
         probe=DevProbe.of_train_state(config, target, progress, drafter, trainer.drafter_params),
-        unit="step", progress=progress, stop_at=stop_at, batch_tokens=batch_tokens)
+        unit="step", progress=progress, stop_at=stop_at,
+        step_tokens=lambda metrics: metrics["loss_tokens"])  # response tokens that got the loss
     if outcome.finished:
         export_drafter(config, target, drafter, trainer.drafter_params(outcome.state), features_dir,
                        {"stage": "kd", "train_steps": int(outcome.state.step), "train_seconds": outcome.train_seconds,
@@ -411,6 +434,7 @@ def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optiona
     drafter, initial = load_init_drafter(config, target)
     workdir = pathlib.Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    check_shared_storage(config)
     features_dir = feature_cache(config, target, progress)
 
     checkpointer = Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints)
@@ -419,9 +443,10 @@ def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optiona
         gamma = checkpointer.restore_meta(resume_step)["gamma"]
     elif pc.gamma > 0:
         gamma = pc.gamma
-    else:  # each host times its own; all use the primary's, so every process computes the same rewards
+    else:  # timed on the primary; every process computes its rewards with that value
         gamma = multihost.broadcast_from_primary(
-            measure_cost_ratio(drafter, initial, target.config, target.params, pc.window))
+            measure_cost_ratio(drafter, initial, target.config, target.params, pc.window) if multihost.is_primary()
+            else 0.0)
         log(f"measured cost ratio γ = {gamma:.4f} (drafter step / target verify of {pc.window + 1} tokens)")
     optim = optimizer_config(tc)
     trainer = PPOWTrainer(drafter, target.config, target.params, np.asarray(initial["d2t"]),

@@ -2,9 +2,10 @@
 
     python tests/multiprocess_worker.py SETTINGS_JSON
 
-SETTINGS_JSON holds "config" (tiny_kd or tiny_ppow), "overrides" ({dotted key: value}) and
-"distributed" (the config's block, or null for a single-process run). The target is the tests'
-tiny random model with the real tokenizer; the final metrics are printed as JSON on the last line.
+SETTINGS_JSON holds "config" (tiny_kd or tiny_ppow), "overrides" ({dotted key: value}),
+"distributed" (the config's block, or null for a single-process run) and optionally "stop_at" (a
+scheduled interruption after that step's checkpoint). The target is the tests' tiny random model
+with the real tokenizer.
 """
 
 import json
@@ -38,8 +39,7 @@ def main(settings: dict) -> None:
     target = LoadedModel(config=model_config, params=tiny_params(model_config, std=0.3), tokenizer=tokenizer,
                          path=pathlib.Path("tiny"))
     train = run_ppow_training if config.stage == "ppow" else run_training
-    metrics = train(config, target, progress=False)
-    print(json.dumps(metrics), flush=True)
+    train(config, target, progress=False, stop_at=settings.get("stop_at"))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import REPO_ROOT
+
 WORKER = pathlib.Path(__file__).with_name("multiprocess_worker.py")
 
 
@@ -23,7 +25,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(config: str, overrides: dict, processes: int, log_dir: pathlib.Path) -> list[str]:
+def _train(config: str, overrides: dict, processes: int, log_dir: pathlib.Path, *, stop_at=None,
+           per_process=lambda process_id: {}, expect_success: bool = True) -> list[str]:
     """Runs `processes` workers (one device each; a single process gets two) -> each one's stderr."""
     port = _free_port()
     workers = []
@@ -31,11 +34,12 @@ def _train(config: str, overrides: dict, processes: int, log_dir: pathlib.Path) 
         distributed = None if processes == 1 else {
             "enabled": True, "coordinator_address": f"127.0.0.1:{port}", "num_processes": processes,
             "process_id": process_id}
-        settings = {"config": config, "overrides": overrides, "distributed": distributed}
+        settings = {"config": config, "overrides": {**overrides, **per_process(process_id)},
+                    "distributed": distributed, "stop_at": stop_at}
         env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={2 // processes}"}
-        log = open(log_dir / f"{config}-{processes}-{process_id}.log", "w+")
+        log = open(log_dir / f"{config}-{processes}-{process_id}-{port}.log", "w+")
         workers.append((subprocess.Popen([sys.executable, str(WORKER), json.dumps(settings)], env=env,
-                                         stdout=subprocess.DEVNULL, stderr=log), log))
+                                         stdout=log, stderr=subprocess.STDOUT), log))
     deadline = time.monotonic() + 400
     try:  # a worker that fails leaves the other blocked in a collective: stop them all
         while any(w.poll() is None for w, _ in workers) and all(w.poll() in (None, 0) for w, _ in workers):
@@ -51,8 +55,8 @@ def _train(config: str, overrides: dict, processes: int, log_dir: pathlib.Path) 
         log.seek(0)
         outputs.append(log.read())
         log.close()
-    for worker, output in zip(workers, outputs):
-        assert worker[0].returncode == 0, f"worker exited {worker[0].returncode}:\n{output[-3000:]}"
+        if expect_success:
+            assert worker.returncode == 0, f"worker exited {worker.returncode}:\n{outputs[-1][-3000:]}"
     return outputs
 
 
@@ -62,77 +66,81 @@ def _history(workdir: pathlib.Path) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in ("train_seconds", "tokens_per_s")} for row in rows]
 
 
-def _assert_same_history(one: list[dict], two: list[dict]) -> None:
-    assert [row["step"] for row in one] == [row["step"] for row in two]
-    for a, b in zip(one, two):
-        assert a.keys() == b.keys()
-        for key in a:
-            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=f"step {a['step']} {key}")
-
-
-def _drafter_params(directory: pathlib.Path) -> dict:
+def _assert_same_run(one: pathlib.Path, two: pathlib.Path) -> None:
+    """Same metrics at the same steps, and the same exported drafter."""
+    a, b = _history(one), _history(two)
+    assert [row["step"] for row in a] == [row["step"] for row in b]
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_allclose(x[key], y[key], rtol=1e-5, atol=1e-6, err_msg=f"step {x['step']} {key}")
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(directory / "drafter" / "params")
+        pa, pb = (checkpointer.restore(d / "drafter" / "params") for d in (one, two))
+    assert jax.tree_util.tree_structure(pa) == jax.tree_util.tree_structure(pb)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(pa), jax.tree_util.tree_leaves(pb)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.fixture(scope="module")
 def kd_runs(distilled, tmp_path_factory):
-    """The tiny KD config for 12 steps on a data=2 mesh: one process with two devices, and two processes."""
+    """The tiny KD config, 12 steps on a data=2 mesh: one process with two devices straight through;
+    two processes interrupted after step 6, then resumed -> (root, overrides, the two processes' logs)."""
     config, _, _ = distilled
     root = tmp_path_factory.mktemp("multihost")
-    runs = {}
-    for processes in (1, 2):
-        overrides = {"data.cache_dir": config.data.cache_dir, "data.dev_cache_dir": config.data.dev_cache_dir,
-                     "workdir": str(root / f"kd-{processes}"), "train.steps": 12, "train.checkpoint_every": 6,
-                     "train.eval_every": 6, "train.mesh": "data=2"}
-        runs[processes] = (overrides, _train("tiny_kd", overrides, processes, root))
-    return root, runs
+    overrides = {"data.cache_dir": config.data.cache_dir, "data.dev_cache_dir": config.data.dev_cache_dir,
+                 "train.steps": 12, "train.checkpoint_every": 6, "train.eval_every": 6, "train.mesh": "data=2"}
+    _train("tiny_kd", {**overrides, "workdir": str(root / "kd-1")}, 1, root)
+    interrupted = _train("tiny_kd", {**overrides, "workdir": str(root / "kd-2")}, 2, root, stop_at=6)
+    resumed = _train("tiny_kd", {**overrides, "workdir": str(root / "kd-2")}, 2, root)
+    return root, overrides, interrupted, resumed
 
 
-def test_two_processes_train_as_one_does_on_two_devices(kd_runs):
-    root, runs = kd_runs
-    (_, (single_log,)), (overrides, (primary_log, secondary_log)) = runs[1], runs[2]
-    one, two = root / "kd-1", root / "kd-2"
-    history = _history(one)
-    assert any("dev/accept_length" in row for row in history)  # the dev probe ran (on every process)
-    _assert_same_history(history, _history(two))  # also: the primary alone wrote the metrics, once
-    a, b = _drafter_params(one), _drafter_params(two)
-    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+def test_two_processes_train_and_resume_as_one_process_on_two_devices(kd_runs):
+    root, _, interrupted, (primary_log, secondary_log) = kd_runs
+    assert "stopped at step 6" in interrupted[0] and "resumed from step 6" in primary_log
+    assert any("dev/accept_length" in row for row in _history(root / "kd-1"))  # the dev probe ran
+    _assert_same_run(root / "kd-1", root / "kd-2")  # metrics written once, by the primary
     # The primary logs and exports; the other process stays quiet.
     assert "drafter exported" in primary_log and "drafter exported" not in secondary_log
-    assert re.search(r"\(train\): \d+ sequences", primary_log) and "sequences" not in secondary_log
-    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["12", "6"]
+    assert re.search(r"\(train\): \d+ sequences", interrupted[0]) and "sequences" not in interrupted[1]
 
 
-def test_two_processes_resume_from_their_checkpoint(kd_runs, tmp_path):
-    root, runs = kd_runs
-    overrides, _ = runs[2]
-    primary_log, _ = _train("tiny_kd", {**overrides, "train.steps": 18}, 2, tmp_path)
-    assert "resumed from step 12" in primary_log
-    assert [row["step"] for row in _history(root / "kd-2") if "loss" in row][-1] == 18
-
-
-def test_two_processes_ppow_as_one_does_on_two_devices(kd_runs, tmp_path):
-    root, runs = kd_runs
-    kd_overrides, _ = runs[1]
+def test_two_processes_ppow_as_one_process_on_two_devices(kd_runs, tmp_path):
+    root, kd_overrides, _, _ = kd_runs
+    overrides = {**kd_overrides, "init_from": str(root / "kd-1" / "drafter"), "train.steps": 4,
+                 "train.checkpoint_every": 4}
     for processes in (1, 2):
-        overrides = {**kd_overrides, "init_from": str(root / "kd-1" / "drafter"),
-                     "workdir": str(tmp_path / f"{processes}"), "train.steps": 4, "train.checkpoint_every": 4}
-        _train("tiny_ppow", overrides, processes, tmp_path)
-    history = _history(tmp_path / "1")
-    assert any("reward" in row for row in history)
-    _assert_same_history(history, _history(tmp_path / "2"))
+        _train("tiny_ppow", {**overrides, "workdir": str(tmp_path / f"{processes}")}, processes, tmp_path)
+    assert any("reward" in row for row in _history(tmp_path / "1"))
+    _assert_same_run(tmp_path / "1", tmp_path / "2")
+
+
+def test_two_processes_agree_on_the_time_budget_and_the_measured_gamma(kd_runs, tmp_path):
+    root, kd_overrides, _, _ = kd_runs
+    overrides = {**kd_overrides, "init_from": str(root / "kd-1" / "drafter"), "workdir": str(tmp_path / "run"),
+                 "ppow.gamma": 0.0, "train.max_seconds": 1e-3}
+    primary_log, _ = _train("tiny_ppow", overrides, 2, tmp_path)
+    assert "training-time budget of 0.001 s reached at iteration 1" in primary_log
+    exported = json.loads((tmp_path / "run" / "drafter" / "drafter.json").read_text())
+    assert exported["train_steps"] == 1 and exported["gamma"] > 0
+
+
+def test_a_workdir_the_hosts_do_not_share_is_refused(kd_runs, tmp_path):
+    _, overrides, _, _ = kd_runs
+    logs = _train("tiny_kd", overrides, 2, tmp_path, expect_success=False,
+                  per_process=lambda process_id: {"workdir": str(tmp_path / f"host{process_id}")})
+    for log in logs:
+        assert "is not shared by all hosts (processes [1] cannot see it)" in log
 
 
 def test_distributed_without_a_cluster_or_settings_is_a_clear_error(tmp_path):
-    from conftest import REPO_ROOT
-
+    # Without the variables JAX would detect a cluster from (SLURM, Open MPI, Kubernetes, Cloud TPU).
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "OMPI_", "PMI_", "KUBERNETES_", "TPU_", "JAX_COORDINATOR"))}
     result = subprocess.run([sys.executable, "-m", "ppow_jax.train", "--config", "configs/tiny_kd.py",
                              "--config.distributed.enabled=True", f"--config.workdir={tmp_path}"],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "set distributed.coordinator_address, num_processes and process_id" in result.stderr

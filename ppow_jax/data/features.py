@@ -81,6 +81,7 @@ def build_feature_cache(target_config: ModelConfig, target_params: llama.Params,
     manifest = _checked_manifest(target_config, distill_dir, out_dir, feature_layers, seq_len)
     records = read_records(shard_paths(distill_dir))
     done = sum(s["examples"] for s in manifest["shards"])
+    _check_not_stale(out_dir, done, len(records))
     forward = jax.jit(lambda params, tokens: _teacher_forced(params, tokens, target_config, tuple(feature_layers)))
     bar = tqdm(total=len(records), initial=done, desc="target features", unit="seq", disable=not progress)
     for start in range(done, len(records), batch_size):
@@ -130,7 +131,15 @@ def complete_manifest(target_config: ModelConfig, distill_dir: str | pathlib.Pat
         return None
     manifest = _checked_manifest(target_config, distill_dir, out_dir, feature_layers, seq_len)
     distilled = sum(len(shard["keys"]) for shard in read_manifest(pathlib.Path(distill_dir))["shards"])
-    return manifest if sum(s["examples"] for s in manifest["shards"]) == distilled else None
+    cached = sum(s["examples"] for s in manifest["shards"])
+    _check_not_stale(out_dir, cached, distilled)
+    return manifest if cached == distilled else None
+
+
+def _check_not_stale(out_dir: pathlib.Path, cached: int, distilled: int) -> None:
+    if cached > distilled:
+        raise InputError(f"feature cache {out_dir} holds {cached} sequences but the self-distilled data only "
+                         f"{distilled}: it was built from other data; delete it or use another directory")
 
 
 def _teacher_forced(params, tokens, config: ModelConfig, feature_layers: tuple[int, ...]):

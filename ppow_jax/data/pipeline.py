@@ -2,7 +2,7 @@
 
 Random access over ArrayRecord shards, a seeded shuffle that changes every epoch, static-shape
 batches (every example is already padded to the same length). `batch_size` is the global batch:
-with several JAX processes each one decodes only its `rows` of every batch (`multihost.batch_rows`),
+with several JAX processes each one reads only its `rows` of every batch (`multihost.batch_rows`),
 so the batches, and a run's losses, do not depend on the number of hosts. The iterator's state is a
 small dict saved with each checkpoint, the same on every process, so a resumed run sees exactly the
 batches an uninterrupted one would.
@@ -26,14 +26,13 @@ def feature_dataset(shards: Sequence[pathlib.Path], *, batch_size: int, seed: in
     if not shards:
         raise InputError("the target feature cache holds no shards")
     source = grain.sources.ArrayRecordDataSource([str(p) for p in shards])
-    dataset = grain.MapDataset.source(source)
-    if len(dataset) < batch_size:
-        raise InputError(f"{len(dataset)} training sequences, fewer than one batch of {batch_size}")
+    if len(source) < batch_size:
+        raise InputError(f"{len(source)} training sequences, fewer than one batch of {batch_size}")
     rows = rows or slice(0, batch_size)
-    # Batches of still-encoded records: a process decodes only its own rows.
-    dataset = dataset.shuffle(seed=seed).repeat(num_epochs or None).batch(batch_size, drop_remainder=True,
-                                                                          batch_fn=list)
-    return dataset.map(lambda records: _stack([decode_example(r) for r in records[rows]]))
+    # Shuffled and batched as indices: a process reads and decodes only its own rows of each batch.
+    indices = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(num_epochs or None)
+    batches = indices.batch(batch_size, drop_remainder=True, batch_fn=list)
+    return batches.map(lambda batch: _stack([decode_example(source[i]) for i in batch[rows]]))
 
 
 def _stack(examples: Sequence[dict]) -> dict[str, np.ndarray]:

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from ppow_jax import sharding
+from ppow_jax import multihost, sharding
 from ppow_jax.drafters.eagle import Eagle3Drafter, unrolled_hidden
 
 Batch = dict[str, jax.Array]
@@ -156,7 +156,7 @@ class KDTrainer:
             embed=sharding.named_sharding(self.mesh, sharding.PARAM_AXES["embed"], target.embed.shape),
             head_rows=sharding.named_sharding(self.mesh, ("vocab", "embed"), target.head_rows.shape),
             d2t=sharding.replicated(self.mesh))
-        self.target = jax.device_put(target, self.target_shardings)
+        self.target = multihost.put(target, self.target_shardings)
         self._step_fn = None
 
     def init_state(self, key: jax.Array, params: Optional[dict] = None) -> TrainState:
@@ -164,7 +164,7 @@ class KDTrainer:
         init_key, rng = jax.random.split(key)
         if params is None:
             params, _ = split_params(self.drafter.init_params(init_key, d2t=self.d2t))
-        params = jax.device_put(params, sharding.param_shardings(params, self.mesh))
+        params = multihost.put(params, sharding.param_shardings(params, self.mesh))
         # Optimiser moments follow their parameters' shardings (propagated through jit).
         opt_state = jax.jit(self.optimizer.init)(params)
         return on_mesh(TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
@@ -198,7 +198,7 @@ def on_mesh(tree: Any, mesh: Mesh) -> Any:
     """Leaves not laid out over `mesh` yet (the step, the RNG, optimiser counters: created on one device)
     are replicated over it, so that the jitted step gets every argument on the same devices."""
     devices, replicated = set(mesh.devices.flat), sharding.replicated(mesh)
-    return jax.tree_util.tree_map(lambda x: x if x.sharding.device_set == devices else jax.device_put(x, replicated),
+    return jax.tree_util.tree_map(lambda x: x if x.sharding.device_set == devices else multihost.put(x, replicated),
                                   tree)
 
 

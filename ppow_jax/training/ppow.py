@@ -49,7 +49,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from ppow_jax import sharding
+from ppow_jax import multihost, sharding
 from ppow_jax.drafters.eagle import Eagle3Drafter, layer_output, layer_qkv
 from ppow_jax.errors import InputError
 from ppow_jax.inference.sampling import SamplingParams
@@ -531,18 +531,18 @@ class PPOWTrainer:
                 head_rows=sharding.named_sharding(self.mesh, ("vocab", "embed"), target.constants.head_rows.shape),
                 d2t=sharding.replicated(self.mesh)),
             head=sharding.named_sharding(self.mesh, ("vocab", "embed"), target.head.shape))
-        self.target = jax.device_put(target, shardings)
+        self.target = multihost.put(target, shardings)
         self.target_shardings = shardings
         # The live target is only needed to verify with it.
         self.target_params = None
         if settings.verifier == "target":
-            self.target_params = jax.device_put(target_params, sharding.param_shardings(target_params, self.mesh))
+            self.target_params = multihost.put(target_params, sharding.param_shardings(target_params, self.mesh))
         self._rollout_fn = self._update_fn = None
 
     def init_state(self, params: dict, key: jax.Array) -> TrainState:
         """The train state from drafter params (the token-level drafter PPOW starts from)."""
         trainable = {k: v for k, v in params.items() if k != "d2t"}
-        trainable = jax.device_put(trainable, sharding.param_shardings(trainable, self.mesh))
+        trainable = multihost.put(trainable, sharding.param_shardings(trainable, self.mesh))
         return on_mesh(TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
                                   opt_state=jax.jit(self.optimizer.init)(trainable), rng=jax.random.key_data(key)),
                        self.mesh)
