@@ -126,17 +126,22 @@ def check_shared_directory(directory: pathlib.Path) -> None:
         return
     token = np.asarray(time.time_ns() % (1 << 31), np.int32)
     marker = directory / f".shared-by-hosts-{int(multihost_utils.broadcast_one_to_all(token))}"
+    problem = ""
     if is_primary():
-        directory.mkdir(parents=True, exist_ok=True)
-        marker.write_text("")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            marker.write_text("")
+        except OSError as err:  # still joins the collectives below, so the others do not hang
+            problem = f"process 0 cannot write there ({err})"
     barrier("shared directory marker written")
     seen = multihost_utils.process_allgather(np.asarray(marker.exists(), np.int32))
     barrier("shared directory marker read")
-    if is_primary():
+    if is_primary() and not problem:
         marker.unlink()
     if not np.all(seen):
-        raise InputError(f"{directory} is not shared by all hosts (processes {np.flatnonzero(seen == 0).tolist()} "
-                         "cannot see it): put the workdir and the caches on storage every host mounts")
+        problem = problem or (f"processes {np.flatnonzero(seen == 0).tolist()} cannot see it: put the workdir and "
+                              "the caches on storage every host mounts")
+        raise InputError(f"{directory} is not shared by all hosts: {problem}")
 
 
 def batch_rows(mesh: Mesh, global_batch: int) -> slice:

@@ -159,12 +159,12 @@ def check_shared_storage(config) -> None:
     from ppow_jax import multihost
 
     data = config.data
-    directories = [config.workdir, data.cache_dir, data.get("features_dir"), data.get("dev_features_dir")]
-    if data.get("dev_prompts"):
-        directories.append(data.dev_cache_dir)
-    for directory in filter(None, directories):
-        if multihost.agree(pathlib.Path(directory).is_dir()):  # a missing one is reported where it is read
+    read = [data.cache_dir] + ([data.dev_cache_dir] if data.get("dev_prompts") else [])
+    for directory in read:  # a missing one is reported where it is read
+        if multihost.agree(pathlib.Path(directory).is_dir()):
             multihost.check_shared_directory(pathlib.Path(directory))
+    for directory in filter(None, [config.workdir, data.get("features_dir"), data.get("dev_features_dir")]):
+        multihost.check_shared_directory(pathlib.Path(directory))  # made by the primary if missing
 
 
 def check_loop_settings(config) -> None:

@@ -117,10 +117,31 @@ def test_two_processes_ppow_as_one_process_on_two_devices(kd_runs, tmp_path):
     _assert_same_run(tmp_path / "1", tmp_path / "2")
 
 
-def test_two_processes_agree_on_the_time_budget_and_the_measured_gamma(kd_runs, tmp_path):
+AGREEMENT = """
+import sys
+import jax
+from ppow_jax import multihost
+multihost.initialize({"enabled": True, "coordinator_address": sys.argv[1], "num_processes": 2,
+                      "process_id": int(sys.argv[2])})
+me = jax.process_index()
+print("agreed", multihost.agree(me == 1), repr(multihost.broadcast_from_primary(1 / 3 + me)))
+"""
+
+
+def test_processes_take_the_primary_decision_and_value(tmp_path):
+    address = f"127.0.0.1:{_free_port()}"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    workers = [subprocess.Popen([sys.executable, "-c", AGREEMENT, address, str(i)], env=env, cwd=REPO_ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [worker.communicate(timeout=120)[0] for worker in workers]
+    for output in outputs:  # process 1's own flag and value differ; the primary's are exact on both
+        assert f"agreed False {1 / 3!r}" in output, output
+
+
+def test_two_processes_stop_on_the_time_budget_with_a_measured_gamma_on_the_default_mesh(kd_runs, tmp_path):
     root, kd_overrides, _, _ = kd_runs
     overrides = {**kd_overrides, "init_from": str(root / "kd-1" / "drafter"), "workdir": str(tmp_path / "run"),
-                 "ppow.gamma": 0.0, "train.max_seconds": 1e-3}
+                 "ppow.gamma": 0.0, "train.max_seconds": 1e-3, "train.mesh": ""}  # default: data over both hosts
     primary_log, _ = _train("tiny_ppow", overrides, 2, tmp_path)
     assert "training-time budget of 0.001 s reached at iteration 1" in primary_log
     exported = json.loads((tmp_path / "run" / "drafter" / "drafter.json").read_text())
@@ -132,7 +153,7 @@ def test_a_workdir_the_hosts_do_not_share_is_refused(kd_runs, tmp_path):
     logs = _train("tiny_kd", overrides, 2, tmp_path, expect_success=False,
                   per_process=lambda process_id: {"workdir": str(tmp_path / f"host{process_id}")})
     for log in logs:
-        assert "is not shared by all hosts (processes [1] cannot see it)" in log
+        assert "is not shared by all hosts: processes [1] cannot see it" in log
 
 
 def test_distributed_without_a_cluster_or_settings_is_a_clear_error(tmp_path):
