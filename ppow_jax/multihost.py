@@ -14,7 +14,7 @@ from __future__ import annotations
 import pathlib
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional, TypeVar
 
 import jax
 import numpy as np
@@ -23,6 +23,8 @@ from jax.sharding import Mesh
 
 from ppow_jax.errors import InputError
 from ppow_jax.sharding import batch_sharding
+
+T = TypeVar("T")
 
 
 def initialize(settings: Any) -> None:
@@ -57,18 +59,19 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def wait_for(ready: Callable[[], bool], what: str, poll_seconds: float = 2.0) -> None:
-    """On non-primary processes, polls `ready()` until the primary has produced `what` on shared storage.
+def wait_for(poll: Callable[[], Optional[T]], what: str, poll_seconds: float = 2.0) -> T:
+    """For a non-primary process: the first value `poll()` returns that is not None, once the primary
+    has produced `what` on shared storage.
 
     Polling rather than a device barrier: the primary may take half an hour (the feature cache), longer
     than a collective should block. If the primary dies, JAX's coordination service stops this process.
     """
-    if is_primary():
-        return
-    if not ready():
+    if (value := poll()) is None:
         print(f"process {jax.process_index()}: waiting for process 0 to finish {what}", file=sys.stderr, flush=True)
-    while not ready():
+    while value is None:
         time.sleep(poll_seconds)
+        value = poll()
+    return value
 
 
 def to_host(tree: Any) -> Any:
@@ -142,6 +145,25 @@ def check_shared_directory(directory: pathlib.Path) -> None:
         problem = problem or (f"processes {np.flatnonzero(seen == 0).tolist()} cannot see it: put the workdir and "
                               "the caches on storage every host mounts")
         raise InputError(f"{directory} is not shared by all hosts: {problem}")
+
+
+def global_batch_shape(local: np.ndarray) -> tuple[int, ...]:
+    """The global batch's shape: every process loads an equal share of its rows (`batch_rows`)."""
+    return (local.shape[0] * jax.process_count(), *local.shape[1:])
+
+
+def global_batch_shardings(mesh: Mesh, batch: dict[str, np.ndarray]) -> dict:
+    """Shardings of the global batch of which `batch` holds this process's rows."""
+    return {k: batch_sharding(mesh, global_batch_shape(v)) for k, v in batch.items()}
+
+
+def local_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict:
+    """With several processes, each host's rows become one global array; with one, the batch as it is."""
+    if jax.process_count() == 1:
+        return batch
+    shardings = global_batch_shardings(mesh, batch)
+    return {k: jax.make_array_from_process_local_data(shardings[k], v, global_batch_shape(v))
+            for k, v in batch.items()}
 
 
 def batch_rows(mesh: Mesh, global_batch: int) -> slice:

@@ -30,9 +30,9 @@ from ppow_jax.cli import run_config_entry_point
 
 def log(message: str) -> None:
     """Progress on stderr, from the primary process only (every process runs the same loop)."""
-    import jax
+    from ppow_jax import multihost
 
-    if jax.process_index() == 0:
+    if multihost.is_primary():
         print(message, file=sys.stderr, flush=True)
 
 
@@ -92,9 +92,8 @@ def feature_cache(config, target, progress: bool, split: str = "train") -> pathl
                                        batch_size=data.feature_batch_size,
                                        pad_token_id=target.tokenizer.pad_token_id or 0, progress=progress)
     else:
-        complete = lambda: complete_manifest(target.config, distill_dir, directory, **settings)  # noqa: E731
-        multihost.wait_for(lambda: complete() is not None, f"the feature cache {directory}")
-        manifest = complete()
+        manifest = multihost.wait_for(lambda: complete_manifest(target.config, distill_dir, directory, **settings),
+                                      f"the feature cache {directory}")
     loss_tokens = sum(s["loss_tokens"] for s in manifest["shards"])
     log(f"feature cache {directory} ({split}): {sum(s['examples'] for s in manifest['shards'])} sequences, "
         f"{loss_tokens} response tokens")
@@ -276,7 +275,7 @@ def train_loop(config, *, state, update: Callable, iterator, checkpointer, train
                disable=not (progress and multihost.is_primary()))
     end_step = tc.steps if stop_at is None else min(stop_at, tc.steps)
     metrics, out_of_time = {}, False
-    window_tokens, window_start = 0, time.perf_counter()
+    window_tokens, window_start = [], time.perf_counter()
     for step in range(start_step, end_step):
         try:
             batch = next(iterator)
@@ -287,8 +286,8 @@ def train_loop(config, *, state, update: Callable, iterator, checkpointer, train
         state, metrics = update(state, batch)
         jax.block_until_ready(state.step)
         train_seconds += time.perf_counter() - step_start
-        if step_tokens:  # a device scalar over the global batch, read at the next log
-            window_tokens = window_tokens + step_tokens(metrics)
+        if step_tokens:  # device scalars over the global batch, read at the next log
+            window_tokens.append(step_tokens(metrics))
         done = step + 1
         # Each host's clock differs: all follow the primary's, so all stop after the same step.
         out_of_time = bool(tc.get("max_seconds", 0)) and multihost.agree(train_seconds >= tc.max_seconds)
@@ -300,10 +299,11 @@ def train_loop(config, *, state, update: Callable, iterator, checkpointer, train
                                          f"{checkpointer.latest_step()}")
             logged["train_seconds"] = train_seconds
             if step_tokens:
-                logged["tokens_per_s"] = float(multihost.to_host(window_tokens)) / (time.perf_counter() - window_start)
+                tokens = float(sum(multihost.to_host(window_tokens)))
+                logged["tokens_per_s"] = tokens / (time.perf_counter() - window_start)
             metrics_log.write(done, logged)
             bar.set_postfix(postfix(logged))
-            window_tokens, window_start = 0, time.perf_counter()
+            window_tokens, window_start = [], time.perf_counter()
         if done % tc.checkpoint_every == 0 or done == end_step or out_of_time:
             checkpointer.save(done, state, {"data_iterator": iterator.get_state(), "train_seconds": train_seconds,
                                             "config": config.to_dict(), **(checkpoint_meta or {})})

@@ -173,10 +173,6 @@ class KDTrainer:
     def state_shardings(self, state: TrainState) -> TrainState:
         return jax.tree_util.tree_map(lambda x: x.sharding, state)
 
-    def batch_shardings(self, batch: Batch) -> Batch:
-        """Shardings of the global batch whose rows this process holds a share of."""
-        return {k: sharding.batch_sharding(self.mesh, global_batch_shape(v)) for k, v in batch.items()}
-
     def step(self, state: TrainState, batch: dict[str, np.ndarray]) -> tuple[TrainState, dict]:
         if self._step_fn is None:
             state_sh = self.state_shardings(state)
@@ -184,9 +180,10 @@ class KDTrainer:
             fn = functools.partial(_train_step, drafter=self.drafter, optimizer=self.optimizer,
                                    unroll_steps=self.unroll_steps, loss_positions=self.loss_positions,
                                    schedule=self.schedule)
-            self._step_fn = jax.jit(fn, in_shardings=(state_sh, self.batch_shardings(batch), self.target_shardings),
+            self._step_fn = jax.jit(fn, in_shardings=(state_sh, multihost.global_batch_shardings(self.mesh, batch),
+                                                      self.target_shardings),
                                     out_shardings=(state_sh, replicated), donate_argnums=(0,))
-        batch = process_local_to_global(batch, self.batch_shardings(batch))
+        batch = multihost.local_to_global(batch, self.mesh)
         with jax.set_mesh(self.mesh):
             return self._step_fn(state, batch, self.target)
 
@@ -200,19 +197,6 @@ def on_mesh(tree: Any, mesh: Mesh) -> Any:
     devices, replicated = set(mesh.devices.flat), sharding.replicated(mesh)
     return jax.tree_util.tree_map(lambda x: x if x.sharding.device_set == devices else multihost.put(x, replicated),
                                   tree)
-
-
-def global_batch_shape(local: np.ndarray) -> tuple[int, ...]:
-    """The global batch's shape: every process loads an equal share of its rows (`multihost.batch_rows`)."""
-    return (local.shape[0] * jax.process_count(), *local.shape[1:])
-
-
-def process_local_to_global(batch: dict[str, np.ndarray], shardings: dict) -> dict:
-    """With several processes, each host's rows become one global array; with one, the batch as it is."""
-    if jax.process_count() == 1:
-        return batch
-    return {k: jax.make_array_from_process_local_data(shardings[k], v, global_batch_shape(v))
-            for k, v in batch.items()}
 
 
 def draft_vocabulary(token_counts: np.ndarray, size: int) -> np.ndarray:

@@ -57,8 +57,7 @@ from ppow_jax.inference.speculative import accept_greedy, accept_sampling
 from ppow_jax.inference.windows import MAX_WINDOW, calibration_features
 from ppow_jax.models import llama
 from ppow_jax.models.config import ModelConfig
-from ppow_jax.training.kd import (TargetConstants, TrainState, global_batch_shape, on_mesh, output_head,
-                                  process_local_to_global)
+from ppow_jax.training.kd import TargetConstants, TrainState, on_mesh, output_head
 
 Batch = dict[str, jax.Array]
 VERIFIERS = ("cache", "target")
@@ -559,24 +558,20 @@ class PPOWTrainer:
         self._rollout_fn = jax.jit(
             lambda params, target, batch, key, target_params: roll({**params, "d2t": target.constants.d2t}, target,
                                                                    batch, key, target_params),
-            in_shardings=(state_sh.params, self.target_shardings, self.batch_shardings(batch), replicated,
-                          target_params_sh))
+            in_shardings=(state_sh.params, self.target_shardings, multihost.global_batch_shardings(self.mesh, batch),
+                          replicated, target_params_sh))
         update = functools.partial(ppo_update, drafter=self.drafter, settings=self.settings, optimizer=self.optimizer,
                                    schedule=self.schedule)
         self._update_fn = jax.jit(update, out_shardings=(state_sh, replicated), donate_argnums=(0,))
 
-    def batch_shardings(self, batch: dict[str, np.ndarray]) -> dict:
-        """Shardings of the global batch whose rows this process holds a share of."""
-        return {k: sharding.batch_sharding(self.mesh, global_batch_shape(v)) for k, v in batch.items()}
-
     def iteration(self, state: TrainState, batch: dict[str, np.ndarray]) -> tuple[TrainState, dict]:
-        sequences = global_batch_shape(batch["tokens"])[0]
+        sequences = multihost.global_batch_shape(batch["tokens"])[0]
         if sequences % self.settings.minibatches:
             raise InputError(f"{sequences} sequences per iteration do not split into "
                              f"{self.settings.minibatches} minibatches")
         if self._rollout_fn is None:
             self._compile(state, batch)
-        batch = process_local_to_global(batch, self.batch_shardings(batch))
+        batch = multihost.local_to_global(batch, self.mesh)
         rollout_key, update_key, next_key = jax.random.split(jax.random.wrap_key_data(state.rng), 3)
         state = state.replace(rng=jax.random.key_data(next_key))
         with jax.set_mesh(self.mesh):
