@@ -6,14 +6,13 @@
 #
 # The repository's tracked files (as they are in the working tree) are copied to the workers, which
 # install them in a virtualenv (Python >= 3.11) and run the entry point with the arguments given.
-# `train` runs on every worker, one process per host (--config.distributed.enabled=True: JAX finds
-# the other hosts by itself on Cloud TPU) with data parallelism over all chips unless --config.train.mesh
-# says otherwise; its workdir and caches must be on storage every worker sees (a Filestore or GCS FUSE
-# mount). `distill` runs on worker 0 alone; on a multi-host slice JAX on one worker may need that
-# worker's chips declared on their own (TPU_PROCESS_BOUNDS and related variables), or distill on a
-# single-host VM. Not yet run on a TPU (none was available to this project): the multi-host
-# training path is tested with two CPU processes (tests/test_multihost.py), the copying and the
-# argument quoting with a stub gcloud.
+# Both entry points run on every worker, one process per host (--config.distributed.enabled=True:
+# JAX finds the other hosts by itself on Cloud TPU). `distill` splits the batches over the hosts,
+# each decoding on its own chips; `train` runs data parallel over all chips unless --config.train.mesh
+# says otherwise. Caches and workdir must be on storage every worker sees (a Filestore or GCS FUSE
+# mount). Not yet run on a TPU (none was available to this project): the multi-host paths are
+# tested with two CPU processes (tests/test_multihost.py), the copying and the argument quoting
+# with a stub gcloud.
 set -euo pipefail
 if [[ $# -lt 3 ]]; then
   echo "usage: $0 TPU_NAME ZONE ENTRY_POINT [ARGS...]   (ENTRY_POINT: train | distill)" >&2
@@ -36,15 +35,9 @@ tarball=$(mktemp --suffix=.tar.gz)
 trap 'rm -f "$tarball"' EXIT
 git -C "$repo_root" ls-files -z | tar -C "$repo_root" --null -T - -czf "$tarball"
 # Each argument is quoted for the remote shell, so values with spaces, quotes or ';' arrive intact.
-remote_args=$(printf '%q ' "$@")
-if [[ $entry == train ]]; then
-  workers=all
-  remote_args+=" --config.distributed.enabled=True"
-else
-  workers=0  # self-distillation writes one cache: a single process
-fi
-gcloud compute tpus tpu-vm scp --zone "$zone" --worker="$workers" "$tarball" "$tpu_name:$repo_dir.tar.gz"
-gcloud compute tpus tpu-vm ssh "$tpu_name" --zone "$zone" --worker="$workers" --command "
+remote_args="$(printf '%q ' "$@") --config.distributed.enabled=True"
+gcloud compute tpus tpu-vm scp --zone "$zone" --worker=all "$tarball" "$tpu_name:$repo_dir.tar.gz"
+gcloud compute tpus tpu-vm ssh "$tpu_name" --zone "$zone" --worker=all --command "
   set -e
   python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo 'error: ppow_jax needs Python >= 3.11 on the workers' >&2; exit 2; }
   mkdir -p $repo_dir && tar -C $repo_dir -xzf $repo_dir.tar.gz && cd $repo_dir

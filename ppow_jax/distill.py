@@ -4,6 +4,9 @@ Reads the prompts of `config.data.folders` under the data root (eval prompts rem
 and caches the target's responses as ArrayRecord shards: first the `config.data.dev_prompts`
 held-out ones in `config.data.dev_cache_dir` (training measures drafters on them), then the
 training ones in `config.data.cache_dir`. Resumable: rerun the same command after an interruption.
+
+With `--config.distributed.enabled=True` (one process per host, as `launch/tpu_pod.sh` starts it),
+the hosts share the work: each answers every N-th batch on its own devices into the shared caches.
 """
 
 from __future__ import annotations
@@ -22,33 +25,52 @@ def data_root(config) -> pathlib.Path:
 
 
 def run(config) -> int:
-    from ppow_jax.data.distill import DistillSettings, check_sizes, self_distill
-    from ppow_jax.data.sources import read_training_prompts
-    from ppow_jax.inference.autoregressive import AutoregressiveDecoder
+    from ppow_jax import multihost
+    from ppow_jax.data.distill import check_sizes
     from ppow_jax.weights.registry import load_model
 
-    dev_prompts = config.data.get("dev_prompts", 0)
-    check_sizes(batch_size=config.data.batch_size, max_prompts=config.data.max_prompts, dev_prompts=dev_prompts)
-    prompts, report = read_training_prompts(data_root(config), config.data.folders, config.data.tfds.to_dict())
-    print(f"training prompts: {report.summary()}", file=sys.stderr)
+    check_sizes(batch_size=config.data.batch_size, max_prompts=config.data.max_prompts,
+                dev_prompts=config.data.get("dev_prompts", 0))  # before the target is loaded
+    multihost.initialize(config.get("distributed") or {})
     target = load_model(config.target, param_dtype=config.param_dtype)
+    run_distillation(config, target)
+    return 0
+
+
+def run_distillation(config, target, progress: bool = True) -> None:
+    """Answers the dev and training prompts of `config` with the loaded `target`."""
+    import jax
+
+    from ppow_jax import multihost, sharding
+    from ppow_jax.data.distill import DistillSettings, ProcessShare, self_distill
+    from ppow_jax.data.sources import read_training_prompts
+    from ppow_jax.inference.autoregressive import AutoregressiveDecoder
+
+    dev_prompts = config.data.get("dev_prompts", 0)
+    prompts, report = read_training_prompts(data_root(config), config.data.folders, config.data.tfds.to_dict())
+    multihost.log(f"training prompts: {report.summary()}")
+    splits = ([("dev", config.data.dev_cache_dir)] if dev_prompts else []) + [("train", config.data.cache_dir)]
+    for _, cache_dir in splits:
+        multihost.check_shared_directory(pathlib.Path(cache_dir))
+    # Each process decodes its own batches on its own devices, the batch split over them.
+    local = jax.local_devices()
     decoder = AutoregressiveDecoder(target.config, target.params, eos_token_ids=target.tokenizer.eos_token_ids,
-                                    pad_token_id=target.tokenizer.pad_token_id or 0)
+                                    pad_token_id=target.tokenizer.pad_token_id or 0,
+                                    mesh=sharding.make_mesh(data=len(local), devices=local, keep_order=True))
     settings = DistillSettings(model=str(config.target), max_prompt_tokens=config.data.max_prompt_tokens,
                                max_new_tokens=config.data.max_new_tokens, temperature=config.data.temperature,
                                top_p=config.data.top_p, seed=config.seed)
     source_caps = config.data.source_caps.to_dict() if "source_caps" in config.data else {}
-    splits = ([("dev", config.data.dev_cache_dir)] if dev_prompts else []) + [("train", config.data.cache_dir)]
+    share = ProcessShare(jax.process_index(), jax.process_count(), multihost.barrier)
     for split, cache_dir in splits:
         manifest = self_distill(decoder, target.tokenizer, prompts, cache_dir, settings,
                                 batch_size=config.data.batch_size, max_prompts=config.data.max_prompts,
-                                dev_prompts=dev_prompts, split=split, source_caps=source_caps)
+                                dev_prompts=dev_prompts, split=split, source_caps=source_caps, progress=progress,
+                                share=share)
         tokens = sum(s["response_tokens"] for s in manifest["shards"])
         answered = sum(len(s["keys"]) for s in manifest["shards"])
-        print(f"{cache_dir} ({split}): {answered} responses, {tokens} response tokens; "
-              f"{len(manifest['skipped_too_long'])} prompts over {config.data.max_prompt_tokens} tokens skipped",
-              file=sys.stderr)
-    return 0
+        multihost.log(f"{cache_dir} ({split}): {answered} responses, {tokens} response tokens; "
+                      f"{len(manifest['skipped_too_long'])} prompts over {config.data.max_prompt_tokens} tokens skipped")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

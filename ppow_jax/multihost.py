@@ -53,6 +53,12 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+def log(message: str) -> None:
+    """Progress on stderr, from the primary process only (every process runs the same program)."""
+    if is_primary():
+        print(message, file=sys.stderr, flush=True)
+
+
 def barrier(name: str) -> None:
     """Every process waits here until all have arrived (a collective over all devices)."""
     if jax.process_count() > 1:

@@ -28,14 +28,6 @@ from typing import Any, Callable, Optional, Sequence
 from ppow_jax.cli import run_config_entry_point
 
 
-def log(message: str) -> None:
-    """Progress on stderr, from the primary process only (every process runs the same loop)."""
-    from ppow_jax import multihost
-
-    if multihost.is_primary():
-        print(message, file=sys.stderr, flush=True)
-
-
 def token_counts(distill_dir: pathlib.Path, vocab_size: int):
     import numpy as np
 
@@ -95,7 +87,7 @@ def feature_cache(config, target, progress: bool, split: str = "train") -> pathl
         manifest = multihost.wait_for(lambda: complete_manifest(target.config, distill_dir, directory, **settings),
                                       f"the feature cache {directory}")
     loss_tokens = sum(s["loss_tokens"] for s in manifest["shards"])
-    log(f"feature cache {directory} ({split}): {sum(s['examples'] for s in manifest['shards'])} sequences, "
+    multihost.log(f"feature cache {directory} ({split}): {sum(s['examples'] for s in manifest['shards'])} sequences, "
         f"{loss_tokens} response tokens")
     return directory
 
@@ -233,13 +225,13 @@ def export_drafter(config, target, drafter, params, features_dir: pathlib.Path, 
     batches = itertools.islice(iter(feature_dataset(feature_shards(features_dir), batch_size=cc.batch_size,
                                                     seed=config.seed + 1)), cc.batches)
     calibration = fit_window_calibration(drafter, params, frozen, batches, cc.window)
-    log(f"adaptive-window calibration: {calibration['drafts']} greedy drafts, accept rate "
+    multihost.log(f"adaptive-window calibration: {calibration['drafts']} greedy drafts, accept rate "
         f"{calibration['accept_rate']:.3f}, log loss {calibration['log_loss']:.3f}")
     exported = pathlib.Path(config.workdir) / "drafter"
     if multihost.is_primary():
         save_drafter(exported, drafter, params, target_name=str(config.target), dtype=config.export_dtype,
                      extra={**extra, "window_calibration": calibration})
-        log(f"drafter exported to {exported}")
+        multihost.log(f"drafter exported to {exported}")
     multihost.barrier("drafter exported")
     return exported
 
@@ -280,7 +272,7 @@ def train_loop(config, *, state, update: Callable, iterator, checkpointer, train
         try:
             batch = next(iterator)
         except StopIteration:
-            log(f"data exhausted after {config.data.num_epochs} epochs at {unit} {step}")
+            multihost.log(f"data exhausted after {config.data.num_epochs} epochs at {unit} {step}")
             break
         step_start = time.perf_counter()
         state, metrics = update(state, batch)
@@ -311,22 +303,24 @@ def train_loop(config, *, state, update: Callable, iterator, checkpointer, train
             metrics_log.write(done, probe(state))
         bar.update(1)
         if out_of_time:
-            log(f"training-time budget of {tc.max_seconds} s reached at {unit} {done}")
+            multihost.log(f"training-time budget of {tc.max_seconds} s reached at {unit} {done}")
             break
     bar.close()
     metrics_log.close()
     checkpointer.close()
     finished = int(state.step) >= tc.steps or out_of_time
     if not finished:
-        log(f"stopped at {unit} {int(state.step)} of {tc.steps}; rerun to resume")
+        multihost.log(f"stopped at {unit} {int(state.step)} of {tc.steps}; rerun to resume")
     return LoopOutcome(state, multihost.to_host(metrics), train_seconds, finished)
 
 
 def resume(checkpointer, state, iterator, unit: str) -> tuple[Any, float]:
     """Restores the latest checkpoint's state and data-iterator position; -> (state, train_seconds)."""
+    from ppow_jax import multihost
+
     _, state, meta = checkpointer.restore(state)
     iterator.set_state(meta["data_iterator"])
-    log(f"resumed from {unit} {int(state.step)} ({checkpointer.directory})")
+    multihost.log(f"resumed from {unit} {int(state.step)} ({checkpointer.directory})")
     return state, meta["train_seconds"]
 
 
@@ -447,7 +441,7 @@ def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optiona
         gamma = multihost.broadcast_from_primary(
             measure_cost_ratio(drafter, initial, target.config, target.params, pc.window) if multihost.is_primary()
             else 0.0)
-        log(f"measured cost ratio γ = {gamma:.4f} (drafter step / target verify of {pc.window + 1} tokens)")
+        multihost.log(f"measured cost ratio γ = {gamma:.4f} (drafter step / target verify of {pc.window + 1} tokens)")
     optim = optimizer_config(tc)
     trainer = PPOWTrainer(drafter, target.config, target.params, np.asarray(initial["d2t"]),
                           settings_from_config(pc, gamma), make_optimizer(optim), learning_rate_schedule(optim),
@@ -487,7 +481,7 @@ def run(config) -> int:
     multihost.initialize(config.get("distributed") or {})
     target = load_model(config.target, param_dtype=config.param_dtype)
     metrics = trainers[stage](config, target)
-    log(json.dumps({"final_metrics": metrics}))
+    multihost.log(json.dumps({"final_metrics": metrics}))
     return 0
 
 

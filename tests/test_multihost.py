@@ -1,5 +1,5 @@
-"""Training across hosts, run as two CPU processes (gloo collectives) that share a workdir, as a
-pod's hosts share storage: it must give what one process gives on the same two devices."""
+"""Training and self-distillation across hosts, run as two CPU processes (gloo collectives) that
+share a workdir, as a pod's hosts share storage: they must give what one process gives."""
 
 import json
 import os
@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
+from ppow_jax.data.distill import read_manifest, read_records, shard_paths
 
 WORKER = pathlib.Path(__file__).with_name("multiprocess_worker.py")
 
@@ -25,9 +26,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(config: str, overrides: dict, processes: int, log_dir: pathlib.Path, *, stop_at=None,
-           per_process=lambda process_id: {}, expect_success: bool = True) -> list[str]:
-    """Runs `processes` workers (one device each; a single process gets two) -> each one's stderr."""
+def _run(config: str, overrides: dict, processes: int, log_dir: pathlib.Path, *, entry: str = "train", stop_at=None,
+         per_process=lambda process_id: {}, expect_success: bool = True) -> list[str]:
+    """Runs `processes` workers of `entry` (one device each; a single process gets two) -> each one's stderr."""
     port = _free_port()
     workers = []
     for process_id in range(processes):
@@ -35,7 +36,7 @@ def _train(config: str, overrides: dict, processes: int, log_dir: pathlib.Path, 
             "enabled": True, "coordinator_address": f"127.0.0.1:{port}", "num_processes": processes,
             "process_id": process_id}
         settings = {"config": config, "overrides": {**overrides, **per_process(process_id)},
-                    "distributed": distributed, "stop_at": stop_at}
+                    "distributed": distributed, "entry": entry, "stop_at": stop_at}
         env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={2 // processes}"}
         log = open(log_dir / f"{config}-{processes}-{process_id}-{port}.log", "w+")
         workers.append((subprocess.Popen([sys.executable, str(WORKER), json.dumps(settings)], env=env,
@@ -91,9 +92,9 @@ def kd_runs(distilled, tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")
     overrides = {"data.cache_dir": config.data.cache_dir, "data.dev_cache_dir": config.data.dev_cache_dir,
                  "train.steps": 12, "train.checkpoint_every": 6, "train.eval_every": 6, "train.mesh": "data=2"}
-    _train("tiny_kd", {**overrides, "workdir": str(root / "kd-1")}, 1, root)
-    interrupted = _train("tiny_kd", {**overrides, "workdir": str(root / "kd-2")}, 2, root, stop_at=6)
-    resumed = _train("tiny_kd", {**overrides, "workdir": str(root / "kd-2")}, 2, root)
+    _run("tiny_kd", {**overrides, "workdir": str(root / "kd-1")}, 1, root)
+    interrupted = _run("tiny_kd", {**overrides, "workdir": str(root / "kd-2")}, 2, root, stop_at=6)
+    resumed = _run("tiny_kd", {**overrides, "workdir": str(root / "kd-2")}, 2, root)
     return root, overrides, interrupted, resumed
 
 
@@ -112,9 +113,25 @@ def test_two_processes_ppow_as_one_process_on_two_devices(kd_runs, tmp_path):
     overrides = {**kd_overrides, "init_from": str(root / "kd-1" / "drafter"), "train.steps": 4,
                  "train.checkpoint_every": 4}
     for processes in (1, 2):
-        _train("tiny_ppow", {**overrides, "workdir": str(tmp_path / f"{processes}")}, processes, tmp_path)
+        _run("tiny_ppow", {**overrides, "workdir": str(tmp_path / f"{processes}")}, processes, tmp_path)
     assert any("reward" in row for row in _history(tmp_path / "1"))
     _assert_same_run(tmp_path / "1", tmp_path / "2")
+
+
+def test_two_processes_share_a_self_distillation_into_the_cache_one_process_makes(distilled, tmp_path):
+    config, _, _ = distilled  # made in one process, on one device
+    overrides = {"data.folders": ["alpaca_seed_tasks", "gsm8k_train"], "data.max_prompts": 16,
+                 "data.cache_dir": str(tmp_path / "train"), "data.dev_cache_dir": str(tmp_path / "dev"),
+                 "target": "tiny"}
+    primary_log, secondary_log = _run("tiny_kd", overrides, 2, tmp_path, entry="distill")
+    for split, made_alone in (("train", config.data.cache_dir), ("dev", config.data.dev_cache_dir)):
+        shared = read_manifest(tmp_path / split)
+        alone = {r["key"]: r["response"] for r in read_records(shard_paths(made_alone))}
+        assert {r["key"]: r["response"] for r in read_records(shard_paths(tmp_path / split))} == alone
+        assert not list((tmp_path / split).glob("manifest.process-*"))
+        assert f"({split}): {len(alone)} responses" in primary_log
+    assert [shard["process"] for shard in read_manifest(tmp_path / "train")["shards"]] == [0, 1, 0, 1]
+    assert "responses" not in secondary_log  # the primary reports
 
 
 AGREEMENT = """
@@ -142,7 +159,7 @@ def test_two_processes_stop_on_the_time_budget_with_a_measured_gamma_on_the_defa
     root, kd_overrides, _, _ = kd_runs
     overrides = {**kd_overrides, "init_from": str(root / "kd-1" / "drafter"), "workdir": str(tmp_path / "run"),
                  "ppow.gamma": 0.0, "train.max_seconds": 1e-3, "train.mesh": ""}  # default: data over both hosts
-    primary_log, _ = _train("tiny_ppow", overrides, 2, tmp_path)
+    primary_log, _ = _run("tiny_ppow", overrides, 2, tmp_path)
     assert "training-time budget of 0.001 s reached at iteration 1" in primary_log
     exported = json.loads((tmp_path / "run" / "drafter" / "drafter.json").read_text())
     assert exported["train_steps"] == 1 and exported["gamma"] > 0
@@ -150,7 +167,7 @@ def test_two_processes_stop_on_the_time_budget_with_a_measured_gamma_on_the_defa
 
 def test_a_workdir_the_hosts_do_not_share_is_refused(kd_runs, tmp_path):
     _, overrides, _, _ = kd_runs
-    logs = _train("tiny_kd", overrides, 2, tmp_path, expect_success=False,
+    logs = _run("tiny_kd", overrides, 2, tmp_path, expect_success=False,
                   per_process=lambda process_id: {"workdir": str(tmp_path / f"host{process_id}")})
     for log in logs:
         assert "is not shared by all hosts: processes [1] cannot see it" in log

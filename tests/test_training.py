@@ -11,7 +11,8 @@ import pytest
 
 from conftest import REPO_ROOT, tiny_config, tiny_params
 from ppow_jax.data import sources
-from ppow_jax.data.distill import DistillSettings, read_records, select_prompts, self_distill, shard_paths
+from ppow_jax.data.distill import (DistillSettings, ProcessShare, read_records, select_prompts, self_distill,
+                                  shard_paths)
 from ppow_jax.drafters.eagle import Eagle3Drafter, unrolled_hidden
 from ppow_jax.drafters.store import load_drafter
 from ppow_jax.errors import CheckpointError, InputError
@@ -111,6 +112,31 @@ def test_self_distillation_resumes_and_pins_settings(distilled, tiny_target, sha
         self_distill(decoder, tok, both, config.data.cache_dir, same, batch_size=4, max_prompts=20,
                      dev_prompts=config.data.dev_prompts, source_caps={"gsm8k_train": 1}, progress=False)
     assert (pathlib.Path(config.data.cache_dir) / "manifest.json").read_text() == manifest
+
+
+def test_a_distillation_that_processes_shared_resumes_from_what_each_finished(distilled, tiny_target,
+                                                                           shared_data_root, tmp_path):
+    config, _, straight = distilled  # 16 prompts answered by one process, in two runs
+    prompts, _ = sources.read_training_prompts(shared_data_root, ["alpaca_seed_tasks", "gsm8k_train"])
+    tok = tiny_target.tokenizer
+    decoder = AutoregressiveDecoder(tiny_target.config, tiny_target.params, eos_token_ids=tok.eos_token_ids,
+                                    pad_token_id=tok.pad_token_id or 0)
+    settings = DistillSettings(model="tiny", max_prompt_tokens=config.data.max_prompt_tokens,
+                               max_new_tokens=config.data.max_new_tokens, temperature=0.0, top_p=1.0, seed=0)
+    distill = lambda **kwargs: self_distill(decoder, tok, prompts, tmp_path, settings, batch_size=4, max_prompts=16,
+                                            dev_prompts=config.data.dev_prompts, progress=False, **kwargs)
+    # Process 1 of 2 answers batches 1 and 3, then the run stops before process 0 has finished any.
+    distill(share=ProcessShare(index=1, count=2))
+    process_1 = json.loads((tmp_path / "manifest.process-1.json").read_text())["shards"]
+    assert [s["file"] for s in process_1] == ["shard-00001.array_record", "shard-00003.array_record"]
+    # The rerun (here one process) keeps those shards and numbers its own after them.
+    resumed = distill()
+    assert not list(tmp_path.glob("manifest.process-*"))
+    assert resumed["shards"][:2] == process_1 and {s["process"] for s in process_1} == {1}
+    assert [s["file"] for s in resumed["shards"][2:]] == ["shard-00004.array_record", "shard-00005.array_record"]
+    responses = lambda directory: {r["key"]: r["response"] for r in read_records(shard_paths(directory))}
+    assert responses(tmp_path) == responses(config.data.cache_dir)
+    assert sorted(resumed["skipped_too_long"]) == sorted(straight["skipped_too_long"])
 
 
 def test_dev_split_is_held_out_and_stable(shared_data_root):

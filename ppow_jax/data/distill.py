@@ -6,6 +6,11 @@ renamed into place only when complete; `manifest.json` lists the finished shards
 interruption skips the prompts already answered, and refuses to mix settings (model, budget,
 sampling) with a cache made under different ones.
 
+Several processes (the hosts of a pod) can share one distillation: each answers every N-th batch
+and lists its finished shards in its own `manifest.process-I.json`, which process 0 folds into
+`manifest.json` at the end, or at the start of a rerun after an interruption. Batch i is shard i
+with seed `seed + i` whatever the number of processes, so the cache is the same.
+
 A record is JSON: {"key", "prompt": [ids], "response": [ids], "eos": bool}.
 """
 
@@ -17,7 +22,8 @@ import json
 import os
 import pathlib
 import random
-from typing import Iterable, Mapping, Optional, Sequence
+import re
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from array_record.python import array_record_module
 from tqdm import tqdm
@@ -29,6 +35,17 @@ from ppow_jax.inference.sampling import SamplingParams
 from ppow_jax.text.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
+PROCESS_MANIFEST = "manifest.process-{}.json"  # the shards one process of a multi-process run finished
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessShare:
+    """This process's part of a distillation shared by `count` processes; `barrier(name)` returns once
+    every process has called it (`multihost.barrier`). The default is a single process."""
+
+    index: int = 0
+    count: int = 1
+    barrier: Callable[[str], None] = lambda name: None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +74,35 @@ def read_manifest(cache_dir: pathlib.Path) -> dict:
         raise InputError(f"{path} is corrupt ({err}); delete the cache directory to regenerate it") from None
 
 
-def _write_manifest(cache_dir: pathlib.Path, manifest: dict) -> None:
-    tmp = cache_dir / (MANIFEST + ".tmp")
+def _write_manifest(cache_dir: pathlib.Path, manifest: dict, name: str = MANIFEST) -> None:
+    tmp = cache_dir / (name + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, cache_dir / MANIFEST)  # atomic: a crash leaves the old manifest
+    os.replace(tmp, cache_dir / name)  # atomic: a crash leaves the old manifest
+
+
+def _shard_index(shard: dict) -> int:
+    return int(re.fullmatch(r"shard-(\d+)\.array_record", shard["file"]).group(1))
+
+
+def _fold_in_process_manifests(cache_dir: pathlib.Path) -> None:
+    """Adds the shards listed by the processes of a multi-process run to `manifest.json`, in shard
+    order, then removes their manifests (only once the merged one is in place)."""
+    paths = sorted(cache_dir.glob(PROCESS_MANIFEST.format("*")))
+    if not paths:
+        return
+    manifest = read_manifest(cache_dir)
+    shards = {shard["file"]: shard for shard in manifest["shards"]}
+    for path in paths:
+        try:
+            listed = json.loads(path.read_text())["shards"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise InputError(f"{path} is corrupt ({err!r}); delete it and the shards it lists to answer "
+                             "those prompts again") from None
+        shards.update({shard["file"]: shard for shard in listed})
+    manifest["shards"] = sorted(shards.values(), key=_shard_index)
+    _write_manifest(cache_dir, manifest)
+    for path in paths:
+        path.unlink()
 
 
 def shard_paths(cache_dir: str | pathlib.Path) -> list[pathlib.Path]:
@@ -153,15 +195,21 @@ def check_sizes(*, batch_size: int, max_prompts: int, dev_prompts: int) -> None:
 def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: Sequence[Prompt],
                  cache_dir: str | pathlib.Path, settings: DistillSettings, *, batch_size: int,
                  max_prompts: int = 0, dev_prompts: int = 0, split: str = "train",
-                 source_caps: Optional[Mapping[str, int]] = None, progress: bool = True) -> dict:
-    """Answers the prompts of `split` (see `select_prompts`) into `cache_dir`.
+                 source_caps: Optional[Mapping[str, int]] = None, progress: bool = True,
+                 share: ProcessShare = ProcessShare()) -> dict:
+    """Answers the prompts of `split` (see `select_prompts`) into `cache_dir`, this process the
+    batches of its `share`.
 
     Returns the manifest. Prompts longer than `settings.max_prompt_tokens` are skipped and listed.
     """
     check_sizes(batch_size=batch_size, max_prompts=max_prompts, dev_prompts=dev_prompts)
     cache_dir = pathlib.Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(cache_dir)
+    primary = share.index == 0
+    if primary:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _fold_in_process_manifests(cache_dir)  # shards an interrupted multi-process run finished
+    share.barrier(f"self-distill {split}: manifest ready")
+    manifest = read_manifest(cache_dir)  # every process decides alike from here on
     wanted = dataclasses.asdict(settings)
     if manifest["settings"] is not None and manifest["settings"] != wanted:
         raise InputError(f"cache {cache_dir} was made with settings {manifest['settings']}, not {wanted}; "
@@ -191,25 +239,44 @@ def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: 
         else:
             todo.append((prompt, ids))
 
+    if primary:
+        _write_manifest(cache_dir, manifest)  # the settings and the skipped prompts, before any shard
+
     sampling = SamplingParams(temperature=settings.temperature, top_p=settings.top_p)
-    bar = tqdm(total=len(order), initial=len(order) - len(todo), desc=f"self-distill ({split})", unit="prompt",
-               disable=not progress)
-    for batch in _batches(todo, batch_size, sort_window=batch_size * 16):
-        index = len(manifest["shards"])
+    # Shards are numbered on from the highest one: an interrupted multi-process run can leave gaps.
+    first_index = 1 + max(map(_shard_index, manifest["shards"]), default=-1)
+    batches = list(_batches(todo, batch_size, sort_window=batch_size * 16))[share.index::share.count]
+    mine = {"shards": []}  # what this process finished, when it is one of several
+    if share.count == 1:
+        bar = tqdm(total=len(order), initial=len(order) - len(todo), desc=f"self-distill ({split})", unit="prompt",
+                   disable=not progress)
+    else:
+        bar = tqdm(total=sum(map(len, batches)), desc=f"self-distill ({split}, process {share.index} of "
+                   f"{share.count})", unit="prompt", disable=not progress)
+    for number, batch in enumerate(batches):
+        index = first_index + share.index + number * share.count
         result = decoder.generate([ids for _, ids in batch], settings.max_new_tokens, sampling,
                                   seed=settings.seed + index)
         records = [{"key": p.key, "prompt": ids, "response": out, "eos": eos}
                    for (p, ids), out, eos in zip(batch, result.tokens, result.finished_by_eos)]
         name = f"shard-{index:05d}.array_record"
         _write_shard(cache_dir / name, records)
-        manifest["shards"].append({"file": name, "keys": [p.key for p, _ in batch],
-                                   "response_tokens": sum(len(r["response"]) for r in records)})
-        _write_manifest(cache_dir, manifest)
+        shard = {"file": name, "keys": [p.key for p, _ in batch],
+                 "response_tokens": sum(len(r["response"]) for r in records)}
+        if share.count == 1:
+            manifest["shards"].append(shard)
+            _write_manifest(cache_dir, manifest)
+        else:
+            mine["shards"].append({**shard, "process": share.index})
+            _write_manifest(cache_dir, mine, PROCESS_MANIFEST.format(share.index))
         bar.update(len(batch))
-        bar.set_postfix(tokens=sum(s["response_tokens"] for s in manifest["shards"]))
+        bar.set_postfix(tokens=sum(s["response_tokens"] for s in (mine if share.count > 1 else manifest)["shards"]))
     bar.close()
-    _write_manifest(cache_dir, manifest)
-    return manifest
+    share.barrier(f"self-distill {split}: shards written")
+    if primary:
+        _fold_in_process_manifests(cache_dir)
+    share.barrier(f"self-distill {split}: manifest merged")
+    return read_manifest(cache_dir)
 
 
 def read_records(paths: Sequence[pathlib.Path], limit: Optional[int] = None) -> list[dict]:
