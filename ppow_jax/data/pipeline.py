@@ -32,7 +32,8 @@ def feature_dataset(shards: Sequence[pathlib.Path], *, batch_size: int, seed: in
     # Shuffled and batched as indices: a process reads and decodes only its own rows of each batch.
     indices = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(num_epochs or None)
     batches = indices.batch(batch_size, drop_remainder=True, batch_fn=list)
-    return batches.map(lambda batch: _stack([decode_example(source[i]) for i in batch[rows]]))
+    # One read per batch: the source fetches from several shards in parallel threads.
+    return batches.map(lambda batch: _stack([decode_example(r) for r in source.__getitems__(batch[rows])]))
 
 
 def _stack(examples: Sequence[dict]) -> dict[str, np.ndarray]:
