@@ -46,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.batch_size = 32
     config.data.seq_len = 384  # training sequences: prompt + response, the last seq_len tokens, right-padded
     config.data.num_epochs = 0  # 0: repeat until train.steps
+    config.data.read_ahead = 2  # training batches prepared in the background (each holds features: MBs per sequence)
     config.data.feature_batch_size = 8  # sequences per target forward when caching features
     config.data.features_dir = ""  # the target-feature cache; empty: WORKDIR/features
 

@@ -169,6 +169,9 @@ def check_loop_settings(config) -> None:
     for name in ("eval_every", "max_seconds"):
         if tc.get(name, 0) < 0:
             raise InputError(f"train.{name} must be >= 0 (0: off), got {tc[name]!r}")
+    read_ahead = config.data.read_ahead
+    if not (isinstance(read_ahead, int) and read_ahead >= 1):
+        raise InputError(f"data.read_ahead must be an integer >= 1, got {read_ahead!r}")
 
 
 def load_init_drafter(config, target):
@@ -372,7 +375,7 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
                         loss_positions=tc.loss_positions, mesh=mesh)
     state = trainer.init_state(jax.random.key(config.seed), params=None if initial is None else split_params(initial)[0])
     iterator = iter(feature_dataset(feature_shards(features_dir), batch_size=tc.batch_size, seed=config.seed,
-                                    num_epochs=config.data.num_epochs, rows=rows))
+                                    num_epochs=config.data.num_epochs, rows=rows, read_ahead=config.data.read_ahead))
     train_seconds = 0.0
     if resume_step is not None:
         state, train_seconds = resume(checkpointer, state, iterator, "step")
@@ -448,7 +451,7 @@ def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optiona
                           mesh=mesh)
     state = trainer.init_state(initial, jax.random.key(config.seed))
     iterator = iter(feature_dataset(feature_shards(features_dir), batch_size=pc.sequences_per_iteration,
-                                    seed=config.seed, num_epochs=config.data.num_epochs, rows=rows))
+                                    seed=config.seed, num_epochs=config.data.num_epochs, rows=rows, read_ahead=config.data.read_ahead))
     train_seconds = 0.0
     if resume_step is not None:
         state, train_seconds = resume(checkpointer, state, iterator, "iteration")

@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import pathlib
+import time
 
 import jax
 import jax.numpy as jnp
@@ -184,6 +185,23 @@ def _frozen(target_params, d2t):
 
 def _first_batch(kd_run, size=4):
     return next(iter(feature_dataset(feature_shards(kd_run / "features"), batch_size=size, seed=0)))
+
+
+def test_the_pipeline_prepares_only_its_read_ahead_in_the_background(kd_run, monkeypatch):
+    from ppow_jax.data import features, pipeline
+
+    shards = feature_shards(kd_run / "features")
+    decoded = []
+    monkeypatch.setattr(pipeline, "decode_example", lambda record: decoded.append(1) or features.decode_example(record))
+    iterator = iter(feature_dataset(shards, batch_size=2, seed=0, read_ahead=2))
+    first = next(iterator)
+    time.sleep(1.0)  # time for the background threads to run as far ahead as they may
+    assert len(decoded) <= 2 * (1 + 2)  # the batch returned and two ahead (Grain's default: 500 ahead)
+    # The read-ahead changes nothing in the batches.
+    again = itertools.islice(iter(feature_dataset(shards, batch_size=2, seed=0, read_ahead=1)), 5)
+    for a, b in zip(itertools.chain([first], itertools.islice(iterator, 4)), again):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_target_verification_equals_plain_forwards_and_the_cache(kd_run, tiny_target):

@@ -304,6 +304,7 @@ def _abstract_state(config, target):
     (["--config", "configs/tiny_kd.py", "--config.train.log_every=0"], "train.log_every must be an integer >= 1"),
     (["--config", "configs/tiny_kd.py", "--config.train.checkpoint_every=-2"], "train.checkpoint_every"),
     (["--config", "configs/tiny_kd.py", "--config.train.eval_every=-1"], "train.eval_every must be >= 0"),
+    (["--config", "configs/tiny_kd.py", "--config.data.read_ahead=0"], "data.read_ahead must be an integer >= 1"),
     (["--config", "configs/tiny_kd.py", "--config.distributed.enabled=True", "--config.distributed.num_processes=2",
       "--config.distributed.process_id=2"], "distributed.process_id 2 is not in [0, 2)"),
     (["--config", "configs/tiny_kd.py", "--config.target=smollm2-135m-instruct", "--config.data.cache_dir=/nonexistent",
