@@ -24,6 +24,14 @@ def feature_dataset(shards: Sequence[pathlib.Path], *, batch_size: int, seed: in
                     rows: Optional[slice] = None, read_ahead: int = 2) -> grain.IterDataset:
     """Batches of {"tokens", "loss_mask", "features", "target_hidden"}: `rows` of each (default all),
     `read_ahead` of them prepared by as many background threads while the caller uses the last."""
+    batches = feature_batches(shards, batch_size=batch_size, seed=seed, num_epochs=num_epochs, rows=rows)
+    # Grain's default read-ahead is 500 elements: here 500 batches of features, gigabytes of host memory.
+    return batches.to_iter_dataset(grain.ReadOptions(num_threads=read_ahead, prefetch_buffer_size=read_ahead))
+
+
+def feature_batches(shards: Sequence[pathlib.Path], *, batch_size: int, seed: int, num_epochs: int = 0,
+                    rows: Optional[slice] = None) -> grain.MapDataset:
+    """The batches of `feature_dataset` with random access, read when indexed."""
     if not shards:
         raise InputError("the target feature cache holds no shards")
     source = grain.sources.ArrayRecordDataSource([str(p) for p in shards])
@@ -34,9 +42,7 @@ def feature_dataset(shards: Sequence[pathlib.Path], *, batch_size: int, seed: in
     indices = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(num_epochs or None)
     batches = indices.batch(batch_size, drop_remainder=True, batch_fn=list)
     # One read per batch: the source fetches from several shards in parallel threads.
-    batches = batches.map(lambda batch: _stack([decode_example(r) for r in source.__getitems__(batch[rows])]))
-    # Grain's default read-ahead is 500 elements: here 500 batches of features, gigabytes of host memory.
-    return batches.to_iter_dataset(grain.ReadOptions(num_threads=read_ahead, prefetch_buffer_size=read_ahead))
+    return batches.map(lambda batch: _stack([decode_example(r) for r in source.__getitems__(batch[rows])]))
 
 
 def _stack(examples: Sequence[dict]) -> dict[str, np.ndarray]:
