@@ -79,21 +79,31 @@ def tiny_target():
     return LoadedModel(config=config, params=tiny_params(config, std=0.3), tokenizer=tokenizer, path=pathlib.Path("tiny"))
 
 
-@pytest.fixture(scope="session")
-def distilled(tmp_path_factory, tiny_target, shared_data_root):
-    """A self-distilled cache made in two runs (the second resumes), plus the config it used."""
+def tiny_distillation(tiny_target, shared_data_root):
+    """What the tiny target's self-distillations share -> (prompts, greedy decoder, settings)."""
     from ppow_jax.data import sources
-    from ppow_jax.data.distill import DistillSettings, self_distill
+    from ppow_jax.data.distill import DistillSettings
     from ppow_jax.inference.autoregressive import AutoregressiveDecoder
 
     config = load_config("tiny_kd")
-    cache = tmp_path_factory.mktemp("distill")
     prompts, _ = sources.read_training_prompts(shared_data_root, ["alpaca_seed_tasks", "gsm8k_train"])
     tok = tiny_target.tokenizer
     decoder = AutoregressiveDecoder(tiny_target.config, tiny_target.params, eos_token_ids=tok.eos_token_ids,
                                     pad_token_id=tok.pad_token_id or 0)
     settings = DistillSettings(model="tiny", max_prompt_tokens=config.data.max_prompt_tokens,
                                max_new_tokens=config.data.max_new_tokens, temperature=0.0, top_p=1.0, seed=0)
+    return prompts, decoder, settings
+
+
+@pytest.fixture(scope="session")
+def distilled(tmp_path_factory, tiny_target, shared_data_root):
+    """A self-distilled cache made in two runs (the second resumes), plus the config it used."""
+    from ppow_jax.data.distill import self_distill
+
+    config = load_config("tiny_kd")
+    cache = tmp_path_factory.mktemp("distill")
+    prompts, decoder, settings = tiny_distillation(tiny_target, shared_data_root)
+    tok = tiny_target.tokenizer
     first = self_distill(decoder, tok, prompts, cache, settings, batch_size=4, max_prompts=8, progress=False)
     second = self_distill(decoder, tok, prompts, cache, settings, batch_size=4, max_prompts=16,
                           dev_prompts=config.data.dev_prompts, progress=False)

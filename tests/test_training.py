@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, tiny_config, tiny_params
+from conftest import REPO_ROOT, tiny_config, tiny_distillation, tiny_params
 from ppow_jax.data import sources
 from ppow_jax.data.distill import (DistillSettings, ProcessShare, read_records, select_prompts, self_distill,
                                   shard_paths)
@@ -117,12 +117,8 @@ def test_self_distillation_resumes_and_pins_settings(distilled, tiny_target, sha
 def test_a_distillation_that_processes_shared_resumes_from_what_each_finished(distilled, tiny_target,
                                                                            shared_data_root, tmp_path):
     config, _, straight = distilled  # 16 prompts answered by one process, in two runs
-    prompts, _ = sources.read_training_prompts(shared_data_root, ["alpaca_seed_tasks", "gsm8k_train"])
+    prompts, decoder, settings = tiny_distillation(tiny_target, shared_data_root)
     tok = tiny_target.tokenizer
-    decoder = AutoregressiveDecoder(tiny_target.config, tiny_target.params, eos_token_ids=tok.eos_token_ids,
-                                    pad_token_id=tok.pad_token_id or 0)
-    settings = DistillSettings(model="tiny", max_prompt_tokens=config.data.max_prompt_tokens,
-                               max_new_tokens=config.data.max_new_tokens, temperature=0.0, top_p=1.0, seed=0)
     distill = lambda **kwargs: self_distill(decoder, tok, prompts, tmp_path, settings, batch_size=4, max_prompts=16,
                                             dev_prompts=config.data.dev_prompts, progress=False, **kwargs)
     # Process 1 of 2 answers batches 1 and 3, then the run stops before process 0 has finished any.
