@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs one ppow_jax entry point on a Cloud TPU VM slice.
 #
-#   launch/tpu_pod.sh TPU_NAME ZONE distill --config configs/smollm2_135m_kd.py --config.data.cache_dir=/mnt/shared/distill
+#   launch/tpu_pod.sh TPU_NAME ZONE distill --config configs/smollm2_135m_kd.py --config.data.cache_dir=/mnt/shared/distill \
+#       --config.data.dev_cache_dir=/mnt/shared/distill-dev
 #   launch/tpu_pod.sh TPU_NAME ZONE train --config configs/smollm2_135m_kd.py --config.workdir=/mnt/shared/kd ...
 #
 # The repository's tracked files (as they are in the working tree) are copied to the workers, which

@@ -11,6 +11,7 @@ the hosts share the work: each answers every N-th batch on its own devices into 
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import sys
@@ -52,16 +53,18 @@ def run_distillation(config, target, progress: bool = True) -> None:
     splits = ([("dev", config.data.dev_cache_dir)] if dev_prompts else []) + [("train", config.data.cache_dir)]
     for _, cache_dir in splits:
         multihost.check_shared_directory(pathlib.Path(cache_dir))
-    # Each process decodes its own batches on its own devices, the batch split over them.
+    # Each process decodes its own batches on its own devices, each batch split over as many of them
+    # as divide it (a batch that does not split would be computed whole on every device).
     local = jax.local_devices()
+    data = math.gcd(config.data.batch_size, len(local))
     decoder = AutoregressiveDecoder(target.config, target.params, eos_token_ids=target.tokenizer.eos_token_ids,
                                     pad_token_id=target.tokenizer.pad_token_id or 0,
-                                    mesh=sharding.make_mesh(data=len(local), devices=local, keep_order=True))
+                                    mesh=sharding.make_mesh(data=data, devices=local[:data], keep_order=True))
     settings = DistillSettings(model=str(config.target), max_prompt_tokens=config.data.max_prompt_tokens,
                                max_new_tokens=config.data.max_new_tokens, temperature=config.data.temperature,
                                top_p=config.data.top_p, seed=config.seed)
     source_caps = config.data.source_caps.to_dict() if "source_caps" in config.data else {}
-    share = ProcessShare(jax.process_index(), jax.process_count(), multihost.barrier)
+    share = ProcessShare(jax.process_index(), jax.process_count(), multihost.gather_ints)
     for split, cache_dir in splits:
         manifest = self_distill(decoder, target.tokenizer, prompts, cache_dir, settings,
                                 batch_size=config.data.batch_size, max_prompts=config.data.max_prompts,

@@ -95,6 +95,14 @@ def to_host(tree: Any) -> Any:
     return jax.tree_util.tree_map(fetch, tree)
 
 
+def gather_ints(value: int) -> list[int]:
+    """Every process's `value` (an int32), in process order. A collective: each process waits here
+    until all have called it, so it also serves as a barrier that carries a status."""
+    if jax.process_count() == 1:
+        return [value]
+    return [int(v) for v in multihost_utils.process_allgather(np.asarray(value, np.int32))]
+
+
 def broadcast_from_primary(value: float) -> float:
     """The primary's value on every process (a figure measured on one host, e.g. the cost ratio γ),
     exactly: its float64 bits travel as two uint32 (JAX computes in 32 bits by default)."""

@@ -1,6 +1,7 @@
 """Training and self-distillation across hosts, run as two CPU processes (gloo collectives) that
 share a workdir, as a pod's hosts share storage: they must give what one process gives."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -14,8 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
-from ppow_jax.data.distill import read_manifest, read_records, shard_paths
+from conftest import REPO_ROOT, tiny_distillation
+from ppow_jax.data.distill import read_manifest, read_records, self_distill, shard_paths
 
 WORKER = pathlib.Path(__file__).with_name("multiprocess_worker.py")
 
@@ -37,7 +38,8 @@ def _run(config: str, overrides: dict, processes: int, log_dir: pathlib.Path, *,
             "process_id": process_id}
         settings = {"config": config, "overrides": {**overrides, **per_process(process_id)},
                     "distributed": distributed, "entry": entry, "stop_at": stop_at}
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={2 // processes}"}
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={2 // processes}",
+               "PYTHONPATH": str(REPO_ROOT)}  # this checkout's package, whichever one is installed
         log = open(log_dir / f"{config}-{processes}-{process_id}-{port}.log", "w+")
         workers.append((subprocess.Popen([sys.executable, str(WORKER), json.dumps(settings)], env=env,
                                          stdout=log, stderr=subprocess.STDOUT), log))
@@ -118,18 +120,23 @@ def test_two_processes_ppow_as_one_process_on_two_devices(kd_runs, tmp_path):
     _assert_same_run(tmp_path / "1", tmp_path / "2")
 
 
-def test_two_processes_share_a_self_distillation_into_the_cache_one_process_makes(distilled, tmp_path):
-    config, _, _ = distilled  # made in one process, on one device
+def test_two_processes_share_a_self_distillation_into_the_cache_one_process_makes(distilled, tiny_target,
+                                                                               shared_data_root, tmp_path):
+    config, _, _ = distilled
     overrides = {"data.folders": ["alpaca_seed_tasks", "gsm8k_train"], "data.max_prompts": 16,
-                 "data.cache_dir": str(tmp_path / "train"), "data.dev_cache_dir": str(tmp_path / "dev"),
-                 "target": "tiny"}
+                 "data.temperature": 0.8, "data.cache_dir": str(tmp_path / "train"),
+                 "data.dev_cache_dir": str(tmp_path / "dev"), "target": "tiny"}
     primary_log, secondary_log = _run("tiny_kd", overrides, 2, tmp_path, entry="distill")
-    for split, made_alone in (("train", config.data.cache_dir), ("dev", config.data.dev_cache_dir)):
+    # The same run in this process, on one device: sampled, so each shard's seed shows.
+    prompts, decoder, settings = tiny_distillation(tiny_target, shared_data_root)
+    for split in ("train", "dev"):
+        alone = self_distill(decoder, tiny_target.tokenizer, prompts, tmp_path / f"alone-{split}",
+                             dataclasses.replace(settings, temperature=0.8), batch_size=4, max_prompts=16,
+                             dev_prompts=config.data.dev_prompts, split=split, progress=False)
         shared = read_manifest(tmp_path / split)
-        alone = {r["key"]: r["response"] for r in read_records(shard_paths(made_alone))}
-        assert {r["key"]: r["response"] for r in read_records(shard_paths(tmp_path / split))} == alone
-        assert not list((tmp_path / split).glob("manifest.process-*"))
-        assert f"({split}): {len(alone)} responses" in primary_log
+        assert [{k: v for k, v in s.items() if k != "process"} for s in shared["shards"]] == alone["shards"]
+        assert read_records(shard_paths(tmp_path / split)) == read_records(shard_paths(tmp_path / f"alone-{split}"))
+        assert f"({split}): {sum(len(s['keys']) for s in alone['shards'])} responses" in primary_log
     assert [shard["process"] for shard in read_manifest(tmp_path / "train")["shards"]] == [0, 1, 0, 1]
     assert "responses" not in secondary_log  # the primary reports
 

@@ -1,8 +1,11 @@
 """Token-level drafter training: readers, self-distillation, feature cache, the unrolled forward,
 a tiny end-to-end run, exact resume and checkpoint errors."""
 
+import dataclasses
 import json
 import pathlib
+import shutil
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +14,8 @@ import pytest
 
 from conftest import REPO_ROOT, tiny_config, tiny_distillation, tiny_params
 from ppow_jax.data import sources
-from ppow_jax.data.distill import (DistillSettings, ProcessShare, read_records, select_prompts, self_distill,
-                                  shard_paths)
+from ppow_jax.data.distill import (DistillSettings, ProcessShare, read_manifest,
+                                  read_records, select_prompts, self_distill, shard_paths)
 from ppow_jax.drafters.eagle import Eagle3Drafter, unrolled_hidden
 from ppow_jax.drafters.store import load_drafter
 from ppow_jax.errors import CheckpointError, InputError
@@ -114,25 +117,92 @@ def test_self_distillation_resumes_and_pins_settings(distilled, tiny_target, sha
     assert (pathlib.Path(config.data.cache_dir) / "manifest.json").read_text() == manifest
 
 
-def test_a_distillation_that_processes_shared_resumes_from_what_each_finished(distilled, tiny_target,
-                                                                           shared_data_root, tmp_path):
-    config, _, straight = distilled  # 16 prompts answered by one process, in two runs
+class _ThreadGather:
+    """`ProcessShare.gather` for processes simulated as threads of this one."""
+
+    def __init__(self, processes: int):
+        self.barrier = threading.Barrier(processes, timeout=120)
+        self.values = [0] * processes
+
+    def of(self, process: int):
+        def gather(value: int) -> list[int]:
+            self.values[process] = value
+            self.barrier.wait()
+            values = list(self.values)
+            self.barrier.wait()  # nobody overwrites a value before all have read them
+            return values
+
+        return gather
+
+
+class _StoppedDecoder:
+    def generate(self, *args, **kwargs):
+        raise RuntimeError("process 0 stopped")
+
+
+def test_a_shared_distillation_that_fails_on_one_process_resumes_into_the_uninterrupted_cache(
+        distilled, tiny_target, shared_data_root, tmp_path):
+    config, _, _ = distilled
     prompts, decoder, settings = tiny_distillation(tiny_target, shared_data_root)
-    tok = tiny_target.tokenizer
-    distill = lambda **kwargs: self_distill(decoder, tok, prompts, tmp_path, settings, batch_size=4, max_prompts=16,
-                                            dev_prompts=config.data.dev_prompts, progress=False, **kwargs)
-    # Process 1 of 2 answers batches 1 and 3, then the run stops before process 0 has finished any.
-    distill(share=ProcessShare(index=1, count=2))
-    process_1 = json.loads((tmp_path / "manifest.process-1.json").read_text())["shards"]
-    assert [s["file"] for s in process_1] == ["shard-00001.array_record", "shard-00003.array_record"]
-    # The rerun (here one process) keeps those shards and numbers its own after them.
-    resumed = distill()
-    assert not list(tmp_path.glob("manifest.process-*"))
-    assert resumed["shards"][:2] == process_1 and {s["process"] for s in process_1} == {1}
-    assert [s["file"] for s in resumed["shards"][2:]] == ["shard-00004.array_record", "shard-00005.array_record"]
-    responses = lambda directory: {r["key"]: r["response"] for r in read_records(shard_paths(directory))}
-    assert responses(tmp_path) == responses(config.data.cache_dir)
-    assert sorted(resumed["skipped_too_long"]) == sorted(straight["skipped_too_long"])
+    settings = dataclasses.replace(settings, temperature=0.8)  # sampled: each shard's seed shows
+    distill = lambda directory, **kwargs: self_distill(
+        kwargs.pop("decoder", decoder), tiny_target.tokenizer, prompts, directory, settings, batch_size=4,
+        max_prompts=16, dev_prompts=config.data.dev_prompts, progress=False, **kwargs)
+    one_shot = distill(tmp_path / "one-shot")
+    assert len(one_shot["shards"]) == 4 and "planned" not in one_shot
+
+    # Two processes share the run; process 0 fails before its first batch: both raise, neither hangs.
+    gather, errors = _ThreadGather(2), [None, None]
+
+    def process(index):
+        try:
+            distill(tmp_path / "shared", share=ProcessShare(index, 2, gather.of(index)),
+                    decoder=_StoppedDecoder() if index == 0 else decoder)
+        except Exception as err:  # noqa: BLE001
+            errors[index] = err
+
+    threads = [threading.Thread(target=process, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert "process 0 stopped" in str(errors[0])
+    assert isinstance(errors[1], InputError) and "processes [0] failed" in str(errors[1])
+    # Process 1's batches (1 and 3) are listed; batches 0 and 2 stay planned.
+    partial = read_manifest(tmp_path / "shared")
+    assert [s["file"] for s in partial["shards"]] == ["shard-00001.array_record", "shard-00003.array_record"]
+    assert [b["index"] for b in partial["planned"]] == [0, 2]
+
+    # One process finishes the plan: the shards, their seeds and so the responses are the one-shot run's.
+    resumed = distill(tmp_path / "shared")
+    strip = lambda manifest: [{k: v for k, v in s.items() if k != "process"} for s in manifest["shards"]]
+    assert strip(resumed) == one_shot["shards"] and "planned" not in resumed
+    read = lambda directory: read_records(shard_paths(directory))
+    assert read(tmp_path / "shared") == read(tmp_path / "one-shot")
+
+
+def test_unmerged_process_manifests_are_refused_until_a_rerun_merges_them(distilled, tiny_target, shared_data_root,
+                                                                         tmp_path):
+    config, _, _ = distilled
+    shutil.copytree(config.data.cache_dir, tmp_path, dirs_exist_ok=True)
+    manifest = read_manifest(tmp_path)
+    last = manifest["shards"].pop()
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "manifest.process-1.json").write_text(json.dumps({"settings": manifest["settings"],
+                                                                 "shards": [{**last, "process": 1}]}))
+    with pytest.raises(InputError, match="interrupted multi-process distillation .*manifest.process-1.json"):
+        shard_paths(tmp_path)
+    # A rerun merges them, unless they were made under other settings.
+    prompts, decoder, settings = tiny_distillation(tiny_target, shared_data_root)
+    rerun = lambda: self_distill(decoder, tiny_target.tokenizer, prompts, tmp_path, settings, batch_size=4,
+                                 max_prompts=16, dev_prompts=config.data.dev_prompts, progress=False)
+    good = (tmp_path / "manifest.process-1.json").read_text()
+    (tmp_path / "manifest.process-1.json").write_text(json.dumps({"settings": {"seed": 7}, "shards": [last]}))
+    with pytest.raises(InputError, match="manifest.process-1.json lists shards made with settings"):
+        rerun()
+    (tmp_path / "manifest.process-1.json").write_text(good)
+    assert [s["keys"] for s in rerun()["shards"]] == [s["keys"] for s in manifest["shards"] + [last]]
+    assert len(shard_paths(tmp_path)) == len(manifest["shards"]) + 1
 
 
 def test_dev_split_is_held_out_and_stable(shared_data_root):

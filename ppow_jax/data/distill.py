@@ -6,10 +6,12 @@ renamed into place only when complete; `manifest.json` lists the finished shards
 interruption skips the prompts already answered, and refuses to mix settings (model, budget,
 sampling) with a cache made under different ones.
 
-Several processes (the hosts of a pod) can share one distillation: each answers every N-th batch
-and lists its finished shards in its own `manifest.process-I.json`, which process 0 folds into
-`manifest.json` at the end, or at the start of a rerun after an interruption. Batch i is shard i
-with seed `seed + i` whatever the number of processes, so the cache is the same.
+The batches are planned before any is answered, and the plan is kept in the manifest: batch i is
+shard i, generated with seed `seed + i`, so a run that is interrupted and rerun writes the shards an
+uninterrupted one writes, however many processes share it. Several processes (the hosts of a pod)
+each answer every N-th planned batch and list their finished shards in their own
+`manifest.process-I.json`; process 0 alone writes `manifest.json`, folding those in at the end, or
+when a rerun starts after an interruption.
 
 A record is JSON: {"key", "prompt": [ids], "response": [ids], "eos": bool}.
 """
@@ -23,6 +25,7 @@ import os
 import pathlib
 import random
 import re
+import zlib
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from array_record.python import array_record_module
@@ -40,12 +43,17 @@ PROCESS_MANIFEST = "manifest.process-{}.json"  # the shards one process of a mul
 
 @dataclasses.dataclass(frozen=True)
 class ProcessShare:
-    """This process's part of a distillation shared by `count` processes; `barrier(name)` returns once
-    every process has called it (`multihost.barrier`). The default is a single process."""
+    """This process's part of a distillation shared by `count` processes. `gather(x)` returns every
+    process's integer x, in process order, once all have called it (`multihost.gather_ints`): how
+    they wait for each other and check that they agree. The default is a single process."""
 
     index: int = 0
     count: int = 1
-    barrier: Callable[[str], None] = lambda name: None
+    gather: Callable[[int], list[int]] = lambda value: [value]
+
+    def failed(self, ok: bool) -> list[int]:
+        """The processes that report a failure here (every process must call this at the same point)."""
+        return [process for process, flag in enumerate(self.gather(int(ok))) if not flag]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,23 +102,38 @@ def _fold_in_process_manifests(cache_dir: pathlib.Path) -> None:
     shards = {shard["file"]: shard for shard in manifest["shards"]}
     for path in paths:
         try:
-            listed = json.loads(path.read_text())["shards"]
+            listed = json.loads(path.read_text())
+            settings, listed_shards = listed["settings"], listed["shards"]
         except (json.JSONDecodeError, KeyError) as err:
             raise InputError(f"{path} is corrupt ({err!r}); delete it and the shards it lists to answer "
                              "those prompts again") from None
-        shards.update({shard["file"]: shard for shard in listed})
+        if settings != manifest["settings"]:
+            raise InputError(f"{path} lists shards made with settings {settings}, not the cache's "
+                             f"{manifest['settings']}; delete it and the shards it lists")
+        shards.update({shard["file"]: shard for shard in listed_shards})
     manifest["shards"] = sorted(shards.values(), key=_shard_index)
-    _write_manifest(cache_dir, manifest)
+    _write_manifest(cache_dir, _without_answered_plans(manifest))
     for path in paths:
         path.unlink()
 
 
+def _without_answered_plans(manifest: dict) -> dict:
+    """The manifest with only the planned batches that no listed shard has answered yet."""
+    answered = {_shard_index(shard) for shard in manifest["shards"]}
+    planned = [batch for batch in manifest.get("planned", []) if batch["index"] not in answered]
+    return {**{k: v for k, v in manifest.items() if k != "planned"}, **({"planned": planned} if planned else {})}
+
+
 def shard_paths(cache_dir: str | pathlib.Path) -> list[pathlib.Path]:
-    """The finished shards of a cache, in order; an empty or missing cache is an error."""
+    """The finished shards of a cache, in order; an empty or missing cache is an error, and so is one
+    that an interrupted multi-process run left with shards `manifest.json` does not list yet."""
     cache_dir = pathlib.Path(cache_dir)
     shards = read_manifest(cache_dir)["shards"]
     if not shards:
         raise InputError(f"no self-distilled data in {cache_dir}: run `python -m ppow_jax.distill` first")
+    if unmerged := sorted(p.name for p in cache_dir.glob(PROCESS_MANIFEST.format("*"))):
+        raise InputError(f"cache {cache_dir} holds shards of an interrupted multi-process distillation "
+                         f"({', '.join(unmerged)}): rerun `python -m ppow_jax.distill` to finish it")
     paths = [cache_dir / s["file"] for s in shards]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
@@ -198,18 +221,96 @@ def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: 
                  source_caps: Optional[Mapping[str, int]] = None, progress: bool = True,
                  share: ProcessShare = ProcessShare()) -> dict:
     """Answers the prompts of `split` (see `select_prompts`) into `cache_dir`, this process the
-    batches of its `share`.
+    planned batches of its `share`.
 
     Returns the manifest. Prompts longer than `settings.max_prompt_tokens` are skipped and listed.
     """
     check_sizes(batch_size=batch_size, max_prompts=max_prompts, dev_prompts=dev_prompts)
     cache_dir = pathlib.Path(cache_dir)
     primary = share.index == 0
+    # Process 0 alone writes manifest.json; every process waits at each `share` call until all have
+    # reached it, and an error on one is raised on all (the others would wait for it forever).
+    problem: Optional[Exception] = None
+    plan: Optional[_Plan] = None
     if primary:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        _fold_in_process_manifests(cache_dir)  # shards an interrupted multi-process run finished
-    share.barrier(f"self-distill {split}: manifest ready")
-    manifest = read_manifest(cache_dir)  # every process decides alike from here on
+        try:
+            plan = _plan(tokenizer, prompts, cache_dir, settings, batch_size=batch_size, max_prompts=max_prompts,
+                         dev_prompts=dev_prompts, split=split, source_caps=source_caps)
+        except InputError as err:
+            problem = err
+    _raise_on_failure(share, problem, f"process 0 could not plan the distillation into {cache_dir}")
+    manifest = read_manifest(cache_dir)
+    planned = manifest.get("planned", [])
+    # Storage that shows a host an old manifest.json would have two hosts write one shard differently.
+    if len(set(share.gather(zlib.crc32(json.dumps(planned).encode()) & 0x7FFFFFFF))) > 1:
+        raise InputError(f"the processes read different plans from {cache_dir / MANIFEST}: the hosts must share "
+                         "storage that shows each of them the latest files")
+
+    by_key = {prompt.key: prompt for prompt in prompts}
+    mine = planned[share.index::share.count]
+    sampling = SamplingParams(temperature=settings.temperature, top_p=settings.top_p)
+    if plan is not None and share.count == 1:
+        total = plan.total_prompts
+        bar = tqdm(total=total, initial=total - sum(len(b["keys"]) for b in planned),
+                   desc=f"self-distill ({split})", unit="prompt", disable=not progress)
+    else:  # each process its own batches; process 0's bar stands for all
+        bar = tqdm(total=sum(len(b["keys"]) for b in mine), desc=f"self-distill ({split}, process 0 of {share.count})",
+                   unit="prompt", disable=not (progress and primary))
+    finished = {"settings": manifest["settings"], "shards": []}  # this process's, when it is one of several
+    try:
+        for batch in mine:
+            ids = [encode_prompt(tokenizer, by_key[key]) for key in batch["keys"]]
+            result = decoder.generate(ids, settings.max_new_tokens, sampling, seed=settings.seed + batch["index"])
+            records = [{"key": key, "prompt": prompt, "response": out, "eos": eos}
+                       for key, prompt, out, eos in zip(batch["keys"], ids, result.tokens, result.finished_by_eos)]
+            name = f"shard-{batch['index']:05d}.array_record"
+            _write_shard(cache_dir / name, records)
+            shard = {"file": name, "keys": batch["keys"], "response_tokens": sum(len(r["response"]) for r in records)}
+            if share.count == 1:
+                manifest["shards"] = sorted(manifest["shards"] + [shard], key=_shard_index)
+                manifest = _without_answered_plans(manifest)
+                _write_manifest(cache_dir, manifest)
+            else:
+                finished["shards"].append({**shard, "process": share.index})
+                _write_manifest(cache_dir, finished, PROCESS_MANIFEST.format(share.index))
+            bar.update(len(batch["keys"]))
+            listed = finished["shards"] if share.count > 1 else manifest["shards"]
+            bar.set_postfix(tokens=sum(s["response_tokens"] for s in listed))
+    except Exception as err:  # noqa: BLE001 (re-raised below, once every process knows)
+        problem = err
+    bar.close()
+    failed = share.failed(problem is None)
+    merge_problem = None
+    if primary:
+        try:
+            _fold_in_process_manifests(cache_dir)  # also what the failed processes finished
+        except InputError as err:
+            merge_problem = err
+    if problem is not None:
+        share.gather(0)  # the merge above is done
+        raise problem
+    if failed:
+        share.gather(0)
+        raise InputError(f"processes {failed} failed to answer their batches of {cache_dir} (see their logs); the "
+                         "shards every process finished are kept: rerun to go on")
+    _raise_on_failure(share, merge_problem, f"process 0 could not merge the processes' manifests in {cache_dir}")
+    return read_manifest(cache_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    total_prompts: int  # of the split, answered, skipped or to answer
+
+
+def _plan(tokenizer: Tokenizer, prompts: Sequence[Prompt], cache_dir: pathlib.Path, settings: DistillSettings, *,
+          batch_size: int, max_prompts: int, dev_prompts: int, split: str,
+          source_caps: Optional[Mapping[str, int]]) -> _Plan:
+    """Process 0's part before any answering: merges what an interrupted run finished, checks the
+    settings and caps, lists the skipped prompts and writes the plan (`planned`, batches with their
+    shard index) into manifest.json. A plan already there is kept, so a rerun answers the same batches."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _fold_in_process_manifests(cache_dir)
+    manifest = read_manifest(cache_dir)
     wanted = dataclasses.asdict(settings)
     if manifest["settings"] is not None and manifest["settings"] != wanted:
         raise InputError(f"cache {cache_dir} was made with settings {manifest['settings']}, not {wanted}; "
@@ -239,44 +340,27 @@ def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: 
         else:
             todo.append((prompt, ids))
 
-    if primary:
-        _write_manifest(cache_dir, manifest)  # the settings and the skipped prompts, before any shard
+    # Batches planned by an interrupted run keep their place and shard index; prompts that are new
+    # to the plan (a raised max_prompts, or a cache from before plans) are batched after them.
+    wanted_keys = {prompt.key for prompt, _ in todo}
+    kept = [batch for batch in _without_answered_plans(manifest).get("planned", [])
+            if set(batch["keys"]) <= wanted_keys]
+    in_plan = {key for batch in kept for key in batch["keys"]}
+    new = [(prompt, ids) for prompt, ids in todo if prompt.key not in in_plan]
+    next_index = 1 + max([_shard_index(shard) for shard in manifest["shards"]] + [b["index"] for b in kept], default=-1)
+    manifest["planned"] = kept + [{"index": next_index + number, "keys": [prompt.key for prompt, _ in batch]}
+                                  for number, batch in enumerate(_batches(new, batch_size, sort_window=batch_size * 16))]
+    _write_manifest(cache_dir, _without_answered_plans(manifest))
+    return _Plan(total_prompts=len(order))
 
-    sampling = SamplingParams(temperature=settings.temperature, top_p=settings.top_p)
-    # Shards are numbered on from the highest one: an interrupted multi-process run can leave gaps.
-    first_index = 1 + max(map(_shard_index, manifest["shards"]), default=-1)
-    batches = list(_batches(todo, batch_size, sort_window=batch_size * 16))[share.index::share.count]
-    mine = {"shards": []}  # what this process finished, when it is one of several
-    if share.count == 1:
-        bar = tqdm(total=len(order), initial=len(order) - len(todo), desc=f"self-distill ({split})", unit="prompt",
-                   disable=not progress)
-    else:
-        bar = tqdm(total=sum(map(len, batches)), desc=f"self-distill ({split}, process {share.index} of "
-                   f"{share.count})", unit="prompt", disable=not progress)
-    for number, batch in enumerate(batches):
-        index = first_index + share.index + number * share.count
-        result = decoder.generate([ids for _, ids in batch], settings.max_new_tokens, sampling,
-                                  seed=settings.seed + index)
-        records = [{"key": p.key, "prompt": ids, "response": out, "eos": eos}
-                   for (p, ids), out, eos in zip(batch, result.tokens, result.finished_by_eos)]
-        name = f"shard-{index:05d}.array_record"
-        _write_shard(cache_dir / name, records)
-        shard = {"file": name, "keys": [p.key for p, _ in batch],
-                 "response_tokens": sum(len(r["response"]) for r in records)}
-        if share.count == 1:
-            manifest["shards"].append(shard)
-            _write_manifest(cache_dir, manifest)
-        else:
-            mine["shards"].append({**shard, "process": share.index})
-            _write_manifest(cache_dir, mine, PROCESS_MANIFEST.format(share.index))
-        bar.update(len(batch))
-        bar.set_postfix(tokens=sum(s["response_tokens"] for s in (mine if share.count > 1 else manifest)["shards"]))
-    bar.close()
-    share.barrier(f"self-distill {split}: shards written")
-    if primary:
-        _fold_in_process_manifests(cache_dir)
-    share.barrier(f"self-distill {split}: manifest merged")
-    return read_manifest(cache_dir)
+
+def _raise_on_failure(share: ProcessShare, problem: Optional[Exception], what: str) -> None:
+    """Every process waits here; if any brought a problem, each raises (its own, or `what`)."""
+    failed = share.failed(problem is None)
+    if problem is not None:
+        raise problem
+    if failed:
+        raise InputError(f"{what} (see the log of process {failed[0]})")
 
 
 def read_records(paths: Sequence[pathlib.Path], limit: Optional[int] = None) -> list[dict]:
