@@ -49,7 +49,8 @@ def main() -> None:
     for _ in range(args.batches):
         next(iterator)
     per_batch = (time.perf_counter() - clock) / args.batches * 1000
-    print("| read-ahead | batch | resident MB at start | after one batch and an idle wait | ms per batch, drained |")
+    print(f"| read-ahead | batch | resident MB at start | after one batch and {args.idle_seconds:g} s idle "
+          "| ms per batch, drained |")
     print("|---|---|---|---|---|")
     print(f"| {read_ahead or 'Grain default'} | {args.batch_size} | {start} | {idle} | {per_batch:.0f} |")
 

@@ -170,7 +170,7 @@ def check_loop_settings(config) -> None:
         if tc.get(name, 0) < 0:
             raise InputError(f"train.{name} must be >= 0 (0: off), got {tc[name]!r}")
     read_ahead = config.data.read_ahead
-    if not (isinstance(read_ahead, int) and read_ahead >= 1):
+    if not (isinstance(read_ahead, int) and not isinstance(read_ahead, bool) and read_ahead >= 1):
         raise InputError(f"data.read_ahead must be an integer >= 1, got {read_ahead!r}")
 
 

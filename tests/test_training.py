@@ -6,6 +6,7 @@ import json
 import pathlib
 import shutil
 import threading
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, tiny_config, tiny_distillation, tiny_params
+from ppow_jax.data import distill as distill_module
 from ppow_jax.data import sources
 from ppow_jax.data.distill import (DistillSettings, ProcessShare, read_manifest,
                                   read_records, select_prompts, self_distill, shard_paths)
@@ -135,6 +137,25 @@ class _ThreadGather:
         return gather
 
 
+def _as_two_threads(run) -> list[Optional[BaseException]]:
+    """Runs `run(index, share)` as processes 0 and 1 of a shared distillation -> what each raised."""
+    gather, errors = _ThreadGather(2), [None, None]
+
+    def process(index):
+        try:
+            run(index, ProcessShare(index, 2, gather.of(index)))
+        except BaseException as err:  # noqa: BLE001 (KeyboardInterrupt too: it is what is tested)
+            errors[index] = err
+
+    threads = [threading.Thread(target=process, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not gather.barrier.broken, "a process was left waiting for the other"
+    return errors
+
+
 class _StoppedDecoder:
     def generate(self, *args, **kwargs):
         raise RuntimeError("process 0 stopped")
@@ -149,36 +170,64 @@ def test_a_shared_distillation_that_fails_on_one_process_resumes_into_the_uninte
         kwargs.pop("decoder", decoder), tiny_target.tokenizer, prompts, directory, settings, batch_size=4,
         max_prompts=16, dev_prompts=config.data.dev_prompts, progress=False, **kwargs)
     one_shot = distill(tmp_path / "one-shot")
-    assert len(one_shot["shards"]) == 4 and "planned" not in one_shot
+    assert len(one_shot["shards"]) == 4 and "plan" not in one_shot
 
     # Two processes share the run; process 0 fails before its first batch: both raise, neither hangs.
-    gather, errors = _ThreadGather(2), [None, None]
-
-    def process(index):
-        try:
-            distill(tmp_path / "shared", share=ProcessShare(index, 2, gather.of(index)),
-                    decoder=_StoppedDecoder() if index == 0 else decoder)
-        except Exception as err:  # noqa: BLE001
-            errors[index] = err
-
-    threads = [threading.Thread(target=process, args=(index,)) for index in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
+    errors = _as_two_threads(lambda index, share: distill(tmp_path / "shared", share=share,
+                                                          decoder=_StoppedDecoder() if index == 0 else decoder))
     assert "process 0 stopped" in str(errors[0])
     assert isinstance(errors[1], InputError) and "processes [0] failed" in str(errors[1])
     # Process 1's batches (1 and 3) are listed; batches 0 and 2 stay planned.
     partial = read_manifest(tmp_path / "shared")
     assert [s["file"] for s in partial["shards"]] == ["shard-00001.array_record", "shard-00003.array_record"]
-    assert [b["index"] for b in partial["planned"]] == [0, 2]
+    assert [b["index"] for b in partial["plan"]["batches"]] == [0, 2]
+
+    # A rerun at another batch size plans the rest anew, at that size.
+    shutil.copytree(tmp_path / "shared", tmp_path / "resized")
+    resized = self_distill(decoder, tiny_target.tokenizer, prompts, tmp_path / "resized", settings, batch_size=2,
+                           max_prompts=16, dev_prompts=config.data.dev_prompts, progress=False)
+    assert resized["shards"][:2] == partial["shards"] and [len(s["keys"]) for s in resized["shards"][2:]] == [2] * 4
 
     # One process finishes the plan: the shards, their seeds and so the responses are the one-shot run's.
     resumed = distill(tmp_path / "shared")
     strip = lambda manifest: [{k: v for k, v in s.items() if k != "process"} for s in manifest["shards"]]
-    assert strip(resumed) == one_shot["shards"] and "planned" not in resumed
+    assert strip(resumed) == one_shot["shards"] and "plan" not in resumed
     read = lambda directory: read_records(shard_paths(directory))
     assert read(tmp_path / "shared") == read(tmp_path / "one-shot")
+
+
+class _InterruptedDecoder:
+    def generate(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("where", ["planning", "answering"])
+def test_an_error_on_one_process_is_raised_on_every_process(distilled, tiny_target, shared_data_root, tmp_path,
+                                                              monkeypatch, where):
+    config, _, _ = distilled
+    prompts, decoder, settings = tiny_distillation(tiny_target, shared_data_root)
+    if where == "planning":  # process 0 alone plans: a tokenizer or storage error there
+        monkeypatch.setattr(distill_module, "select_prompts", _raises(ValueError("no prompts today")))
+
+    def run(index, share):
+        self_distill(_InterruptedDecoder() if index == 1 else decoder, tiny_target.tokenizer, prompts, tmp_path,
+                     settings, batch_size=4, max_prompts=16, dev_prompts=config.data.dev_prompts, progress=False,
+                     share=share)
+
+    errors = _as_two_threads(run)
+    if where == "planning":
+        assert "no prompts today" in str(errors[0])
+        assert "process 0 could not plan" in str(errors[1])
+    else:  # Ctrl-C on process 1: process 0 answers its own batches, then stops with the reason
+        assert isinstance(errors[1], KeyboardInterrupt)
+        assert "processes [1] failed" in str(errors[0])
+        assert [s["process"] for s in read_manifest(tmp_path)["shards"]] == [0, 0]
+
+
+def _raises(error):
+    def raise_it(*args, **kwargs):
+        raise error
+    return raise_it
 
 
 def test_unmerged_process_manifests_are_refused_until_a_rerun_merges_them(distilled, tiny_target, shared_data_root,

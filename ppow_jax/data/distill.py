@@ -7,11 +7,13 @@ interruption skips the prompts already answered, and refuses to mix settings (mo
 sampling) with a cache made under different ones.
 
 The batches are planned before any is answered, and the plan is kept in the manifest: batch i is
-shard i, generated with seed `seed + i`, so a run that is interrupted and rerun writes the shards an
-uninterrupted one writes, however many processes share it. Several processes (the hosts of a pod)
-each answer every N-th planned batch and list their finished shards in their own
-`manifest.process-I.json`; process 0 alone writes `manifest.json`, folding those in at the end, or
-when a rerun starts after an interruption.
+shard i, generated with seed `seed + i`. A run that is interrupted and rerun with the same settings
+and sizes writes the shards an uninterrupted one writes, however many processes share it. Several
+processes (the hosts of a pod) each answer every N-th planned batch and list their finished shards
+in their own `manifest.process-I.json` (their entries in `manifest.json` name the process); process
+0 alone writes `manifest.json`, folding those in at the end, or when a rerun starts after an
+interruption. An error on one process, Ctrl-C included, is raised on all of them at the next point
+where they agree; a process that is killed outright is noticed only by JAX's heartbeat.
 
 A record is JSON: {"key", "prompt": [ids], "response": [ids], "eos": bool}.
 """
@@ -117,11 +119,18 @@ def _fold_in_process_manifests(cache_dir: pathlib.Path) -> None:
         path.unlink()
 
 
+def _planned(manifest: dict) -> list[dict]:
+    """The batches of the manifest's plan, {"index", "keys"} each, answered or not."""
+    return manifest.get("plan", {}).get("batches", [])
+
+
 def _without_answered_plans(manifest: dict) -> dict:
-    """The manifest with only the planned batches that no listed shard has answered yet."""
+    """The manifest with only the planned batches that no listed shard has answered yet (no plan
+    once all are: a finished cache's manifest is as it was before plans existed)."""
     answered = {_shard_index(shard) for shard in manifest["shards"]}
-    planned = [batch for batch in manifest.get("planned", []) if batch["index"] not in answered]
-    return {**{k: v for k, v in manifest.items() if k != "planned"}, **({"planned": planned} if planned else {})}
+    batches = [batch for batch in _planned(manifest) if batch["index"] not in answered]
+    rest = {k: v for k, v in manifest.items() if k != "plan"}
+    return {**rest, "plan": {**manifest["plan"], "batches": batches}} if batches else rest
 
 
 def shard_paths(cache_dir: str | pathlib.Path) -> list[pathlib.Path]:
@@ -230,17 +239,18 @@ def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: 
     primary = share.index == 0
     # Process 0 alone writes manifest.json; every process waits at each `share` call until all have
     # reached it, and an error on one is raised on all (the others would wait for it forever).
-    problem: Optional[Exception] = None
+    # BaseException: an interrupted process must still tell the others before it stops.
+    problem: Optional[BaseException] = None
     plan: Optional[_Plan] = None
     if primary:
         try:
             plan = _plan(tokenizer, prompts, cache_dir, settings, batch_size=batch_size, max_prompts=max_prompts,
                          dev_prompts=dev_prompts, split=split, source_caps=source_caps)
-        except InputError as err:
+        except BaseException as err:  # noqa: BLE001 (raised below, once every process knows)
             problem = err
     _raise_on_failure(share, problem, f"process 0 could not plan the distillation into {cache_dir}")
     manifest = read_manifest(cache_dir)
-    planned = manifest.get("planned", [])
+    planned = _planned(manifest)
     # Storage that shows a host an old manifest.json would have two hosts write one shard differently.
     if len(set(share.gather(zlib.crc32(json.dumps(planned).encode()) & 0x7FFFFFFF))) > 1:
         raise InputError(f"the processes read different plans from {cache_dir / MANIFEST}: the hosts must share "
@@ -276,15 +286,15 @@ def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: 
             bar.update(len(batch["keys"]))
             listed = finished["shards"] if share.count > 1 else manifest["shards"]
             bar.set_postfix(tokens=sum(s["response_tokens"] for s in listed))
-    except Exception as err:  # noqa: BLE001 (re-raised below, once every process knows)
+    except BaseException as err:  # noqa: BLE001 (raised below, once every process knows)
         problem = err
     bar.close()
     failed = share.failed(problem is None)
-    merge_problem = None
+    merge_problem: Optional[BaseException] = None
     if primary:
         try:
             _fold_in_process_manifests(cache_dir)  # also what the failed processes finished
-        except InputError as err:
+        except BaseException as err:  # noqa: BLE001 (raised below, once every process knows)
             merge_problem = err
     if problem is not None:
         share.gather(0)  # the merge above is done
@@ -306,8 +316,9 @@ def _plan(tokenizer: Tokenizer, prompts: Sequence[Prompt], cache_dir: pathlib.Pa
           batch_size: int, max_prompts: int, dev_prompts: int, split: str,
           source_caps: Optional[Mapping[str, int]]) -> _Plan:
     """Process 0's part before any answering: merges what an interrupted run finished, checks the
-    settings and caps, lists the skipped prompts and writes the plan (`planned`, batches with their
-    shard index) into manifest.json. A plan already there is kept, so a rerun answers the same batches."""
+    settings and caps, lists the skipped prompts and writes the plan (`plan`: the batch size and the
+    batches, each with its shard index) into manifest.json. A plan already there for the same batch
+    size is kept, so a rerun answers the same batches."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     _fold_in_process_manifests(cache_dir)
     manifest = read_manifest(cache_dir)
@@ -341,20 +352,22 @@ def _plan(tokenizer: Tokenizer, prompts: Sequence[Prompt], cache_dir: pathlib.Pa
             todo.append((prompt, ids))
 
     # Batches planned by an interrupted run keep their place and shard index; prompts that are new
-    # to the plan (a raised max_prompts, or a cache from before plans) are batched after them.
+    # to the plan (a raised max_prompts, a new batch size, a cache from before plans) are batched after.
     wanted_keys = {prompt.key for prompt, _ in todo}
-    kept = [batch for batch in _without_answered_plans(manifest).get("planned", [])
-            if set(batch["keys"]) <= wanted_keys]
+    same_size = manifest.get("plan", {}).get("batch_size") == batch_size
+    kept = [batch for batch in _planned(_without_answered_plans(manifest))
+            if same_size and set(batch["keys"]) <= wanted_keys]
     in_plan = {key for batch in kept for key in batch["keys"]}
     new = [(prompt, ids) for prompt, ids in todo if prompt.key not in in_plan]
     next_index = 1 + max([_shard_index(shard) for shard in manifest["shards"]] + [b["index"] for b in kept], default=-1)
-    manifest["planned"] = kept + [{"index": next_index + number, "keys": [prompt.key for prompt, _ in batch]}
-                                  for number, batch in enumerate(_batches(new, batch_size, sort_window=batch_size * 16))]
+    fresh = _batches(new, batch_size, sort_window=batch_size * 16)
+    manifest["plan"] = {"batch_size": batch_size, "batches": kept + [
+        {"index": next_index + number, "keys": [prompt.key for prompt, _ in batch]} for number, batch in enumerate(fresh)]}
     _write_manifest(cache_dir, _without_answered_plans(manifest))
     return _Plan(total_prompts=len(order))
 
 
-def _raise_on_failure(share: ProcessShare, problem: Optional[Exception], what: str) -> None:
+def _raise_on_failure(share: ProcessShare, problem: Optional[BaseException], what: str) -> None:
     """Every process waits here; if any brought a problem, each raises (its own, or `what`)."""
     failed = share.failed(problem is None)
     if problem is not None:
