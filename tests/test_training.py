@@ -152,6 +152,7 @@ def _as_two_threads(run) -> list[Optional[BaseException]]:
         thread.start()
     for thread in threads:
         thread.join(timeout=300)
+    assert not any(thread.is_alive() for thread in threads), "a process is still running"
     assert not gather.barrier.broken, "a process was left waiting for the other"
     return errors
 

@@ -12,8 +12,9 @@ and sizes writes the shards an uninterrupted one writes, however many processes 
 processes (the hosts of a pod) each answer every N-th planned batch and list their finished shards
 in their own `manifest.process-I.json` (their entries in `manifest.json` name the process); process
 0 alone writes `manifest.json`, folding those in at the end, or when a rerun starts after an
-interruption. An error on one process, Ctrl-C included, is raised on all of them at the next point
-where they agree; a process that is killed outright is noticed only by JAX's heartbeat.
+interruption. An error or Ctrl-C on one process while it plans, reads the plan, answers or merges is
+raised on all of them at the next point where they agree; an interrupt while a process waits for the
+others, or a process killed outright, is noticed only by JAX's heartbeat.
 
 A record is JSON: {"key", "prompt": [ids], "response": [ids], "eos": bool}.
 """
@@ -249,10 +250,19 @@ def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: 
         except BaseException as err:  # noqa: BLE001 (raised below, once every process knows)
             problem = err
     _raise_on_failure(share, problem, f"process 0 could not plan the distillation into {cache_dir}")
-    manifest = read_manifest(cache_dir)
-    planned = _planned(manifest)
+    try:
+        manifest = read_manifest(cache_dir)
+        planned = _planned(manifest)
+        digest = zlib.crc32(json.dumps(planned).encode()) & 0x7FFFFFFF
+    except BaseException as err:  # noqa: BLE001 (raised below, once every process knows)
+        problem, digest = err, -1
+    digests = share.gather(digest)
+    if problem is not None:
+        raise problem
+    if -1 in digests:
+        raise InputError(f"process {digests.index(-1)} could not read the plan in {cache_dir / MANIFEST} (see its log)")
     # Storage that shows a host an old manifest.json would have two hosts write one shard differently.
-    if len(set(share.gather(zlib.crc32(json.dumps(planned).encode()) & 0x7FFFFFFF))) > 1:
+    if len(set(digests)) > 1:
         raise InputError(f"the processes read different plans from {cache_dir / MANIFEST}: the hosts must share "
                          "storage that shows each of them the latest files")
 
@@ -298,6 +308,8 @@ def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: 
             merge_problem = err
     if problem is not None:
         share.gather(0)  # the merge above is done
+        if merge_problem is not None:
+            problem.add_note(f"and process 0 could not merge the processes' manifests: {merge_problem!r}")
         raise problem
     if failed:
         share.gather(0)
