@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import sys
 import time
@@ -136,12 +135,6 @@ class DevProbe:
         frozen = PPOWTarget.from_target(self.target_params, params["d2t"])
         measured = greedy_acceptance(self._records, params, frozen, self.batches)
         return {f"dev/{name}": value for name, value in measured.items()}
-
-
-def write_atomically(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def check_shared_storage(config) -> None:
@@ -336,7 +329,7 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
     import jax
     import numpy as np
 
-    from ppow_jax import multihost
+    from ppow_jax import files, multihost
     from ppow_jax.data.features import feature_shards
     from ppow_jax.data.pipeline import feature_dataset
     from ppow_jax.drafters.eagle import Eagle3Drafter
@@ -370,7 +363,7 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
             d2t = draft_vocabulary(token_counts(pathlib.Path(config.data.cache_dir), target.config.vocab_size),
                                    config.drafter.draft_vocab_size)
     if resume_step is None and multihost.is_primary():  # a resumed run's other processes are reading it
-        write_atomically(workdir / "d2t.json", json.dumps(np.asarray(d2t).tolist()))
+        files.write_atomically(workdir / "d2t.json", json.dumps(np.asarray(d2t).tolist()))
     trainer = KDTrainer(drafter, target.params, d2t, optimizer_config(tc), unroll_steps=tc.unroll_steps,
                         loss_positions=tc.loss_positions, mesh=mesh)
     state = trainer.init_state(jax.random.key(config.seed), params=None if initial is None else split_params(initial)[0])

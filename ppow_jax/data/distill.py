@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from ppow_jax.data.sources import Prompt
 from ppow_jax.errors import InputError
+from ppow_jax.files import write_atomically
 from ppow_jax.inference.autoregressive import AutoregressiveDecoder
 from ppow_jax.inference.sampling import SamplingParams
 from ppow_jax.text.tokenizer import Tokenizer
@@ -86,9 +87,7 @@ def read_manifest(cache_dir: pathlib.Path) -> dict:
 
 
 def _write_manifest(cache_dir: pathlib.Path, manifest: dict, name: str = MANIFEST) -> None:
-    tmp = cache_dir / (name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, cache_dir / name)  # atomic: a crash leaves the old manifest
+    write_atomically(cache_dir / name, json.dumps(manifest, indent=1))  # a crash leaves the old manifest
 
 
 def _shard_index(shard: dict) -> int:
@@ -242,10 +241,10 @@ def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: 
     # reached it, and an error on one is raised on all (the others would wait for it forever).
     # BaseException: an interrupted process must still tell the others before it stops.
     problem: Optional[BaseException] = None
-    plan: Optional[_Plan] = None
+    split_prompts = 0  # known to process 0 only: it is the one that selects them
     if primary:
         try:
-            plan = _plan(tokenizer, prompts, cache_dir, settings, batch_size=batch_size, max_prompts=max_prompts,
+            split_prompts = _plan(tokenizer, prompts, cache_dir, settings, batch_size=batch_size, max_prompts=max_prompts,
                          dev_prompts=dev_prompts, split=split, source_caps=source_caps)
         except BaseException as err:  # noqa: BLE001 (raised below, once every process knows)
             problem = err
@@ -269,9 +268,8 @@ def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: 
     by_key = {prompt.key: prompt for prompt in prompts}
     mine = planned[share.index::share.count]
     sampling = SamplingParams(temperature=settings.temperature, top_p=settings.top_p)
-    if plan is not None and share.count == 1:
-        total = plan.total_prompts
-        bar = tqdm(total=total, initial=total - sum(len(b["keys"]) for b in planned),
+    if share.count == 1:
+        bar = tqdm(total=split_prompts, initial=split_prompts - sum(len(b["keys"]) for b in planned),
                    desc=f"self-distill ({split})", unit="prompt", disable=not progress)
     else:  # each process its own batches; process 0's bar stands for all
         bar = tqdm(total=sum(len(b["keys"]) for b in mine), desc=f"self-distill ({split}, process 0 of {share.count})",
@@ -306,31 +304,24 @@ def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: 
             _fold_in_process_manifests(cache_dir)  # also what the failed processes finished
         except BaseException as err:  # noqa: BLE001 (raised below, once every process knows)
             merge_problem = err
-    if problem is not None:
-        share.gather(0)  # the merge above is done
-        if merge_problem is not None:
-            problem.add_note(f"and process 0 could not merge the processes' manifests: {merge_problem!r}")
-        raise problem
-    if failed:
-        share.gather(0)
-        raise InputError(f"processes {failed} failed to answer their batches of {cache_dir} (see their logs); the "
-                         "shards every process finished are kept: rerun to go on")
-    _raise_on_failure(share, merge_problem, f"process 0 could not merge the processes' manifests in {cache_dir}")
+    if problem is None and failed:
+        problem = InputError(f"processes {failed} failed to answer their batches of {cache_dir} (see their logs); "
+                             "the shards every process finished are kept: rerun to go on")
+    if problem is not None and merge_problem is not None:
+        problem.add_note(f"and process 0 could not merge the processes' manifests: {merge_problem!r}")
+    # Once more, so that the others wait for the merge and hear if it failed.
+    _raise_on_failure(share, problem or merge_problem,
+                      f"process 0 could not merge the processes' manifests in {cache_dir}")
     return read_manifest(cache_dir)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    total_prompts: int  # of the split, answered, skipped or to answer
 
 
 def _plan(tokenizer: Tokenizer, prompts: Sequence[Prompt], cache_dir: pathlib.Path, settings: DistillSettings, *,
           batch_size: int, max_prompts: int, dev_prompts: int, split: str,
-          source_caps: Optional[Mapping[str, int]]) -> _Plan:
+          source_caps: Optional[Mapping[str, int]]) -> int:
     """Process 0's part before any answering: merges what an interrupted run finished, checks the
     settings and caps, lists the skipped prompts and writes the plan (`plan`: the batch size and the
     batches, each with its shard index) into manifest.json. A plan already there for the same batch
-    size is kept, so a rerun answers the same batches."""
+    size is kept, so a rerun answers the same batches. -> the number of prompts in the split."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     _fold_in_process_manifests(cache_dir)
     manifest = read_manifest(cache_dir)
@@ -376,7 +367,7 @@ def _plan(tokenizer: Tokenizer, prompts: Sequence[Prompt], cache_dir: pathlib.Pa
     manifest["plan"] = {"batch_size": batch_size, "batches": kept + [
         {"index": next_index + number, "keys": [prompt.key for prompt, _ in batch]} for number, batch in enumerate(fresh)]}
     _write_manifest(cache_dir, _without_answered_plans(manifest))
-    return _Plan(total_prompts=len(order))
+    return len(order)
 
 
 def _raise_on_failure(share: ProcessShare, problem: Optional[BaseException], what: str) -> None:

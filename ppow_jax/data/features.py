@@ -29,6 +29,7 @@ from tqdm import tqdm
 from ppow_jax.data.distill import read_manifest, read_records, shard_paths
 from ppow_jax.drafters.interface import concat_features
 from ppow_jax.errors import InputError
+from ppow_jax.files import write_atomically
 from ppow_jax.models import llama
 from ppow_jax.models.config import ModelConfig
 
@@ -102,8 +103,7 @@ def build_feature_cache(target_config: ModelConfig, target_params: llama.Params,
         os.replace(tmp, out_dir / name)
         manifest["shards"].append({"file": name, "examples": len(examples),
                                    "loss_tokens": int(sum(int(e[1].sum()) for e in examples))})
-        manifest_path.with_suffix(".tmp").write_text(json.dumps(manifest, indent=1))
-        os.replace(manifest_path.with_suffix(".tmp"), manifest_path)
+        write_atomically(manifest_path, json.dumps(manifest, indent=1))
         bar.update(len(batch))
     bar.close()
     return manifest
