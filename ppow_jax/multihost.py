@@ -3,8 +3,8 @@
 Every process runs the same program. What differs, and why:
   - the input: each process loads only the rows of every global batch that its devices hold
     (`batch_rows`), so a run sees the same batches whatever the number of processes;
-  - files: process 0 (the primary) builds the target-feature cache, writes logs, metrics and the
-    exported drafter, while the others wait for it (`wait_for`) or skip the write;
+  - files: the processes share building the caches (`ppow_jax.data.process_share`); process 0 (the
+    primary) alone writes logs, metrics and the exported drafter;
   - host values: arrays spread over several hosts are gathered (`to_host`) before NumPy reads them.
 With one process every helper here is the plain single-host operation.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import pathlib
 import sys
 import time
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any
 
 import jax
 import numpy as np
@@ -23,8 +23,6 @@ from jax.sharding import Mesh
 
 from ppow_jax.errors import InputError
 from ppow_jax.sharding import batch_sharding
-
-T = TypeVar("T")
 
 
 def initialize(settings: Any) -> None:
@@ -63,21 +61,6 @@ def barrier(name: str) -> None:
     """Every process waits here until all have arrived (a collective over all devices)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
-
-
-def wait_for(poll: Callable[[], Optional[T]], what: str, poll_seconds: float = 2.0) -> T:
-    """For a non-primary process: the first value `poll()` returns that is not None, once the primary
-    has produced `what` on shared storage.
-
-    Polling rather than a device barrier: the primary may take half an hour (the feature cache), longer
-    than a collective should block. If the primary dies, JAX's coordination service stops this process.
-    """
-    if (value := poll()) is None:
-        print(f"process {jax.process_index()}: waiting for process 0 to finish {what}", file=sys.stderr, flush=True)
-    while value is None:
-        time.sleep(poll_seconds)
-        value = poll()
-    return value
 
 
 def to_host(tree: Any) -> Any:

@@ -67,9 +67,12 @@ class MetricsLog:
 def feature_cache(config, target, progress: bool, split: str = "train") -> pathlib.Path:
     """Builds (or resumes, or just checks) the target-feature cache of a split; -> its directory.
 
-    With several processes the primary builds it on the shared workdir and the others wait for it."""
+    With several processes they share the work on the shared workdir, each on its own devices."""
+    import jax
+
     from ppow_jax import multihost
-    from ppow_jax.data.features import build_feature_cache, complete_manifest
+    from ppow_jax.data.features import build_feature_cache
+    from ppow_jax.data.process_share import ProcessShare
 
     data = config.data
     if split == "train":
@@ -77,14 +80,11 @@ def feature_cache(config, target, progress: bool, split: str = "train") -> pathl
     else:
         distill_dir, directory = data.dev_cache_dir, data.get("dev_features_dir")
     directory = pathlib.Path(directory or pathlib.Path(config.workdir) / ("features" if split == "train" else "features-dev"))
-    settings = dict(feature_layers=tuple(config.drafter.feature_layers), seq_len=data.seq_len)
-    if multihost.is_primary():
-        manifest = build_feature_cache(target.config, target.params, distill_dir, directory, **settings,
-                                       batch_size=data.feature_batch_size,
-                                       pad_token_id=target.tokenizer.pad_token_id or 0, progress=progress)
-    else:
-        manifest = multihost.wait_for(lambda: complete_manifest(target.config, distill_dir, directory, **settings),
-                                      f"the feature cache {directory}")
+    manifest = build_feature_cache(target.config, target.params, distill_dir, directory,
+                                   feature_layers=tuple(config.drafter.feature_layers), seq_len=data.seq_len,
+                                   batch_size=data.feature_batch_size, pad_token_id=target.tokenizer.pad_token_id or 0,
+                                   progress=progress, devices=jax.local_devices(),
+                                   share=ProcessShare(jax.process_index(), jax.process_count(), multihost.gather_ints))
     loss_tokens = sum(s["loss_tokens"] for s in manifest["shards"])
     multihost.log(f"feature cache {directory} ({split}): {sum(s['examples'] for s in manifest['shards'])} sequences, "
         f"{loss_tokens} response tokens")

@@ -1,5 +1,5 @@
-"""Training and self-distillation across hosts, run as two CPU processes (gloo collectives) that
-share a workdir, as a pod's hosts share storage: they must give what one process gives."""
+"""Training, its feature cache and self-distillation across hosts, run as two CPU processes (gloo
+collectives) that share a workdir, as a pod's hosts share storage: they must give what one process gives."""
 
 import dataclasses
 import json
@@ -108,6 +108,9 @@ def test_two_processes_train_and_resume_as_one_process_on_two_devices(kd_runs):
     # The primary logs and exports; the other process stays quiet.
     assert "drafter exported" in primary_log and "drafter exported" not in secondary_log
     assert re.search(r"\(train\): \d+ sequences", interrupted[0]) and "sequences" not in interrupted[1]
+    # Both processes computed target features: the cache is the one-process run's (the same metrics above).
+    features = json.loads((root / "kd-2" / "features" / "manifest.json").read_text())
+    assert {shard["process"] for shard in features["shards"]} == {0, 1}
 
 
 def test_two_processes_ppow_as_one_process_on_two_devices(kd_runs, tmp_path):

@@ -13,11 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, tiny_config, tiny_distillation, tiny_params
+from conftest import REPO_ROOT, load_config, tiny_config, tiny_distillation, tiny_params
 from ppow_jax.data import distill as distill_module
+from ppow_jax.data import features as features_module
 from ppow_jax.data import sources
-from ppow_jax.data.distill import (DistillSettings, ProcessShare, read_manifest,
-                                  read_records, select_prompts, self_distill, shard_paths)
+from ppow_jax.data.distill import (DistillSettings, read_manifest, read_records, select_prompts, self_distill,
+                                  shard_paths)
+from ppow_jax.data.features import build_feature_cache, decode_example, feature_shards
+from ppow_jax.data.process_share import ProcessShare
 from ppow_jax.drafters.eagle import Eagle3Drafter, unrolled_hidden
 from ppow_jax.drafters.store import load_drafter
 from ppow_jax.errors import CheckpointError, InputError
@@ -147,7 +150,7 @@ def _as_two_threads(run) -> list[Optional[BaseException]]:
         except BaseException as err:  # noqa: BLE001 (KeyboardInterrupt too: it is what is tested)
             errors[index] = err
 
-    threads = [threading.Thread(target=process, args=(index,)) for index in range(2)]
+    threads = [threading.Thread(target=process, args=(index,), name=f"process-{index}") for index in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -253,6 +256,116 @@ def test_unmerged_process_manifests_are_refused_until_a_rerun_merges_them(distil
     (tmp_path / "manifest.process-1.json").write_text(good)
     assert [s["keys"] for s in rerun()["shards"]] == [s["keys"] for s in manifest["shards"] + [last]]
     assert len(shard_paths(tmp_path)) == len(manifest["shards"]) + 1
+
+
+def _build_features(target, distill_dir, out_dir, **kwargs) -> dict:
+    config = load_config("tiny_kd")
+    return build_feature_cache(target.config, target.params, distill_dir, out_dir,
+                               feature_layers=tuple(config.drafter.feature_layers), seq_len=config.data.seq_len,
+                               batch_size=kwargs.pop("batch_size", 4), pad_token_id=0, progress=False, **kwargs)
+
+
+def _cached_examples(cache_dir: pathlib.Path) -> list[dict]:
+    """Every example of a feature cache, in order, features and hidden states as float32."""
+    reader = features_module.grain.sources.ArrayRecordDataSource([str(p) for p in feature_shards(cache_dir)])
+    examples = [decode_example(reader[i]) for i in range(len(reader))]
+    return [{k: v.astype(np.float32) if k in ("features", "target_hidden") else v for k, v in e.items()}
+            for e in examples]
+
+
+def _assert_same_examples(got: list[dict], want: list[dict], exact: bool) -> None:
+    assert len(got) == len(want)
+    for row, (a, b) in enumerate(zip(got, want)):
+        assert a.keys() == b.keys()
+        for key in a:
+            if exact or key in ("tokens", "loss_mask"):
+                np.testing.assert_array_equal(a[key], b[key], err_msg=f"example {row} {key}")
+            else:  # computed in batches of another size: bfloat16 rounding may differ
+                np.testing.assert_allclose(a[key], b[key], rtol=2e-2, atol=2e-2, err_msg=f"example {row} {key}")
+
+
+def _fails_on_process_0(original):
+    def wrapped(*args, **kwargs):
+        if threading.current_thread().name == "process-0":
+            raise RuntimeError("process 0 stopped")
+        return original(*args, **kwargs)
+    return wrapped
+
+
+def test_a_feature_cache_shared_by_two_processes_resumes_into_the_one_process_cache(distilled, tiny_target, tmp_path,
+                                                                                   monkeypatch):
+    config, _, _ = distilled
+    distill_dir = config.data.cache_dir
+    one_shot = _build_features(tiny_target, distill_dir, tmp_path / "one-shot")
+    records = len(read_records(shard_paths(distill_dir)))
+    assert [(s["first"], s["examples"]) for s in one_shot["shards"]] == [(i, min(4, records - i))
+                                                                          for i in range(0, records, 4)]
+    assert records > 8  # at least three batches: each process has work and one has two batches
+
+    # Two processes share the build; process 0 fails on its first batch: both raise, neither hangs.
+    monkeypatch.setattr(features_module, "sequence_example", _fails_on_process_0(features_module.sequence_example))
+    errors = _as_two_threads(lambda index, share: _build_features(tiny_target, distill_dir, tmp_path / "shared",
+                                                                  share=share))
+    monkeypatch.undo()
+    assert "process 0 stopped" in str(errors[0])
+    assert isinstance(errors[1], InputError) and "processes [0] failed" in str(errors[1])
+    # Process 1's batches (the 2nd, 4th, ...) were merged into manifest.json; nothing else is listed.
+    partial = json.loads((tmp_path / "shared" / "manifest.json").read_text())
+    assert [(s["first"], s["process"]) for s in partial["shards"]] == [(s["first"], 1) for s in one_shot["shards"][1::2]]
+    assert not list((tmp_path / "shared").glob("manifest.process-*"))
+    (tmp_path / "shared" / "manifest.process-1.json").write_text(json.dumps(partial))  # as if the merge had not run
+    with pytest.raises(InputError, match="interrupted multi-process build"):
+        feature_shards(tmp_path / "shared")
+    _assert_same_examples([e for s in partial["shards"] for e in _shard_examples(tmp_path / "shared", s)],
+                          [e for s in one_shot["shards"][1::2] for e in _shard_examples(tmp_path / "one-shot", s)],
+                          exact=True)
+
+    # One process computes the rest, at another batch size: the cache holds the one-shot examples in order.
+    resumed = _build_features(tiny_target, distill_dir, tmp_path / "shared", batch_size=3)
+    assert [s["first"] for s in resumed["shards"]] == sorted(s["first"] for s in resumed["shards"])
+    assert sum(s["examples"] for s in resumed["shards"]) == records
+    assert sum(s["loss_tokens"] for s in resumed["shards"]) == sum(s["loss_tokens"] for s in one_shot["shards"])
+    _assert_same_examples(_cached_examples(tmp_path / "shared"), _cached_examples(tmp_path / "one-shot"), exact=False)
+    # A complete cache is only checked: nothing is recomputed.
+    assert _build_features(tiny_target, distill_dir, tmp_path / "shared") == resumed
+
+
+def _shard_examples(cache_dir: pathlib.Path, shard: dict) -> list[dict]:
+    reader = features_module.array_record_module.ArrayRecordReader(str(cache_dir / shard["file"]))
+    examples = [decode_example(r) for r in reader.read_all()]
+    reader.close()
+    return [{k: v.astype(np.float32) if v.dtype == features_module.ml_dtypes.bfloat16 else v for k, v in e.items()}
+            for e in examples]
+
+
+def test_a_feature_cache_from_before_first_records_resumes_and_other_settings_are_refused(distilled, tiny_target,
+                                                                                         tmp_path):
+    config, _, _ = distilled
+    distill_dir = config.data.cache_dir
+    one_shot = _build_features(tiny_target, distill_dir, tmp_path / "one-shot")
+    # The layout of earlier versions: shards named by their number, no first record; the last one unfinished.
+    shutil.copytree(tmp_path / "one-shot", tmp_path / "old")
+    manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    for number, shard in enumerate(manifest["shards"]):
+        del shard["first"]
+        old_name = f"shard-{number:05d}.array_record"
+        (tmp_path / "old" / shard["file"]).rename(tmp_path / "old" / old_name)
+        shard["file"] = old_name
+    manifest["shards"].pop()
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
+    resumed = _build_features(tiny_target, distill_dir, tmp_path / "old")
+    assert [s["first"] for s in resumed["shards"]] == [s["first"] for s in one_shot["shards"]]
+    _assert_same_examples(_cached_examples(tmp_path / "old"), _cached_examples(tmp_path / "one-shot"), exact=True)
+
+    with pytest.raises(InputError, match="was built with .*use another directory"):
+        build_feature_cache(tiny_target.config, tiny_target.params, distill_dir, tmp_path / "old", feature_layers=(0,),
+                            seq_len=16, batch_size=4, pad_token_id=0, progress=False)
+    # More examples than the self-distilled data holds: the cache was built from other data.
+    manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    manifest["shards"].append({**manifest["shards"][-1], "first": manifest["shards"][-1]["first"] + 4})
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="built from other data"):
+        _build_features(tiny_target, distill_dir, tmp_path / "old")
 
 
 def test_dev_split_is_held_out_and_stable(shared_data_root):

@@ -8,13 +8,9 @@ sampling) with a cache made under different ones.
 
 The batches are planned before any is answered, and the plan is kept in the manifest: batch i is
 shard i, generated with seed `seed + i`. A run that is interrupted and rerun with the same settings
-and sizes writes the shards an uninterrupted one writes, however many processes share it. Several
-processes (the hosts of a pod) each answer every N-th planned batch and list their finished shards
-in their own `manifest.process-I.json` (their entries in `manifest.json` name the process); process
-0 alone writes `manifest.json`, folding those in at the end, or when a rerun starts after an
-interruption. An error or Ctrl-C on one process while it plans, reads the plan, answers or merges is
-raised on all of them at the next point where they agree; an interrupt while a process waits for the
-others, or a process killed outright, is noticed only by JAX's heartbeat.
+and sizes writes the shards an uninterrupted one writes, however many processes share it: each
+process (a host of a pod) answers every N-th planned batch (`process_share` says how they share the
+cache and its manifest, and how an error on one reaches all).
 
 A record is JSON: {"key", "prompt": [ids], "response": [ids], "eos": bool}.
 """
@@ -28,36 +24,20 @@ import os
 import pathlib
 import random
 import re
-import zlib
-from typing import Callable, Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 from array_record.python import array_record_module
 from tqdm import tqdm
 
+from ppow_jax.data.process_share import (ProcessShare, fold_in_process_manifests, unmerged_process_manifests,
+                                         write_manifest, write_process_manifest)
 from ppow_jax.data.sources import Prompt
 from ppow_jax.errors import InputError
-from ppow_jax.files import write_atomically
 from ppow_jax.inference.autoregressive import AutoregressiveDecoder
 from ppow_jax.inference.sampling import SamplingParams
 from ppow_jax.text.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
-PROCESS_MANIFEST = "manifest.process-{}.json"  # the shards one process of a multi-process run finished
-
-
-@dataclasses.dataclass(frozen=True)
-class ProcessShare:
-    """This process's part of a distillation shared by `count` processes. `gather(x)` returns every
-    process's integer x, in process order, once all have called it (`multihost.gather_ints`): how
-    they wait for each other and check that they agree. The default is a single process."""
-
-    index: int = 0
-    count: int = 1
-    gather: Callable[[int], list[int]] = lambda value: [value]
-
-    def failed(self, ok: bool) -> list[int]:
-        """The processes that report a failure here (every process must call this at the same point)."""
-        return [process for process, flag in enumerate(self.gather(int(ok))) if not flag]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,37 +66,12 @@ def read_manifest(cache_dir: pathlib.Path) -> dict:
         raise InputError(f"{path} is corrupt ({err}); delete the cache directory to regenerate it") from None
 
 
-def _write_manifest(cache_dir: pathlib.Path, manifest: dict, name: str = MANIFEST) -> None:
-    write_atomically(cache_dir / name, json.dumps(manifest, indent=1))  # a crash leaves the old manifest
-
-
 def _shard_index(shard: dict) -> int:
     return int(re.fullmatch(r"shard-(\d+)\.array_record", shard["file"]).group(1))
 
 
 def _fold_in_process_manifests(cache_dir: pathlib.Path) -> None:
-    """Adds the shards listed by the processes of a multi-process run to `manifest.json`, in shard
-    order, then removes their manifests (only once the merged one is in place)."""
-    paths = sorted(cache_dir.glob(PROCESS_MANIFEST.format("*")))
-    if not paths:
-        return
-    manifest = read_manifest(cache_dir)
-    shards = {shard["file"]: shard for shard in manifest["shards"]}
-    for path in paths:
-        try:
-            listed = json.loads(path.read_text())
-            settings, listed_shards = listed["settings"], listed["shards"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise InputError(f"{path} is corrupt ({err!r}); delete it and the shards it lists to answer "
-                             "those prompts again") from None
-        if settings != manifest["settings"]:
-            raise InputError(f"{path} lists shards made with settings {settings}, not the cache's "
-                             f"{manifest['settings']}; delete it and the shards it lists")
-        shards.update({shard["file"]: shard for shard in listed_shards})
-    manifest["shards"] = sorted(shards.values(), key=_shard_index)
-    _write_manifest(cache_dir, _without_answered_plans(manifest))
-    for path in paths:
-        path.unlink()
+    fold_in_process_manifests(cache_dir, read_manifest(cache_dir), order=_shard_index, finish=_without_answered_plans)
 
 
 def _planned(manifest: dict) -> list[dict]:
@@ -140,7 +95,7 @@ def shard_paths(cache_dir: str | pathlib.Path) -> list[pathlib.Path]:
     shards = read_manifest(cache_dir)["shards"]
     if not shards:
         raise InputError(f"no self-distilled data in {cache_dir}: run `python -m ppow_jax.distill` first")
-    if unmerged := sorted(p.name for p in cache_dir.glob(PROCESS_MANIFEST.format("*"))):
+    if unmerged := unmerged_process_manifests(cache_dir):
         raise InputError(f"cache {cache_dir} holds shards of an interrupted multi-process distillation "
                          f"({', '.join(unmerged)}): rerun `python -m ppow_jax.distill` to finish it")
     paths = [cache_dir / s["file"] for s in shards]
@@ -236,34 +191,13 @@ def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: 
     """
     check_sizes(batch_size=batch_size, max_prompts=max_prompts, dev_prompts=dev_prompts)
     cache_dir = pathlib.Path(cache_dir)
-    primary = share.index == 0
-    # Process 0 alone writes manifest.json; every process waits at each `share` call until all have
-    # reached it, and an error on one is raised on all (the others would wait for it forever).
-    # BaseException: an interrupted process must still tell the others before it stops.
-    problem: Optional[BaseException] = None
-    split_prompts = 0  # known to process 0 only: it is the one that selects them
-    if primary:
-        try:
-            split_prompts = _plan(tokenizer, prompts, cache_dir, settings, batch_size=batch_size, max_prompts=max_prompts,
-                         dev_prompts=dev_prompts, split=split, source_caps=source_caps)
-        except BaseException as err:  # noqa: BLE001 (raised below, once every process knows)
-            problem = err
-    _raise_on_failure(share, problem, f"process 0 could not plan the distillation into {cache_dir}")
-    try:
-        manifest = read_manifest(cache_dir)
-        planned = _planned(manifest)
-        digest = zlib.crc32(json.dumps(planned).encode()) & 0x7FFFFFFF
-    except BaseException as err:  # noqa: BLE001 (raised below, once every process knows)
-        problem, digest = err, -1
-    digests = share.gather(digest)
-    if problem is not None:
-        raise problem
-    if -1 in digests:
-        raise InputError(f"process {digests.index(-1)} could not read the plan in {cache_dir / MANIFEST} (see its log)")
-    # Storage that shows a host an old manifest.json would have two hosts write one shard differently.
-    if len(set(digests)) > 1:
-        raise InputError(f"the processes read different plans from {cache_dir / MANIFEST}: the hosts must share "
-                         "storage that shows each of them the latest files")
+    # Process 0 alone plans (and writes manifest.json); the split's size is known to it only.
+    split_prompts = share.on_primary(
+        lambda: _plan(tokenizer, prompts, cache_dir, settings, batch_size=batch_size, max_prompts=max_prompts,
+                      dev_prompts=dev_prompts, split=split, source_caps=source_caps),
+        f"process 0 could not plan the distillation into {cache_dir}")
+    manifest = share.read_agreed(lambda: read_manifest(cache_dir), cache_dir / MANIFEST)
+    planned = _planned(manifest)
 
     by_key = {prompt.key: prompt for prompt in prompts}
     mine = planned[share.index::share.count]
@@ -273,9 +207,10 @@ def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: 
                    desc=f"self-distill ({split})", unit="prompt", disable=not progress)
     else:  # each process its own batches; process 0's bar stands for all
         bar = tqdm(total=sum(len(b["keys"]) for b in mine), desc=f"self-distill ({split}, process 0 of {share.count})",
-                   unit="prompt", disable=not (progress and primary))
-    finished = {"settings": manifest["settings"], "shards": []}  # this process's, when it is one of several
-    try:
+                   unit="prompt", disable=not (progress and share.primary))
+    finished: list[dict] = []  # this process's shards, when it is one of several
+    problem: Optional[BaseException] = None
+    try:  # from here on a failure must reach `finish`, where the other processes wait
         for batch in mine:
             ids = [encode_prompt(tokenizer, by_key[key]) for key in batch["keys"]]
             result = decoder.generate(ids, settings.max_new_tokens, sampling, seed=settings.seed + batch["index"])
@@ -287,31 +222,17 @@ def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: 
             if share.count == 1:
                 manifest["shards"] = sorted(manifest["shards"] + [shard], key=_shard_index)
                 manifest = _without_answered_plans(manifest)
-                _write_manifest(cache_dir, manifest)
+                write_manifest(cache_dir, manifest)
             else:
-                finished["shards"].append({**shard, "process": share.index})
-                _write_manifest(cache_dir, finished, PROCESS_MANIFEST.format(share.index))
+                finished.append(shard)
+                write_process_manifest(cache_dir, share, manifest["settings"], finished)
             bar.update(len(batch["keys"]))
-            listed = finished["shards"] if share.count > 1 else manifest["shards"]
+            listed = finished if share.count > 1 else manifest["shards"]
             bar.set_postfix(tokens=sum(s["response_tokens"] for s in listed))
-    except BaseException as err:  # noqa: BLE001 (raised below, once every process knows)
+    except BaseException as err:  # noqa: BLE001 (raised by `finish`, once every process knows)
         problem = err
     bar.close()
-    failed = share.failed(problem is None)
-    merge_problem: Optional[BaseException] = None
-    if primary:
-        try:
-            _fold_in_process_manifests(cache_dir)  # also what the failed processes finished
-        except BaseException as err:  # noqa: BLE001 (raised below, once every process knows)
-            merge_problem = err
-    if problem is None and failed:
-        problem = InputError(f"processes {failed} failed to answer their batches of {cache_dir} (see their logs); "
-                             "the shards every process finished are kept: rerun to go on")
-    if problem is not None and merge_problem is not None:
-        problem.add_note(f"and process 0 could not merge the processes' manifests: {merge_problem!r}")
-    # Once more, so that the others wait for the merge and hear if it failed.
-    _raise_on_failure(share, problem or merge_problem,
-                      f"process 0 could not merge the processes' manifests in {cache_dir}")
+    share.finish(problem, lambda: _fold_in_process_manifests(cache_dir), cache_dir)
     return read_manifest(cache_dir)
 
 
@@ -366,17 +287,8 @@ def _plan(tokenizer: Tokenizer, prompts: Sequence[Prompt], cache_dir: pathlib.Pa
     fresh = _batches(new, batch_size, sort_window=batch_size * 16)
     manifest["plan"] = {"batch_size": batch_size, "batches": kept + [
         {"index": next_index + number, "keys": [prompt.key for prompt, _ in batch]} for number, batch in enumerate(fresh)]}
-    _write_manifest(cache_dir, _without_answered_plans(manifest))
+    write_manifest(cache_dir, _without_answered_plans(manifest))
     return len(order)
-
-
-def _raise_on_failure(share: ProcessShare, problem: Optional[BaseException], what: str) -> None:
-    """Every process waits here; if any brought a problem, each raises (its own, or `what`)."""
-    failed = share.failed(problem is None)
-    if problem is not None:
-        raise problem
-    if failed:
-        raise InputError(f"{what} (see the log of process {failed[0]})")
 
 
 def read_records(paths: Sequence[pathlib.Path], limit: Optional[int] = None) -> list[dict]:

@@ -7,29 +7,37 @@ one teacher-forced forward and the cache stores:
   - `features` [L, n*D] bfloat16: the outputs of the drafter's feature layers, concatenated;
   - `target_hidden` [L, D] bfloat16: the final-normed last hidden state, from which the target's
     next-token logits over any vocabulary subset are one product with its output head.
-Examples are ArrayRecord shards (one per batch, renamed into place when complete) with a manifest,
-so an interrupted run resumes; the manifest pins the settings.
+Examples are ArrayRecord shards (one per batch, renamed into place when complete) in the order of
+the self-distilled records; the manifest lists each shard's first record and pins the settings. A
+rerun after an interruption computes only the records no shard holds. Several processes (the hosts
+of a pod) share the work: each computes every N-th missing batch (`process_share` says how they
+share the cache and its manifest), and the cache is the one a single process would have made.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import math
 import os
 import pathlib
 import threading
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
+import grain
 import jax
 import ml_dtypes
 import numpy as np
 from array_record.python import array_record_module
 from tqdm import tqdm
 
-from ppow_jax.data.distill import read_manifest, read_records, shard_paths
+from ppow_jax import sharding
+from ppow_jax.data.distill import shard_paths
+from ppow_jax.data.process_share import (ProcessShare, fold_in_process_manifests, unmerged_process_manifests,
+                                         write_manifest, write_process_manifest)
 from ppow_jax.drafters.interface import concat_features
 from ppow_jax.errors import InputError
-from ppow_jax.files import write_atomically
 from ppow_jax.models import llama
 from ppow_jax.models.config import ModelConfig
 
@@ -74,72 +82,132 @@ def sequence_example(record: dict, seq_len: int, pad_token_id: int) -> tuple[np.
 
 def build_feature_cache(target_config: ModelConfig, target_params: llama.Params, distill_dir: str | pathlib.Path,
                         out_dir: str | pathlib.Path, *, feature_layers: Sequence[int], seq_len: int,
-                        batch_size: int, pad_token_id: int, progress: bool = True) -> dict:
-    """Runs the target over every cached response; returns the manifest."""
+                        batch_size: int, pad_token_id: int, progress: bool = True, share: ProcessShare = ProcessShare(),
+                        devices: Optional[Sequence[jax.Device]] = None) -> dict:
+    """Runs the target over every self-distilled record that no shard holds yet (this process: every
+    N-th missing batch of its `share`), each batch split over as many of `devices` (default: the
+    first device) as divide it; returns the manifest."""
     out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path = out_dir / MANIFEST
-    manifest = _checked_manifest(target_config, distill_dir, out_dir, feature_layers, seq_len)
-    records = read_records(shard_paths(distill_dir))
-    done = sum(s["examples"] for s in manifest["shards"])
-    _check_not_stale(out_dir, done, len(records))
-    forward = jax.jit(lambda params, tokens: _teacher_forced(params, tokens, target_config, tuple(feature_layers)))
-    bar = tqdm(total=len(records), initial=done, desc="target features", unit="seq", disable=not progress)
-    for start in range(done, len(records), batch_size):
-        batch = records[start:start + batch_size]
-        examples = [sequence_example(r, seq_len, pad_token_id) for r in batch]
-        tokens = np.stack([e[0] for e in examples])
-        if len(batch) < batch_size:  # one static shape: pad the last batch with copies
-            tokens = np.concatenate([tokens, np.repeat(tokens[-1:], batch_size - len(batch), axis=0)])
-        features, hidden = jax.device_get(forward(target_params, tokens))
-        name = f"shard-{len(manifest['shards']):05d}.array_record"
-        tmp = out_dir / (name + ".tmp")
-        writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1")
-        for row, (row_tokens, mask, _) in enumerate(examples):
-            writer.write(encode_example({"tokens": row_tokens, "loss_mask": mask,
-                                         "features": features[row].astype(ml_dtypes.bfloat16),
-                                         "target_hidden": hidden[row].astype(ml_dtypes.bfloat16)}))
-        writer.close()
-        os.replace(tmp, out_dir / name)
-        manifest["shards"].append({"file": name, "examples": len(examples),
-                                   "loss_tokens": int(sum(int(e[1].sum()) for e in examples))})
-        write_atomically(manifest_path, json.dumps(manifest, indent=1))
-        bar.update(len(batch))
+    settings = _settings(target_config, distill_dir, feature_layers, seq_len)
+    responses = grain.sources.ArrayRecordDataSource([str(p) for p in shard_paths(distill_dir)])
+    share.on_primary(lambda: _prepare(out_dir, settings, len(responses)),
+                     f"process 0 could not prepare the feature cache {out_dir}")
+    manifest = share.read_agreed(lambda: _read_manifest(out_dir), out_dir / MANIFEST)
+    missing = _missing_batches(manifest["shards"], len(responses), batch_size)
+    mine = missing[share.index::share.count]
+    if share.count == 1:
+        bar = tqdm(total=len(responses), initial=len(responses) - sum(count for _, count in missing),
+                   desc="target features", unit="seq", disable=not progress)
+    else:  # each process its own batches; process 0's bar stands for all
+        bar = tqdm(total=sum(count for _, count in mine), desc=f"target features (process 0 of {share.count})",
+                   unit="seq", disable=not (progress and share.primary))
+    finished: list[dict] = []  # this process's shards, when it is one of several
+    problem: Optional[BaseException] = None
+    try:  # from here on a failure must reach `finish`, where the other processes wait
+        forward = _teacher_forced_on(devices or jax.devices()[:1], target_config, target_params,
+                                     tuple(feature_layers), batch_size, seq_len)
+        for first, count in mine:
+            records = [json.loads(r) for r in responses.__getitems__(range(first, first + count))]
+            examples = [sequence_example(r, seq_len, pad_token_id) for r in records]
+            tokens = np.stack([e[0] for e in examples])
+            if count < batch_size:  # one static shape: pad the last batch with copies
+                tokens = np.concatenate([tokens, np.repeat(tokens[-1:], batch_size - count, axis=0)])
+            features, hidden = forward(tokens)
+            name = f"records-{first:07d}.array_record"  # named by its first record: unique at any batch size
+            tmp = out_dir / (name + ".tmp")
+            writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1")
+            for row, (row_tokens, mask, _) in enumerate(examples):
+                writer.write(encode_example({"tokens": row_tokens, "loss_mask": mask,
+                                             "features": features[row].astype(ml_dtypes.bfloat16),
+                                             "target_hidden": hidden[row].astype(ml_dtypes.bfloat16)}))
+            writer.close()
+            os.replace(tmp, out_dir / name)
+            shard = {"file": name, "first": first, "examples": count,
+                     "loss_tokens": int(sum(int(e[1].sum()) for e in examples))}
+            if share.count == 1:
+                manifest["shards"] = sorted(manifest["shards"] + [shard], key=_first_record)
+                write_manifest(out_dir, manifest)
+            else:
+                finished.append(shard)
+                write_process_manifest(out_dir, share, settings, finished)
+            bar.update(count)
+    except BaseException as err:  # noqa: BLE001 (raised by `finish`, once every process knows)
+        problem = err
     bar.close()
-    return manifest
+    share.finish(problem, lambda: fold_in_process_manifests(out_dir, _read_manifest(out_dir), order=_first_record),
+                 out_dir)
+    return _read_manifest(out_dir)
 
 
-def _checked_manifest(target_config: ModelConfig, distill_dir: str | pathlib.Path, out_dir: pathlib.Path,
-                      feature_layers: Sequence[int], seq_len: int) -> dict:
-    """The cache's manifest (an empty one when there is none yet); refused when built with other settings."""
-    settings = {"distill_dir": str(pathlib.Path(distill_dir).absolute()), "feature_layers": list(feature_layers),
-                "seq_len": seq_len, "hidden_size": target_config.hidden_size}
-    path = out_dir / MANIFEST
-    manifest = json.loads(path.read_text()) if path.exists() else {"settings": settings, "shards": []}
-    if manifest["settings"] != settings:
+def _settings(target_config: ModelConfig, distill_dir: str | pathlib.Path, feature_layers: Sequence[int],
+              seq_len: int) -> dict:
+    """What decides a cached example; a cache is only extended under equal settings."""
+    return {"distill_dir": str(pathlib.Path(distill_dir).absolute()), "feature_layers": list(feature_layers),
+            "seq_len": seq_len, "hidden_size": target_config.hidden_size}
+
+
+def _prepare(out_dir: pathlib.Path, settings: dict, records: int) -> None:
+    """Process 0's part before any computing: folds in what the processes of an interrupted run
+    finished, refuses a cache made under other settings or from other data, and writes the manifest
+    (with every shard's first record) that all processes then read."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = _read_manifest(out_dir)
+    if manifest["settings"] is not None and manifest["settings"] != settings:
         raise InputError(f"feature cache {out_dir} was built with {manifest['settings']}, not {settings}; "
                          "use another directory")
+    manifest["settings"] = settings
+    fold_in_process_manifests(out_dir, manifest, order=_first_record)
+    manifest = _read_manifest(out_dir)
+    if (end := max((s["first"] + s["examples"] for s in manifest["shards"]), default=0)) > records:
+        raise InputError(f"feature cache {out_dir} holds features of {end} sequences but the self-distilled data "
+                         f"only {records}: it was built from other data; delete it or use another directory")
+    write_manifest(out_dir, {**manifest, "settings": settings})
+
+
+def _read_manifest(out_dir: pathlib.Path) -> dict:
+    path = out_dir / MANIFEST
+    if not path.exists():
+        return {"settings": None, "shards": []}
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path} is corrupt ({err}); delete the feature cache to rebuild it") from None
+    # Caches built before shards were named by their first record hold them in record order, without gaps.
+    first = 0
+    for shard in manifest["shards"]:
+        first = shard.setdefault("first", first) + shard["examples"]
     return manifest
 
 
-def complete_manifest(target_config: ModelConfig, distill_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *,
-                      feature_layers: Sequence[int], seq_len: int) -> dict | None:
-    """The manifest of a cache that holds every self-distilled sequence of `distill_dir`, else None
-    (what the other processes of a multi-host run wait for while the primary builds it)."""
-    out_dir = pathlib.Path(out_dir)
-    if not (out_dir / MANIFEST).exists():
-        return None
-    manifest = _checked_manifest(target_config, distill_dir, out_dir, feature_layers, seq_len)
-    distilled = sum(len(shard["keys"]) for shard in read_manifest(pathlib.Path(distill_dir))["shards"])
-    cached = sum(s["examples"] for s in manifest["shards"])
-    _check_not_stale(out_dir, cached, distilled)
-    return manifest if cached == distilled else None
+def _first_record(shard: dict) -> int:
+    return shard["first"]
 
 
-def _check_not_stale(out_dir: pathlib.Path, cached: int, distilled: int) -> None:
-    if cached > distilled:
-        raise InputError(f"feature cache {out_dir} holds {cached} sequences but the self-distilled data only "
-                         f"{distilled}: it was built from other data; delete it or use another directory")
+def _missing_batches(shards: Sequence[dict], records: int, batch_size: int) -> list[tuple[int, int]]:
+    """(first record, count) of the batches that cover the records no shard holds, in record order."""
+    batches, start = [], 0
+    for first, end in sorted((s["first"], s["first"] + s["examples"]) for s in shards) + [(records, records)]:
+        batches += [(i, min(batch_size, first - i)) for i in range(start, first, batch_size)]
+        start = max(start, end)
+    return batches
+
+
+def _teacher_forced_on(devices: Sequence[jax.Device], config: ModelConfig, params: llama.Params,
+                       feature_layers: tuple[int, ...], batch_size: int,
+                       seq_len: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """tokens [batch_size, seq_len] -> (features, final hidden) on the host, computed on a data-parallel
+    mesh of as many of `devices` as divide the batch (the target replicated on each)."""
+    mesh = sharding.make_mesh(data=math.gcd(batch_size, len(devices)), devices=devices, keep_order=True)
+    param_shardings = sharding.param_shardings(params, mesh)
+    params = jax.device_put(params, param_shardings)
+    forward = jax.jit(functools.partial(_teacher_forced, config=config, feature_layers=feature_layers),
+                      in_shardings=(param_shardings, sharding.batch_sharding(mesh, (batch_size, seq_len))))
+
+    def run(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with jax.set_mesh(mesh):
+            return jax.device_get(forward(params, tokens))
+
+    return run
 
 
 def _teacher_forced(params, tokens, config: ModelConfig, feature_layers: tuple[int, ...]):
@@ -156,4 +224,7 @@ def feature_shards(cache_dir: str | pathlib.Path) -> list[pathlib.Path]:
     path = cache_dir / MANIFEST
     if not path.exists():
         raise InputError(f"no target feature cache in {cache_dir}")
-    return [cache_dir / s["file"] for s in json.loads(path.read_text())["shards"]]
+    if unmerged := unmerged_process_manifests(cache_dir):
+        raise InputError(f"feature cache {cache_dir} holds shards of an interrupted multi-process build "
+                         f"({', '.join(unmerged)}): rerun the training command to finish it")
+    return [cache_dir / s["file"] for s in _read_manifest(cache_dir)["shards"]]
