@@ -43,7 +43,8 @@ def run_distillation(config, target, progress: bool = True) -> None:
     import jax
 
     from ppow_jax import multihost, sharding
-    from ppow_jax.data.distill import DistillSettings, ProcessShare, self_distill
+    from ppow_jax.data.distill import DistillSettings, self_distill
+    from ppow_jax.data.process_share import ProcessShare
     from ppow_jax.data.sources import read_training_prompts
     from ppow_jax.inference.autoregressive import AutoregressiveDecoder
 

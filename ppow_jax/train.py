@@ -138,8 +138,8 @@ class DevProbe:
 
 
 def check_shared_storage(config) -> None:
-    """With several processes: refuses directories of the run that the hosts do not all see (the
-    others would wait for the primary's feature cache forever, or train on other data)."""
+    """With several processes: refuses directories of the run that the hosts do not all see (they
+    would build the feature caches, or train, on different files)."""
     from ppow_jax import multihost
 
     data = config.data

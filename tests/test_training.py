@@ -1,6 +1,7 @@
 """Token-level drafter training: readers, self-distillation, feature cache, the unrolled forward,
 a tiny end-to-end run, exact resume and checkpoint errors."""
 
+import collections
 import dataclasses
 import json
 import pathlib
@@ -284,12 +285,28 @@ def _assert_same_examples(got: list[dict], want: list[dict], exact: bool) -> Non
                 np.testing.assert_allclose(a[key], b[key], rtol=2e-2, atol=2e-2, err_msg=f"example {row} {key}")
 
 
-def _fails_on_process_0(original):
+def _fails_on_process_0_after(calls: int, original):
+    """`original`, but raising on the thread standing for process 0 once it has called it `calls` times."""
+    made = collections.Counter()
+
     def wrapped(*args, **kwargs):
-        if threading.current_thread().name == "process-0":
+        name = threading.current_thread().name
+        made[name] += 1
+        if name == "process-0" and made[name] > calls:
             raise RuntimeError("process 0 stopped")
         return original(*args, **kwargs)
     return wrapped
+
+
+def _counting_forwards(monkeypatch) -> list[int]:
+    """Makes every feature forward count the rows it computes -> the counts, one per batch."""
+    computed, original = [], features_module._teacher_forced_on
+
+    def counted(*args, **kwargs):
+        forward = original(*args, **kwargs)
+        return lambda tokens: computed.append(len(tokens)) or forward(tokens)
+    monkeypatch.setattr(features_module, "_teacher_forced_on", counted)
+    return computed
 
 
 def test_a_feature_cache_shared_by_two_processes_resumes_into_the_one_process_cache(distilled, tiny_target, tmp_path,
@@ -300,34 +317,65 @@ def test_a_feature_cache_shared_by_two_processes_resumes_into_the_one_process_ca
     records = len(read_records(shard_paths(distill_dir)))
     assert [(s["first"], s["examples"]) for s in one_shot["shards"]] == [(i, min(4, records - i))
                                                                           for i in range(0, records, 4)]
-    assert records > 8  # at least three batches: each process has work and one has two batches
+    assert records > 12  # at least four batches: each process has two
 
-    # Two processes share the build; process 0 fails on its first batch: both raise, neither hangs.
-    monkeypatch.setattr(features_module, "sequence_example", _fails_on_process_0(features_module.sequence_example))
-    errors = _as_two_threads(lambda index, share: _build_features(tiny_target, distill_dir, tmp_path / "shared",
-                                                                  share=share))
-    monkeypatch.undo()
+    # Two processes share the build; process 0 fails on its second batch: both raise, neither hangs.
+    with monkeypatch.context() as patch:
+        patch.setattr(features_module, "sequence_example",
+                      _fails_on_process_0_after(4, features_module.sequence_example))  # one call per record
+        errors = _as_two_threads(lambda index, share: _build_features(tiny_target, distill_dir, tmp_path / "shared",
+                                                                      share=share))
     assert "process 0 stopped" in str(errors[0])
     assert isinstance(errors[1], InputError) and "processes [0] failed" in str(errors[1])
-    # Process 1's batches (the 2nd, 4th, ...) were merged into manifest.json; nothing else is listed.
+    # What each finished was merged into manifest.json: process 0's first batch, process 1's (the 2nd, 4th, ...).
     partial = json.loads((tmp_path / "shared" / "manifest.json").read_text())
-    assert [(s["first"], s["process"]) for s in partial["shards"]] == [(s["first"], 1) for s in one_shot["shards"][1::2]]
+    expected = [one_shot["shards"][0]] + one_shot["shards"][1::2]
+    assert [(s["first"], s["process"]) for s in partial["shards"]] == [(s["first"], 0 if i == 0 else 1)
+                                                                        for i, s in enumerate(expected)]
     assert not list((tmp_path / "shared").glob("manifest.process-*"))
-    (tmp_path / "shared" / "manifest.process-1.json").write_text(json.dumps(partial))  # as if the merge had not run
+    _assert_same_examples([e for s in partial["shards"] for e in _shard_examples(tmp_path / "shared", s)],
+                          [e for s in expected for e in _shard_examples(tmp_path / "one-shot", s)], exact=True)
+
+    # As if process 1's manifest had not been merged: refused for training, folded in by a rerun.
+    process_1 = [s for s in partial["shards"] if s["process"] == 1]
+    (tmp_path / "shared" / "manifest.process-1.json").write_text(json.dumps({**partial, "shards": process_1}))
+    (tmp_path / "shared" / "manifest.json").write_text(json.dumps({**partial, "shards": partial["shards"][:1]}))
     with pytest.raises(InputError, match="interrupted multi-process build"):
         feature_shards(tmp_path / "shared")
-    _assert_same_examples([e for s in partial["shards"] for e in _shard_examples(tmp_path / "shared", s)],
-                          [e for s in one_shot["shards"][1::2] for e in _shard_examples(tmp_path / "one-shot", s)],
-                          exact=True)
 
-    # One process computes the rest, at another batch size: the cache holds the one-shot examples in order.
+    # One process computes the rest, at another batch size: only the missing records, and the cache
+    # holds the one-shot examples in order.
+    computed = _counting_forwards(monkeypatch)
     resumed = _build_features(tiny_target, distill_dir, tmp_path / "shared", batch_size=3)
+    done = {s["first"] for s in expected}
+    missing = [i for i in range(records) if not any(first <= i < first + 4 for first in done)]
+    assert len(computed) == sum(-(-len(run) // 3) for run in _runs(missing))  # batches of 3 over each gap
     assert [s["first"] for s in resumed["shards"]] == sorted(s["first"] for s in resumed["shards"])
     assert sum(s["examples"] for s in resumed["shards"]) == records
     assert sum(s["loss_tokens"] for s in resumed["shards"]) == sum(s["loss_tokens"] for s in one_shot["shards"])
     _assert_same_examples(_cached_examples(tmp_path / "shared"), _cached_examples(tmp_path / "one-shot"), exact=False)
-    # A complete cache is only checked: nothing is recomputed.
-    assert _build_features(tiny_target, distill_dir, tmp_path / "shared") == resumed
+    # A complete cache is only checked: nothing is computed.
+    computed.clear()
+    assert _build_features(tiny_target, distill_dir, tmp_path / "shared") == resumed and computed == []
+
+
+def _runs(indices: list[int]) -> list[list[int]]:
+    """Consecutive runs of sorted indices."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def test_a_feature_cache_on_several_devices_equals_one_device(distilled, tiny_target, tmp_path):
+    config, _, _ = distilled
+    one = _build_features(tiny_target, config.data.cache_dir, tmp_path / "one")
+    four = _build_features(tiny_target, config.data.cache_dir, tmp_path / "four", devices=jax.devices()[:4])
+    assert four == one
+    _assert_same_examples(_cached_examples(tmp_path / "four"), _cached_examples(tmp_path / "one"), exact=True)
 
 
 def _shard_examples(cache_dir: pathlib.Path, shard: dict) -> list[dict]:
@@ -366,6 +414,16 @@ def test_a_feature_cache_from_before_first_records_resumes_and_other_settings_ar
     (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(InputError, match="built from other data"):
         _build_features(tiny_target, distill_dir, tmp_path / "old")
+
+    # Records that moved in the self-distilled data (an interrupted multi-process distillation that a
+    # rerun finished, filling the batches it had left out) are refused, not taken for the cached ones.
+    shutil.copytree(distill_dir, tmp_path / "distill")
+    _build_features(tiny_target, tmp_path / "distill", tmp_path / "moved")
+    distilled_manifest = read_manifest(tmp_path / "distill")
+    distilled_manifest["shards"][:2] = distilled_manifest["shards"][1::-1]
+    (tmp_path / "distill" / "manifest.json").write_text(json.dumps(distilled_manifest))
+    with pytest.raises(InputError, match="other records than the self-distilled data .* now has at 0..3"):
+        _build_features(tiny_target, tmp_path / "distill", tmp_path / "moved")
 
 
 def test_dev_split_is_held_out_and_stable(shared_data_root):

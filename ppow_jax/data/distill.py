@@ -196,7 +196,7 @@ def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: 
         lambda: _plan(tokenizer, prompts, cache_dir, settings, batch_size=batch_size, max_prompts=max_prompts,
                       dev_prompts=dev_prompts, split=split, source_caps=source_caps),
         f"process 0 could not plan the distillation into {cache_dir}")
-    manifest = share.read_agreed(lambda: read_manifest(cache_dir), cache_dir / MANIFEST)
+    manifest = share.read_agreed(lambda: read_manifest(cache_dir), str(cache_dir / MANIFEST))
     planned = _planned(manifest)
 
     by_key = {prompt.key: prompt for prompt in prompts}

@@ -23,6 +23,7 @@ import math
 import os
 import pathlib
 import threading
+import zlib
 from typing import Callable, Optional, Sequence
 
 import grain
@@ -33,7 +34,7 @@ from array_record.python import array_record_module
 from tqdm import tqdm
 
 from ppow_jax import sharding
-from ppow_jax.data.distill import shard_paths
+from ppow_jax.data.distill import read_manifest, shard_paths
 from ppow_jax.data.process_share import (ProcessShare, fold_in_process_manifests, unmerged_process_manifests,
                                          write_manifest, write_process_manifest)
 from ppow_jax.drafters.interface import concat_features
@@ -85,18 +86,20 @@ def build_feature_cache(target_config: ModelConfig, target_params: llama.Params,
                         batch_size: int, pad_token_id: int, progress: bool = True, share: ProcessShare = ProcessShare(),
                         devices: Optional[Sequence[jax.Device]] = None) -> dict:
     """Runs the target over every self-distilled record that no shard holds yet (this process: every
-    N-th missing batch of its `share`), each batch split over as many of `devices` (default: the
-    first device) as divide it; returns the manifest."""
+    N-th missing batch of its `share`), each batch split over as many of `devices` (default: this
+    process's first device) as divide it; returns the manifest."""
     out_dir = pathlib.Path(out_dir)
     settings = _settings(target_config, distill_dir, feature_layers, seq_len)
-    responses = grain.sources.ArrayRecordDataSource([str(p) for p in shard_paths(distill_dir)])
-    share.on_primary(lambda: _prepare(out_dir, settings, len(responses)),
+    share.on_primary(lambda: _prepare(out_dir, settings, _distilled_keys(distill_dir)),
                      f"process 0 could not prepare the feature cache {out_dir}")
-    manifest = share.read_agreed(lambda: _read_manifest(out_dir), out_dir / MANIFEST)
-    missing = _missing_batches(manifest["shards"], len(responses), batch_size)
+    # What the processes divide must be the same on each: the cache's shards and the records to cover.
+    state = share.read_agreed(lambda: {"manifest": _read_manifest(out_dir), "keys": _distilled_keys(distill_dir)},
+                              f"{out_dir / MANIFEST} and the self-distilled data {distill_dir}")
+    manifest, keys = state["manifest"], state["keys"]
+    missing = _missing_batches(manifest["shards"], len(keys), batch_size)
     mine = missing[share.index::share.count]
     if share.count == 1:
-        bar = tqdm(total=len(responses), initial=len(responses) - sum(count for _, count in missing),
+        bar = tqdm(total=len(keys), initial=len(keys) - sum(count for _, count in missing),
                    desc="target features", unit="seq", disable=not progress)
     else:  # each process its own batches; process 0's bar stands for all
         bar = tqdm(total=sum(count for _, count in mine), desc=f"target features (process 0 of {share.count})",
@@ -104,10 +107,18 @@ def build_feature_cache(target_config: ModelConfig, target_params: llama.Params,
     finished: list[dict] = []  # this process's shards, when it is one of several
     problem: Optional[BaseException] = None
     try:  # from here on a failure must reach `finish`, where the other processes wait
-        forward = _teacher_forced_on(devices or jax.devices()[:1], target_config, target_params,
-                                     tuple(feature_layers), batch_size, seq_len)
+        if settings != manifest["settings"]:  # checked by process 0 against its own config only
+            raise InputError(f"process {share.index} would add features made with {settings} to the cache "
+                             f"{out_dir}, built with {manifest['settings']}: every host must run the same config")
+        if mine:  # a finished cache is only checked: no target replicas, no reads
+            responses = grain.sources.ArrayRecordDataSource([str(p) for p in shard_paths(distill_dir)])
+            forward = _teacher_forced_on(devices or jax.local_devices()[:1], target_config, target_params,
+                                         tuple(feature_layers), batch_size, seq_len)
         for first, count in mine:
             records = [json.loads(r) for r in responses.__getitems__(range(first, first + count))]
+            if [r["key"] for r in records] != keys[first:first + count]:
+                raise InputError(f"the self-distilled records {first}..{first + count - 1} of {distill_dir} are not "
+                                 "the ones its manifest lists: the cache changed while the features were computed")
             examples = [sequence_example(r, seq_len, pad_token_id) for r in records]
             tokens = np.stack([e[0] for e in examples])
             if count < batch_size:  # one static shape: pad the last batch with copies
@@ -122,21 +133,21 @@ def build_feature_cache(target_config: ModelConfig, target_params: llama.Params,
                                              "target_hidden": hidden[row].astype(ml_dtypes.bfloat16)}))
             writer.close()
             os.replace(tmp, out_dir / name)
-            shard = {"file": name, "first": first, "examples": count,
+            shard = {"file": name, "first": first, "examples": count, "keys": _keys_digest(keys[first:first + count]),
                      "loss_tokens": int(sum(int(e[1].sum()) for e in examples))}
             if share.count == 1:
                 manifest["shards"] = sorted(manifest["shards"] + [shard], key=_first_record)
                 write_manifest(out_dir, manifest)
             else:
                 finished.append(shard)
-                write_process_manifest(out_dir, share, settings, finished)
+                write_process_manifest(out_dir, share, manifest["settings"], finished)
             bar.update(count)
     except BaseException as err:  # noqa: BLE001 (raised by `finish`, once every process knows)
         problem = err
     bar.close()
     share.finish(problem, lambda: fold_in_process_manifests(out_dir, _read_manifest(out_dir), order=_first_record),
                  out_dir)
-    return _read_manifest(out_dir)
+    return share.read_agreed(lambda: _read_manifest(out_dir), str(out_dir / MANIFEST))
 
 
 def _settings(target_config: ModelConfig, distill_dir: str | pathlib.Path, feature_layers: Sequence[int],
@@ -146,22 +157,39 @@ def _settings(target_config: ModelConfig, distill_dir: str | pathlib.Path, featu
             "seq_len": seq_len, "hidden_size": target_config.hidden_size}
 
 
-def _prepare(out_dir: pathlib.Path, settings: dict, records: int) -> None:
+def _distilled_keys(distill_dir: str | pathlib.Path) -> list[str]:
+    """The prompt keys of the self-distilled records, in the order the cache's shards hold them."""
+    shard_paths(distill_dir)  # refuses a missing, empty or half-merged cache
+    return [key for shard in read_manifest(pathlib.Path(distill_dir))["shards"] for key in shard["keys"]]
+
+
+def _keys_digest(keys: Sequence[str]) -> int:
+    return zlib.crc32(json.dumps(list(keys)).encode())
+
+
+def _prepare(out_dir: pathlib.Path, settings: dict, keys: Sequence[str]) -> None:
     """Process 0's part before any computing: folds in what the processes of an interrupted run
-    finished, refuses a cache made under other settings or from other data, and writes the manifest
-    (with every shard's first record) that all processes then read."""
+    finished, and refuses a cache made under other settings or from other records than the
+    self-distilled data now holds at the shards' positions (it was built from part of a distillation
+    that went on, or from other data). The manifest it leaves is the one all processes read."""
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = _read_manifest(out_dir)
     if manifest["settings"] is not None and manifest["settings"] != settings:
         raise InputError(f"feature cache {out_dir} was built with {manifest['settings']}, not {settings}; "
                          "use another directory")
-    manifest["settings"] = settings
-    fold_in_process_manifests(out_dir, manifest, order=_first_record)
+    fold_in_process_manifests(out_dir, {**manifest, "settings": settings}, order=_first_record)
     manifest = _read_manifest(out_dir)
-    if (end := max((s["first"] + s["examples"] for s in manifest["shards"]), default=0)) > records:
-        raise InputError(f"feature cache {out_dir} holds features of {end} sequences but the self-distilled data "
-                         f"only {records}: it was built from other data; delete it or use another directory")
-    write_manifest(out_dir, {**manifest, "settings": settings})
+    for shard in manifest["shards"]:
+        first, end = shard["first"], shard["first"] + shard["examples"]
+        # Shards from before the digest was kept ("keys") can only be checked against the record count.
+        if end > len(keys) or shard.get("keys", _keys_digest(keys[first:end])) != _keys_digest(keys[first:end]):
+            raise InputError(f"feature cache {out_dir} holds features of other records than the self-distilled "
+                             f"data {settings['distill_dir']} now has at {first}..{end - 1} ({shard['file']}): it was "
+                             "built from other data or from part of a distillation that went on; delete it or use "
+                             "another directory")
+    wanted = {**manifest, "settings": settings}  # legacy shards gain their first record
+    if not (out_dir / MANIFEST).exists() or json.loads((out_dir / MANIFEST).read_text()) != wanted:
+        write_manifest(out_dir, wanted)  # only when it changes: a finished cache may sit on read-only storage
 
 
 def _read_manifest(out_dir: pathlib.Path) -> dict:

@@ -63,8 +63,8 @@ class ProcessShare:
         self.raise_on_failure(problem, what)
         return result
 
-    def read_agreed(self, read: Callable[[], T], path: pathlib.Path) -> T:
-        """`read()` of the shared `path` on every process, refused on all unless all read the same:
+    def read_agreed(self, read: Callable[[], T], what: str) -> T:
+        """`read()` of shared files (`what`) on every process, refused on all unless all read the same:
         storage that shows a host an old manifest would have two hosts write one shard differently."""
         problem: Optional[BaseException] = None
         try:
@@ -76,9 +76,9 @@ class ProcessShare:
         if problem is not None:
             raise problem
         if -1 in digests:
-            raise InputError(f"process {digests.index(-1)} could not read {path} (see its log)")
+            raise InputError(f"process {digests.index(-1)} could not read {what} (see its log)")
         if len(set(digests)) > 1:
-            raise InputError(f"the processes read different versions of {path}: the hosts must share storage "
+            raise InputError(f"the processes read different versions of {what}: the hosts must share storage "
                              "that shows each of them the latest files")
         return value
 
