@@ -221,12 +221,18 @@ def export_drafter(config, target, drafter, params, features_dir: pathlib.Path, 
     batches = itertools.islice(iter(feature_dataset(feature_shards(features_dir), batch_size=cc.batch_size,
                                                     seed=config.seed + 1)), cc.batches)
     calibration = fit_window_calibration(drafter, params, frozen, batches, cc.window)
-    multihost.log(f"adaptive-window calibration: {calibration['drafts']} greedy drafts, accept rate "
-        f"{calibration['accept_rate']:.3f}, log loss {calibration['log_loss']:.3f}")
+    if isinstance(calibration, str):  # a drafter that is barely trained still serves fixed windows
+        multihost.log(f"warning: no adaptive-window calibration ({calibration}); the drafter is exported for "
+                      "fixed windows only: train it further for --window adaptive")
+        extra = {**extra, "window_calibration_skipped": calibration}
+    else:
+        multihost.log(f"adaptive-window calibration: {calibration['drafts']} greedy drafts, accept rate "
+            f"{calibration['accept_rate']:.3f}, log loss {calibration['log_loss']:.3f}")
+        extra = {**extra, "window_calibration": calibration}
     exported = pathlib.Path(config.workdir) / "drafter"
     if multihost.is_primary():
         save_drafter(exported, drafter, params, target_name=str(config.target), dtype=config.export_dtype,
-                     extra={**extra, "window_calibration": calibration})
+                     extra=extra)
         multihost.log(f"drafter exported to {exported}")
     multihost.barrier("drafter exported")
     return exported

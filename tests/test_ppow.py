@@ -496,3 +496,27 @@ def test_adaptive_window_stops_when_the_predicted_acceptance_falls():
     assert 14 <= step <= 17
     with pytest.raises(InputError, match="calibration"):
         WindowPolicy("adaptive", 5)
+
+
+def test_a_drafter_that_cannot_be_calibrated_is_exported_for_fixed_windows_only(kd_run, distilled, tiny_target,
+                                                                                tmp_path, monkeypatch):
+    """A barely trained drafter (every calibration draft rejected) still gets exported; only the
+    adaptive window, which needs the calibration, refuses it and says why."""
+    from ppow_jax.drafters.specs import window_calibration
+    from ppow_jax.train import export_drafter
+
+    def all_rejected(drafter, params, target, batch, window):
+        return jnp.zeros((2, window, 3)), jnp.zeros((2, window), bool), jnp.ones((2, window), bool)
+
+    monkeypatch.setattr(ppow, "greedy_window_records", all_rejected)
+    config = distilled[0].copy_and_resolve_references()
+    config.workdir = str(tmp_path)
+    drafter, params = load_drafter(kd_run / "drafter", tiny_target.config)
+    exported = export_drafter(config, tiny_target, drafter, params, kd_run / "features", {"stage": "kd"})
+    description = json.loads((exported / "drafter.json").read_text())
+    calls = config.calibration.batches * 2 * config.calibration.window
+    assert description["window_calibration_skipped"] == f"all {calls} calibration drafts were rejected"
+    assert "window_calibration" not in description
+    load_drafter(exported, tiny_target.config)  # serves fixed windows
+    with pytest.raises(InputError, match="serves fixed windows only: .*all .* rejected"):
+        window_calibration(str(exported))

@@ -64,7 +64,11 @@ def window_calibration(spec: str) -> tuple[float, ...]:
     if not is_drafter_dir(spec):
         raise InputError(f"--window adaptive needs a trained drafter directory (its calibrated acceptance model); "
                          f"got {spec!r}")
-    calibration = read_description(spec).get("window_calibration")
+    description = read_description(spec)
+    calibration = description.get("window_calibration")
+    if skipped := description.get("window_calibration_skipped"):
+        raise InputError(f"{spec} serves fixed windows only: its training could not calibrate the adaptive "
+                         f"window ({skipped}); train it further, or use --window fixed")
     if not calibration:
         raise InputError(f"{spec}: drafter.json has no window_calibration; re-export the drafter with "
                          "python -m ppow_jax.train (a rerun of a finished run only re-exports)")

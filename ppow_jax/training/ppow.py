@@ -658,9 +658,11 @@ def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1e-3, ite
     return w
 
 
-def fit_window_calibration(drafter: Eagle3Drafter, params: dict, target: PPOWTarget, batches, window: int) -> dict:
+def fit_window_calibration(drafter: Eagle3Drafter, params: dict, target: PPOWTarget, batches,
+                           window: int) -> dict | str:
     """Fits P(draft accepted | drafts before it accepted) from what the drafter knows (its top log-prob,
-    its entropy, the step) on greedy windows; -> the `window_calibration` entry of a drafter description."""
+    its entropy, the step) on greedy windows; -> the `window_calibration` entry of a drafter description,
+    or why there is none (drafts all accepted or all rejected: nothing to fit)."""
     records = jax.jit(functools.partial(greedy_window_records, drafter, window=window))
     features, labels = [], []
     for batch in batches:
@@ -668,9 +670,10 @@ def fit_window_calibration(drafter: Eagle3Drafter, params: dict, target: PPOWTar
         features.append(f[reached])
         labels.append(accepted[reached])
     features, labels = np.concatenate(features), np.concatenate(labels)
-    if len(labels) == 0 or labels.min() == labels.max():
-        raise InputError("cannot calibrate the adaptive window: the calibration windows are all accepted or "
-                         "all rejected")
+    if len(labels) == 0:
+        return "the calibration batches hold no draft positions"
+    if labels.min() == labels.max():
+        return f"all {len(labels)} calibration drafts were {'accepted' if labels[0] else 'rejected'}"
     weights = fit_logistic(features, labels)
     predicted = 1.0 / (1.0 + np.exp(-(weights[0] + features @ weights[1:])))
     return {"weights": [float(w) for w in weights], "features": ["bias", "top_logprob", "entropy", "step"],
