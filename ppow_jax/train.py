@@ -213,18 +213,19 @@ def export_drafter(config, target, drafter, params, features_dir: pathlib.Path, 
     from ppow_jax.data.features import feature_shards
     from ppow_jax.data.pipeline import feature_dataset
     from ppow_jax.drafters.store import save_drafter
-    from ppow_jax.training.ppow import PPOWTarget, fit_window_calibration
+    from ppow_jax.training.ppow import NothingToCalibrate, PPOWTarget, fit_window_calibration
 
     cc = config.calibration
     params = multihost.to_host(params)
     frozen = PPOWTarget.from_target(target.params, params["d2t"])
     batches = itertools.islice(iter(feature_dataset(feature_shards(features_dir), batch_size=cc.batch_size,
                                                     seed=config.seed + 1)), cc.batches)
-    calibration = fit_window_calibration(drafter, params, frozen, batches, cc.window)
-    if isinstance(calibration, str):  # a drafter that is barely trained still serves fixed windows
-        multihost.log(f"warning: no adaptive-window calibration ({calibration}); the drafter is exported for "
-                      "fixed windows only: train it further for --window adaptive")
-        extra = {**extra, "window_calibration_skipped": calibration}
+    try:
+        calibration = fit_window_calibration(drafter, params, frozen, batches, cc.window)
+    except NothingToCalibrate as reason:  # a drafter that is barely trained still serves fixed windows
+        multihost.log(f"warning: no adaptive-window calibration ({reason}); the drafter is exported for fixed "
+                      "windows only")
+        extra = {**extra, "window_calibration_skipped": str(reason)}
     else:
         multihost.log(f"adaptive-window calibration: {calibration['drafts']} greedy drafts, accept rate "
             f"{calibration['accept_rate']:.3f}, log loss {calibration['log_loss']:.3f}")

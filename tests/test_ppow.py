@@ -498,25 +498,29 @@ def test_adaptive_window_stops_when_the_predicted_acceptance_falls():
         WindowPolicy("adaptive", 5)
 
 
+@pytest.mark.parametrize("accepted", [False, True])
 def test_a_drafter_that_cannot_be_calibrated_is_exported_for_fixed_windows_only(kd_run, distilled, tiny_target,
-                                                                                tmp_path, monkeypatch):
-    """A barely trained drafter (every calibration draft rejected) still gets exported; only the
-    adaptive window, which needs the calibration, refuses it and says why."""
+                                                                                tmp_path, monkeypatch, accepted):
+    """A barely trained drafter (every calibration draft rejected), or one whose calibration drafts are
+    all accepted, still gets exported; only the adaptive window, which needs the calibration, refuses it."""
     from ppow_jax.drafters.specs import window_calibration
     from ppow_jax.train import export_drafter
 
-    def all_rejected(drafter, params, target, batch, window):
-        return jnp.zeros((2, window, 3)), jnp.zeros((2, window), bool), jnp.ones((2, window), bool)
+    def all_the_same(drafter, params, target, batch, window):
+        return jnp.zeros((2, window, 3)), jnp.full((2, window), accepted), jnp.ones((2, window), bool)
 
-    monkeypatch.setattr(ppow, "greedy_window_records", all_rejected)
+    monkeypatch.setattr(ppow, "greedy_window_records", all_the_same)
     config = distilled[0].copy_and_resolve_references()
     config.workdir = str(tmp_path)
     drafter, params = load_drafter(kd_run / "drafter", tiny_target.config)
     exported = export_drafter(config, tiny_target, drafter, params, kd_run / "features", {"stage": "kd"})
     description = json.loads((exported / "drafter.json").read_text())
-    calls = config.calibration.batches * 2 * config.calibration.window
-    assert description["window_calibration_skipped"] == f"all {calls} calibration drafts were rejected"
+    drafts = config.calibration.batches * 2 * config.calibration.window
+    verdict = "accepted: raise calibration.window" if accepted else "rejected: train the drafter further"
+    assert description["window_calibration_skipped"].startswith(f"all {drafts} calibration drafts were {verdict}")
     assert "window_calibration" not in description
     load_drafter(exported, tiny_target.config)  # serves fixed windows
-    with pytest.raises(InputError, match="serves fixed windows only: .*all .* rejected"):
+    with pytest.raises(InputError, match="serves fixed windows only: .*use --window fixed"):
         window_calibration(str(exported))
+    with pytest.raises(ppow.NothingToCalibrate, match="no draft positions"):
+        ppow.fit_window_calibration(drafter, params, None, [], window=3)

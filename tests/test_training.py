@@ -354,9 +354,6 @@ def test_a_feature_cache_shared_by_two_processes_resumes_into_the_one_process_ca
     assert sum(s["examples"] for s in resumed["shards"]) == records
     assert sum(s["loss_tokens"] for s in resumed["shards"]) == sum(s["loss_tokens"] for s in one_shot["shards"])
     _assert_same_examples(_cached_examples(tmp_path / "shared"), _cached_examples(tmp_path / "one-shot"), exact=False)
-    # A complete cache is only checked: nothing is computed.
-    computed.clear()
-    assert _build_features(tiny_target, distill_dir, tmp_path / "shared") == resumed and computed == []
 
 
 def _runs(indices: list[int]) -> list[list[int]]:
@@ -391,11 +388,12 @@ def test_a_feature_cache_from_before_first_records_resumes_and_other_settings_ar
     config, _, _ = distilled
     distill_dir = config.data.cache_dir
     one_shot = _build_features(tiny_target, distill_dir, tmp_path / "one-shot")
-    # The layout of earlier versions: shards named by their number, no first record; the last one unfinished.
+    # The layout of earlier versions: shards named by their number, without first record or digest;
+    # the last one unfinished.
     shutil.copytree(tmp_path / "one-shot", tmp_path / "old")
     manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
     for number, shard in enumerate(manifest["shards"]):
-        del shard["first"]
+        del shard["first"], shard["records"]
         old_name = f"shard-{number:05d}.array_record"
         (tmp_path / "old" / shard["file"]).rename(tmp_path / "old" / old_name)
         shard["file"] = old_name
@@ -415,15 +413,44 @@ def test_a_feature_cache_from_before_first_records_resumes_and_other_settings_ar
     with pytest.raises(InputError, match="built from other data"):
         _build_features(tiny_target, distill_dir, tmp_path / "old")
 
-    # Records that moved in the self-distilled data (an interrupted multi-process distillation that a
-    # rerun finished, filling the batches it had left out) are refused, not taken for the cached ones.
-    shutil.copytree(distill_dir, tmp_path / "distill")
-    _build_features(tiny_target, tmp_path / "distill", tmp_path / "moved")
-    distilled_manifest = read_manifest(tmp_path / "distill")
-    distilled_manifest["shards"][:2] = distilled_manifest["shards"][1::-1]
-    (tmp_path / "distill" / "manifest.json").write_text(json.dumps(distilled_manifest))
-    with pytest.raises(InputError, match="other records than the self-distilled data .* now has at 0..3"):
-        _build_features(tiny_target, tmp_path / "distill", tmp_path / "moved")
+
+def test_a_feature_cache_follows_its_distillation_as_it_grows_and_computes_moved_records_again(
+        distilled, tiny_target, tmp_path, monkeypatch):
+    config, _, _ = distilled
+    shutil.copytree(config.data.cache_dir, tmp_path / "distill")
+    full = read_manifest(tmp_path / "distill")
+    set_distilled = lambda shards: (tmp_path / "distill" / "manifest.json").write_text(json.dumps({**full,
+                                                                                                  "shards": shards}))
+    build = lambda name: _build_features(tiny_target, tmp_path / "distill", tmp_path / name)
+    # Built while the distillation lacked its last batch, then after it was answered: only those records are computed.
+    set_distilled(full["shards"][:-1])
+    build("cache")
+    set_distilled(full["shards"])
+    computed = _counting_forwards(monkeypatch)
+    build("cache")
+    assert len(computed) == 1
+    build("fresh")
+    _assert_same_examples(_cached_examples(tmp_path / "cache"), _cached_examples(tmp_path / "fresh"), exact=True)
+
+    # The records of the first two batches trade places (as when a rerun of an interrupted multi-process
+    # distillation answers batches it had left out before answered ones): they are computed again.
+    swapped = [full["shards"][1], full["shards"][0]] + full["shards"][2:]
+    set_distilled(swapped)
+    computed.clear()
+    moved = build("cache")
+    keys = lambda shards: [key for shard in shards for key in shard["keys"]]
+    changed = [keys(full["shards"])[i:i + 4] != keys(swapped)[i:i + 4] for i in range(0, len(keys(swapped)), 4)]
+    assert len(computed) == sum(changed) >= 2 and not all(changed)
+    build("moved")
+    _assert_same_examples(_cached_examples(tmp_path / "cache"), _cached_examples(tmp_path / "moved"), exact=True)
+    assert not set(p.name for p in (tmp_path / "cache").glob("*.array_record")) - {s["file"] for s in moved["shards"]}
+
+    # A finished cache is only checked: no target replicas, no manifest written (it may be read-only).
+    made = []
+    monkeypatch.setattr(features_module, "_teacher_forced_on", lambda *args, **kwargs: made.append(1))
+    written = (tmp_path / "cache" / "manifest.json").stat().st_mtime_ns
+    assert build("cache") == moved and made == []
+    assert (tmp_path / "cache" / "manifest.json").stat().st_mtime_ns == written
 
 
 def test_dev_split_is_held_out_and_stable(shared_data_root):

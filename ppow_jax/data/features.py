@@ -8,8 +8,9 @@ one teacher-forced forward and the cache stores:
   - `target_hidden` [L, D] bfloat16: the final-normed last hidden state, from which the target's
     next-token logits over any vocabulary subset are one product with its output head.
 Examples are ArrayRecord shards (one per batch, renamed into place when complete) in the order of
-the self-distilled records; the manifest lists each shard's first record and pins the settings. A
-rerun after an interruption computes only the records no shard holds. Several processes (the hosts
+the self-distilled records; the manifest lists each shard's first record and a digest of the records
+it holds, and pins the settings. A rerun after an interruption computes only the records no shard
+holds (and again those that have since moved in the self-distilled data). Several processes (the hosts
 of a pod) share the work: each computes every N-th missing batch (`process_share` says how they
 share the cache and its manifest), and the cache is the one a single process would have made.
 """
@@ -33,7 +34,7 @@ import numpy as np
 from array_record.python import array_record_module
 from tqdm import tqdm
 
-from ppow_jax import sharding
+from ppow_jax import multihost, sharding
 from ppow_jax.data.distill import read_manifest, shard_paths
 from ppow_jax.data.process_share import (ProcessShare, fold_in_process_manifests, unmerged_process_manifests,
                                          write_manifest, write_process_manifest)
@@ -90,12 +91,13 @@ def build_feature_cache(target_config: ModelConfig, target_params: llama.Params,
     process's first device) as divide it; returns the manifest."""
     out_dir = pathlib.Path(out_dir)
     settings = _settings(target_config, distill_dir, feature_layers, seq_len)
-    share.on_primary(lambda: _prepare(out_dir, settings, _distilled_keys(distill_dir)),
+    share.on_primary(lambda: _prepare(out_dir, settings, _distilled(distill_dir)),
                      f"process 0 could not prepare the feature cache {out_dir}")
     # What the processes divide must be the same on each: the cache's shards and the records to cover.
-    state = share.read_agreed(lambda: {"manifest": _read_manifest(out_dir), "keys": _distilled_keys(distill_dir)},
+    state = share.read_agreed(lambda: {"manifest": _read_manifest(out_dir), "distilled": _distilled(distill_dir)},
                               f"{out_dir / MANIFEST} and the self-distilled data {distill_dir}")
-    manifest, keys = state["manifest"], state["keys"]
+    manifest, distilled = state["manifest"], state["distilled"]
+    keys = distilled["keys"]
     missing = _missing_batches(manifest["shards"], len(keys), batch_size)
     mine = missing[share.index::share.count]
     if share.count == 1:
@@ -133,7 +135,8 @@ def build_feature_cache(target_config: ModelConfig, target_params: llama.Params,
                                              "target_hidden": hidden[row].astype(ml_dtypes.bfloat16)}))
             writer.close()
             os.replace(tmp, out_dir / name)
-            shard = {"file": name, "first": first, "examples": count, "keys": _keys_digest(keys[first:first + count]),
+            shard = {"file": name, "first": first, "examples": count,
+                     "records": _records_digest(distilled, first, first + count),
                      "loss_tokens": int(sum(int(e[1].sum()) for e in examples))}
             if share.count == 1:
                 manifest["shards"] = sorted(manifest["shards"] + [shard], key=_first_record)
@@ -157,21 +160,25 @@ def _settings(target_config: ModelConfig, distill_dir: str | pathlib.Path, featu
             "seq_len": seq_len, "hidden_size": target_config.hidden_size}
 
 
-def _distilled_keys(distill_dir: str | pathlib.Path) -> list[str]:
-    """The prompt keys of the self-distilled records, in the order the cache's shards hold them."""
+def _distilled(distill_dir: str | pathlib.Path) -> dict:
+    """What the self-distilled data holds, in record order: {"settings": what made it, "keys": the
+    prompt keys}."""
     shard_paths(distill_dir)  # refuses a missing, empty or half-merged cache
-    return [key for shard in read_manifest(pathlib.Path(distill_dir))["shards"] for key in shard["keys"]]
+    manifest = read_manifest(pathlib.Path(distill_dir))
+    return {"settings": manifest["settings"], "keys": [key for shard in manifest["shards"] for key in shard["keys"]]}
 
 
-def _keys_digest(keys: Sequence[str]) -> int:
-    return zlib.crc32(json.dumps(list(keys)).encode())
+def _records_digest(distilled: dict, first: int, end: int) -> int:
+    """Names the self-distilled records first..end-1: their prompt keys and the settings that answered them."""
+    return zlib.crc32(json.dumps([distilled["settings"], distilled["keys"][first:end]]).encode())
 
 
-def _prepare(out_dir: pathlib.Path, settings: dict, keys: Sequence[str]) -> None:
+def _prepare(out_dir: pathlib.Path, settings: dict, distilled: dict) -> None:
     """Process 0's part before any computing: folds in what the processes of an interrupted run
-    finished, and refuses a cache made under other settings or from other records than the
-    self-distilled data now holds at the shards' positions (it was built from part of a distillation
-    that went on, or from other data). The manifest it leaves is the one all processes read."""
+    finished, refuses a cache made under other settings or with more records than the self-distilled
+    data holds, and drops the shards whose records are no longer the ones at their place there
+    (the distillation was made again, or a rerun filled batches an interrupted one had left out):
+    they are computed again. The manifest it leaves is the one all processes read."""
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = _read_manifest(out_dir)
     if manifest["settings"] is not None and manifest["settings"] != settings:
@@ -179,17 +186,24 @@ def _prepare(out_dir: pathlib.Path, settings: dict, keys: Sequence[str]) -> None
                          "use another directory")
     fold_in_process_manifests(out_dir, {**manifest, "settings": settings}, order=_first_record)
     manifest = _read_manifest(out_dir)
-    for shard in manifest["shards"]:
-        first, end = shard["first"], shard["first"] + shard["examples"]
-        # Shards from before the digest was kept ("keys") can only be checked against the record count.
-        if end > len(keys) or shard.get("keys", _keys_digest(keys[first:end])) != _keys_digest(keys[first:end]):
-            raise InputError(f"feature cache {out_dir} holds features of other records than the self-distilled "
-                             f"data {settings['distill_dir']} now has at {first}..{end - 1} ({shard['file']}): it was "
-                             "built from other data or from part of a distillation that went on; delete it or use "
-                             "another directory")
-    wanted = {**manifest, "settings": settings}  # legacy shards gain their first record
+    records = len(distilled["keys"])
+    if (end := max((s["first"] + s["examples"] for s in manifest["shards"]), default=0)) > records:
+        raise InputError(f"feature cache {out_dir} holds features of {end} sequences but the self-distilled data "
+                         f"only {records}: it was built from other data; delete it or use another directory")
+
+    def in_place(shard: dict) -> bool:  # shards from before the digest was kept: only the count is checked
+        digest = _records_digest(distilled, shard["first"], shard["first"] + shard["examples"])
+        return shard.get("records", digest) == digest
+
+    moved = [shard for shard in manifest["shards"] if not in_place(shard)]
+    if moved:
+        multihost.log(f"feature cache {out_dir}: {len(moved)} shards hold records that are no longer at their "
+                      f"place in {settings['distill_dir']}; they are computed again")
+    wanted = {"settings": settings, "shards": [s for s in manifest["shards"] if s not in moved]}
     if not (out_dir / MANIFEST).exists() or json.loads((out_dir / MANIFEST).read_text()) != wanted:
         write_manifest(out_dir, wanted)  # only when it changes: a finished cache may sit on read-only storage
+    for shard in moved:  # once the manifest no longer lists them
+        (out_dir / shard["file"]).unlink(missing_ok=True)
 
 
 def _read_manifest(out_dir: pathlib.Path) -> dict:

@@ -68,7 +68,7 @@ def window_calibration(spec: str) -> tuple[float, ...]:
     calibration = description.get("window_calibration")
     if skipped := description.get("window_calibration_skipped"):
         raise InputError(f"{spec} serves fixed windows only: its training could not calibrate the adaptive "
-                         f"window ({skipped}); train it further, or use --window fixed")
+                         f"window ({skipped}); use --window fixed")
     if not calibration:
         raise InputError(f"{spec}: drafter.json has no window_calibration; re-export the drafter with "
                          "python -m ppow_jax.train (a rerun of a finished run only re-exports)")

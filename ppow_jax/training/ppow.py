@@ -658,22 +658,27 @@ def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1e-3, ite
     return w
 
 
-def fit_window_calibration(drafter: Eagle3Drafter, params: dict, target: PPOWTarget, batches,
-                           window: int) -> dict | str:
+class NothingToCalibrate(InputError):
+    """The calibration drafts are all accepted or all rejected (or there are none): no model to fit."""
+
+
+def fit_window_calibration(drafter: Eagle3Drafter, params: dict, target: PPOWTarget, batches, window: int) -> dict:
     """Fits P(draft accepted | drafts before it accepted) from what the drafter knows (its top log-prob,
-    its entropy, the step) on greedy windows; -> the `window_calibration` entry of a drafter description,
-    or why there is none (drafts all accepted or all rejected: nothing to fit)."""
+    its entropy, the step) on greedy windows; -> the `window_calibration` entry of a drafter description."""
     records = jax.jit(functools.partial(greedy_window_records, drafter, window=window))
     features, labels = [], []
     for batch in batches:
         f, accepted, reached = jax.device_get(records(params, target, batch))
         features.append(f[reached])
         labels.append(accepted[reached])
+    if sum(len(part) for part in labels) == 0:
+        raise NothingToCalibrate("the calibration batches hold no draft positions: raise calibration.batches")
     features, labels = np.concatenate(features), np.concatenate(labels)
-    if len(labels) == 0:
-        return "the calibration batches hold no draft positions"
-    if labels.min() == labels.max():
-        return f"all {len(labels)} calibration drafts were {'accepted' if labels[0] else 'rejected'}"
+    if labels.all():
+        raise NothingToCalibrate(f"all {len(labels)} calibration drafts were accepted: raise calibration.window "
+                                 "or calibration.batches")
+    if not labels.any():
+        raise NothingToCalibrate(f"all {len(labels)} calibration drafts were rejected: train the drafter further")
     weights = fit_logistic(features, labels)
     predicted = 1.0 / (1.0 + np.exp(-(weights[0] + features @ weights[1:])))
     return {"weights": [float(w) for w in weights], "features": ["bias", "top_logprob", "entropy", "step"],
