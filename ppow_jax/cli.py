@@ -127,10 +127,15 @@ def _run_with_config(main: Callable[[Any], int], argv: list[str], doc: str) -> i
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # the config file is user code: a syntax error, a failed import, ...
-        # config_flags reports an unknown override key as a KeyError, or an AttributeError around one.
+        # config_flags reports an unknown override key as a KeyError, or an AttributeError around one; its
+        # text may add ml_collections' suggestion ("'key'\nDid you mean ...?").
         missing = err.args[0] if isinstance(err, AttributeError) and err.args else err
-        if isinstance(missing, KeyError) and missing.args and (dotted := _override_naming(argv, missing.args[0])):
-            print(f"error: unknown config key {dotted}", file=sys.stderr)
+        if isinstance(missing, KeyError) and missing.args:
+            missing = missing.args[0]
+        key, _, hint = missing.partition("\n") if isinstance(missing, str) else (None, "", "")
+        if key is not None and (dotted := _override_naming(argv, key)):
+            print(f"error: unknown config key {dotted}" + (f" ({hint.strip()})" if hint.strip() else ""),
+                  file=sys.stderr)
         else:
             print(f"error: --config {path} and its overrides: {type(err).__name__}: {err}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 from ppow_jax.cli import run_entry_point
 from ppow_jax.drafters.specs import (DRAFTER_HELP, add_window_arguments, check_drafter_spec, load_drafter,
-                                     window_policy)
+                                     target_for, window_policy)
 from ppow_jax.errors import InputError
 from ppow_jax.weights.registry import DEFAULT_MODEL
 
@@ -32,7 +32,8 @@ METRIC_KEYS = ("tau", "speedup", "tokens_per_s", "ar_tokens_per_s", "greedy_matc
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ppow_jax.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", default=DEFAULT_MODEL, help="registered name, .gguf file or HF directory")
+    parser.add_argument("--target", help="registered name, .gguf file or HF directory (default: the target a "
+                        f"trained --drafter records, else {DEFAULT_MODEL})")
     parser.add_argument("--drafter", required=True, help=DRAFTER_HELP)
     parser.add_argument("--questions", nargs="+", required=True, help="JSONL question files (MT-bench format)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -120,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     window = window_policy(args)
     check_drafter_spec(args.drafter)
+    args.target = target_for(args.drafter, args.target)
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.limit < 0:

@@ -15,15 +15,15 @@ from typing import Optional, Sequence
 
 from ppow_jax.cli import run_entry_point
 from ppow_jax.drafters.specs import (DRAFTER_HELP, add_window_arguments, check_drafter_spec, load_drafter,
-                                     window_policy)
+                                     target_for, window_policy)
 from ppow_jax.errors import InputError
 from ppow_jax.weights.registry import DEFAULT_MODEL
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ppow_jax.generate", description=__doc__)
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="registered name (smollm2-135m-instruct), a .gguf file or a Hugging Face directory")
+    parser.add_argument("--model", help=f"registered name ({DEFAULT_MODEL}), a .gguf file or a Hugging Face "
+                        f"directory (default: the target a trained --drafter records, else {DEFAULT_MODEL})")
     parser.add_argument("--prompt", action="append", required=True,
                         help="prompt text; repeat the flag for a batch of prompts")
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"{', '.join(given)} set the speculative window: they need --drafter")
 
     start = time.perf_counter()
-    model = load_model(args.model, param_dtype=args.dtype)
+    model = load_model(target_for(args.drafter, args.model), param_dtype=args.dtype)
     tokenizer = model.tokenizer
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p for p in args.prompt]
     prompts = [tokenizer.encode(t) for t in texts]

@@ -71,8 +71,10 @@ def feature_cache(config, target, progress: bool, split: str = "train") -> pathl
     import jax
 
     from ppow_jax import multihost
+    from ppow_jax.data.distill import read_manifest
     from ppow_jax.data.features import build_feature_cache
     from ppow_jax.data.process_share import ProcessShare
+    from ppow_jax.errors import InputError
 
     data = config.data
     if split == "train":
@@ -80,6 +82,13 @@ def feature_cache(config, target, progress: bool, split: str = "train") -> pathl
     else:
         distill_dir, directory = data.dev_cache_dir, data.get("dev_features_dir")
     directory = pathlib.Path(directory or pathlib.Path(config.workdir) / ("features" if split == "train" else "features-dev"))
+    # The drafter learns the target from its own responses: another model's (a wrong cache_dir) would
+    # train it on text this target does not write, with no other sign.
+    answered_by = (read_manifest(pathlib.Path(distill_dir))["settings"] or {}).get("model")
+    if answered_by is not None and answered_by != str(config.target):
+        raise InputError(f"{distill_dir} holds the responses of {answered_by!r}, not of this config's target "
+                         f"{str(config.target)!r}: point data.{'cache_dir' if split == 'train' else 'dev_cache_dir'} "
+                         "at a distillation of this target (python -m ppow_jax.distill with this config)")
     manifest = build_feature_cache(target.config, target.params, distill_dir, directory,
                                    feature_layers=tuple(config.drafter.feature_layers), seq_len=data.seq_len,
                                    batch_size=data.feature_batch_size, pad_token_id=target.tokenizer.pad_token_id or 0,
@@ -165,6 +174,18 @@ def check_loop_settings(config) -> None:
     read_ahead = config.data.read_ahead
     if not (isinstance(read_ahead, int) and not isinstance(read_ahead, bool) and read_ahead >= 1):
         raise InputError(f"data.read_ahead must be an integer >= 1, got {read_ahead!r}")
+
+
+def check_feature_layers(config, target) -> None:
+    """`drafter.feature_layers` must be layers of the loaded target (the defaults are SmolLM2's)."""
+    from ppow_jax.errors import InputError
+
+    layers, count = tuple(config.drafter.feature_layers), target.config.num_layers
+    if not layers or not all(isinstance(layer, int) and 0 <= layer < count for layer in layers):
+        low_middle_high = sorted({min(2, count - 1), count // 2, max(count - 3, 0)})
+        raise InputError(f"drafter.feature_layers {layers} must be layers of the target, which has {count} "
+                         f"(0..{count - 1}); EAGLE-3 reads a low, a middle and a high one, e.g. "
+                         f"--config.drafter.feature_layers=\"{tuple(low_middle_high)}\"")
 
 
 def load_init_drafter(config, target):
@@ -483,6 +504,7 @@ def run(config) -> int:
     check_loop_settings(config)
     multihost.initialize(config.get("distributed") or {})
     target = load_model(config.target, param_dtype=config.param_dtype)
+    check_feature_layers(config, target)
     metrics = trainers[stage](config, target)
     multihost.log(json.dumps({"final_metrics": metrics}))
     return 0

@@ -90,7 +90,8 @@ def tiny_distillation(tiny_target, shared_data_root):
     tok = tiny_target.tokenizer
     decoder = AutoregressiveDecoder(tiny_target.config, tiny_target.params, eos_token_ids=tok.eos_token_ids,
                                     pad_token_id=tok.pad_token_id or 0)
-    settings = DistillSettings(model="tiny", max_prompt_tokens=config.data.max_prompt_tokens,
+    # model: what training compares with its config.target (the tiny configs leave it empty)
+    settings = DistillSettings(model=str(config.target), max_prompt_tokens=config.data.max_prompt_tokens,
                                max_new_tokens=config.data.max_new_tokens, temperature=0.0, top_p=1.0, seed=0)
     return prompts, decoder, settings
 

@@ -34,7 +34,7 @@ def test_malformed_question_files_name_file_and_line(tmp_path, content, message)
 
 @pytest.mark.parametrize("extra,message", [
     (["--drafter", "self:8", "--questions", "/no/such/file.jsonl"], "does not exist"),
-    (["--drafter", "eagle-magic", "--questions", "{q}"], "unknown drafter spec"),
+    (["--drafter", "eagle-magic", "--questions", "{q}"], "does not exist: expected self:N"),
     (["--drafter", "self:x", "--questions", "{q}"], "self:N"),
     (["--drafter", "self:30", "--questions", "{q}"], "1 <= N < 30"),
     (["--drafter", "self:8", "--questions", "{q}", "--k-max", "0"], "k_max"),
@@ -68,6 +68,19 @@ def test_a_calibration_without_weights_names_the_drafter(tmp_path, capsys):
     assert eval_cli.main(["--drafter", str(tmp_path), "--window", "adaptive", "--questions", str(questions),
                           "--out", str(tmp_path / "out")]) == 2
     assert "window_calibration has no list of weights" in capsys.readouterr().err
+
+
+def test_the_target_defaults_to_the_one_a_trained_drafter_records(tmp_path, capsys):
+    (tmp_path / "drafter").mkdir()
+    (tmp_path / "drafter" / "drafter.json").write_text(json.dumps({"kind": "eagle3", "target": {"name": "my-target"}}))
+    questions = tmp_path / "question.jsonl"
+    questions.write_text(json.dumps({"question_id": 1, "category": "c", "turns": ["Say hi."]}) + "\n")
+    run = lambda drafter: eval_cli.main(["--drafter", str(drafter), "--questions", str(questions),
+                                         "--out", str(tmp_path / "out")])
+    assert run(tmp_path / "drafter") == 2
+    assert "model 'my-target' does not exist" in capsys.readouterr().err  # not the default SmolLM2
+    assert run(tmp_path) == 2  # the training workdir, not its exported drafter
+    assert f"{tmp_path} is a training workdir; its exported drafter is {tmp_path / 'drafter'}" in capsys.readouterr().err
 
 
 def test_turns_without_a_verify_cycle_have_no_tau():

@@ -50,7 +50,7 @@ def test_ignore_eos_generates_exactly_n_tokens_and_errors_exit_cleanly():
     (["--prompt", "hi", "--drafter", "self:8", "--k-max", "0"], "k_max"),
     (["--prompt", "hi", "--drafter", "self:8", "--window", "psychic"], "unknown window policy"),
     (["--prompt", "hi", "--drafter", "self:x"], "self:N"),
-    (["--prompt", "hi", "--drafter", "no/such/drafter"], "unknown drafter spec"),
+    (["--prompt", "hi", "--drafter", "no/such/drafter"], "does not exist: expected self:N"),
     (["--prompt", "hi", "--k-max", "5", "--window", "confidence"], "--window, --k-max set the speculative window"),
 ])
 def test_bad_input_gets_a_clear_error(args, message, capsys):

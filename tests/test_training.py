@@ -105,13 +105,13 @@ def test_self_distillation_resumes_and_pins_settings(distilled, tiny_target, sha
                                     pad_token_id=tok.pad_token_id or 0)
     assert decoder.generate([records[0]["prompt"]], config.data.max_new_tokens).tokens[0] == records[0]["response"]
     prompts, _ = sources.read_training_prompts(shared_data_root, ["alpaca_seed_tasks"])
-    other = DistillSettings(model="tiny", max_prompt_tokens=128, max_new_tokens=99, temperature=0.0, top_p=1.0, seed=0)
+    other = DistillSettings(model="", max_prompt_tokens=128, max_new_tokens=99, temperature=0.0, top_p=1.0, seed=0)
     with pytest.raises(InputError, match="settings"):
         self_distill(decoder, tok, prompts, config.data.cache_dir, other, batch_size=4, progress=False)
     dev = read_records(shard_paths(config.data.dev_cache_dir))
     assert dev and not {r["key"] for r in dev} & set(second_keys)
     # A cap below what the cache already holds of a source cannot hold: refused, the cache untouched.
-    same = DistillSettings(model="tiny", max_prompt_tokens=config.data.max_prompt_tokens,
+    same = DistillSettings(model="", max_prompt_tokens=config.data.max_prompt_tokens,
                            max_new_tokens=config.data.max_new_tokens, temperature=0.0, top_p=1.0, seed=0)
     both, _ = sources.read_training_prompts(shared_data_root, ["alpaca_seed_tasks", "gsm8k_train"])
     cached_gsm8k = sum(key.startswith("gsm8k_train/") for key in second_keys)
@@ -615,6 +615,10 @@ def _abstract_state(config, target):
     (["--config", "configs/tiny_kd.py", "--config.train.no_such_key=1"], "unknown config key 'train.no_such_key'"),
     (["-config", "configs/tiny_kd.py", "--config.train.keep_checkpoints=0"], "train.keep_checkpoints"),
     (["--config", "configs/tiny_kd.py", "--config.no_such_group.key=1"], "unknown config key 'no_such_group.key'"),
+    (["--config", "configs/tiny_kd.py", "--config.train.stepz=1"],
+     "unknown config key 'train.stepz' (Did you mean \"steps\" instead of \"stepz\"?)"),
+    (["--config", "configs/tiny_kd.py", "--config.target=smollm2-135m-instruct", "--config.drafter.feature_layers=(2,15,40)"],
+     "drafter.feature_layers (2, 15, 40) must be layers of the target, which has 30 (0..29)"),
     (["--config", "configs/tiny_kd.py", "--config.train.log_every=0"], "train.log_every must be an integer >= 1"),
     (["--config", "configs/tiny_kd.py", "--config.train.checkpoint_every=-2"], "train.checkpoint_every"),
     (["--config", "configs/tiny_kd.py", "--config.train.eval_every=-1"], "train.eval_every must be >= 0"),
@@ -631,6 +635,17 @@ def test_train_cli_bad_input(argv, message, tmp_path, capsys, monkeypatch):
     code = train.main([a.replace("WORKDIR", str(tmp_path)) for a in argv])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_training_refuses_the_responses_of_another_model(distilled, tmp_path, capsys, monkeypatch):
+    from ppow_jax import train
+
+    config, _, _ = distilled  # answered by the tests' tiny target (the tiny configs' empty target)
+    monkeypatch.chdir(REPO_ROOT)
+    code = train.main(["--config", "configs/tiny_kd.py", "--config.target=smollm2-135m-instruct",
+                       f"--config.data.cache_dir={config.data.cache_dir}", f"--config.workdir={tmp_path}"])
+    assert code == 2
+    assert f"{config.data.cache_dir} holds the responses of '', not of this config's target" in capsys.readouterr().err
 
 
 def test_config_files_that_give_no_config_are_errors(tmp_path, capsys):

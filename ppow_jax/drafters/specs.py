@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+from typing import Optional
 
 from ppow_jax.errors import CheckpointError, InputError
 
@@ -39,7 +40,23 @@ def check_drafter_spec(spec: str) -> None:
         if not spec[len("self:"):].isdigit():
             raise InputError(f"drafter spec {spec!r}: expected self:N with N a number of layers")
     elif not pathlib.Path(spec).exists():
-        raise InputError(f"unknown drafter spec {spec!r}: expected self:N or a path to a drafter checkpoint")
+        raise InputError(f"drafter {spec!r} does not exist: expected self:N or a path to a drafter checkpoint")
+    elif (pathlib.Path(spec) / "drafter" / "drafter.json").is_file():
+        raise InputError(f"{spec} is a training workdir; its exported drafter is {pathlib.Path(spec) / 'drafter'}")
+
+
+def target_for(drafter_spec: str, target: Optional[str]) -> str:
+    """The target to load: `target` when given, else the one a trained drafter records, else the default."""
+    from ppow_jax.drafters.store import is_drafter_dir, read_description
+    from ppow_jax.weights.registry import DEFAULT_MODEL
+
+    if target:
+        return target
+    if drafter_spec and is_drafter_dir(drafter_spec):
+        recorded = read_description(drafter_spec).get("target")
+        if isinstance(recorded, dict) and isinstance(recorded.get("name"), str) and recorded["name"]:
+            return recorded["name"]
+    return DEFAULT_MODEL
 
 
 def load_drafter(spec: str, target):

@@ -106,7 +106,8 @@ def load_drafter(path: str | pathlib.Path, target_config: ModelConfig) -> tuple[
     different = {k: (target.get(k), v) for k, v in mine.items() if target.get(k) != v}
     if different:
         raise CheckpointError(f"{path} was trained for another target ({target.get('name')}): "
-                              + ", ".join(f"{k} {a} != {b}" for k, (a, b) in different.items()))
+                              + ", ".join(f"{k} {a} != {b}" for k, (a, b) in different.items())
+                              + "; load it with the target it was trained for")
     drafter = Eagle3Drafter.for_target(target_config, tuple(description["feature_layers"]),
                                        description["draft_vocab_size"], description["intermediate_size"],
                                        name=description.get("name", path.name))
