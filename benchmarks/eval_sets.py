@@ -38,7 +38,7 @@ def per_set_table(results: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--drafter", required=True)
-    parser.add_argument("--target", default="smollm2-135m-instruct")
+    parser.add_argument("--target", help="default: the target a trained drafter records (see python -m ppow_jax.eval)")
     parser.add_argument("--limit", type=int, default=10)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
@@ -53,8 +53,8 @@ def main() -> int:
     status = 0
     for temperature in args.temperatures:
         out = pathlib.Path(args.out) / f"T{temperature:g}"
-        command = [sys.executable, "-m", "ppow_jax.eval", "--target", args.target, "--drafter", args.drafter,
-                   "--questions", *questions, "--limit", str(args.limit), "--max-new-tokens", str(args.max_new_tokens),
+        command = [sys.executable, "-m", "ppow_jax.eval", *(["--target", args.target] if args.target else []),
+                   "--drafter", args.drafter, "--questions", *questions, "--limit", str(args.limit), "--max-new-tokens", str(args.max_new_tokens),
                    "--temperature", str(temperature), "--window", args.window, "--k-max", str(args.k_max),
                    "--threshold", str(args.threshold), "--out", str(out)]
         print("$ " + " ".join(command), file=sys.stderr, flush=True)

@@ -33,7 +33,8 @@ def set_metrics(results: dict) -> dict[str, dict]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", action="append", required=True, help="NAME=DIR (an eval_sets output directory)")
+    parser.add_argument("--run", action="append", required=True,
+                        help="NAME=DIR, DIR holding one eval_sets --out directory per window (DIR/<window>/T0/results.json)")
     args = parser.parse_args()
     runs = []
     for spec in args.run:

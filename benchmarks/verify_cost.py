@@ -73,7 +73,7 @@ def main() -> None:
     head = "untied [D, V] head" if args.untied_head else "tied head"
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {args.dtype}; {head}; cache {args.cache} slots, "
           f"batch 1; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}\n")
-    print("| call | ms | × T = 1 step |")
+    print(f"| call | ms | × {rows[0][0]} |")
     print("|---|---|---|")
     for name, ms in rows:
         print(f"| {name} | {ms:.1f} | {ms / base:.2f} |")
