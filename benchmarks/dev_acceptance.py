@@ -13,21 +13,23 @@ the same), `first_accept` the first draft's accept rate.
 from __future__ import annotations
 
 import argparse
+import sys
 
-from ppow_jax.cli import enable_compilation_cache, load_config_file
+from ppow_jax.cli import load_config_file, run_entry_point
 from ppow_jax.drafters.store import load_drafter
 from ppow_jax.train import DevProbe
 from ppow_jax.weights.registry import load_model
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/smollm2_135m_ppow.py",
                         help="a training config: its target, dev split and probe settings")
     parser.add_argument("--drafter", action="append", required=True, metavar="NAME=DIR")
-    args = parser.parse_args()
+    return run_entry_point(parser, run)
 
-    enable_compilation_cache()
+
+def run(args: argparse.Namespace) -> int:
     config = load_config_file(args.config)
     target = load_model(config.target, param_dtype=config.param_dtype)
     probe = DevProbe(config, target, progress=False)
@@ -40,7 +42,8 @@ def main() -> None:
         drafter, params = load_drafter(directory or name, target.config)
         measured = probe(drafter, params)
         print(f"| {name} | {measured['dev/accept_length']:.3f} | {measured['dev/first_accept']:.3f} |", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,12 +12,13 @@ target's greedy next token (the argmax of the target's own head on the cached fi
 from __future__ import annotations
 
 import argparse
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppow_jax.cli import enable_compilation_cache, load_config_file
+from ppow_jax.cli import load_config_file, run_entry_point
 from ppow_jax.drafters.store import load_drafter
 from ppow_jax.train import DevProbe
 from ppow_jax.training.ppow import PPOWTarget, context_pass
@@ -26,14 +27,15 @@ from ppow_jax.weights.registry import load_model
 KS = (1, 2, 3, 4, 6, 8, 16)
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/smollm2_135m_ppow.py",
                         help="a training config: its target and dev split")
     parser.add_argument("--drafter", required=True, help="a trained drafter directory")
-    args = parser.parse_args()
+    return run_entry_point(parser, run)
 
-    enable_compilation_cache()
+
+def run(args: argparse.Namespace) -> int:
     config = load_config_file(args.config)
     target = load_model(config.target, param_dtype=config.param_dtype)
     probe = DevProbe(config, target, progress=False)
@@ -58,7 +60,8 @@ def main() -> None:
     print("| k | " + " | ".join(str(k) for k in KS) + " |")
     print("|---|" + "---|" * len(KS))
     print("| target's token in the drafter's top k | " + " | ".join(f"{np.mean(rank < k):.3f}" for k in KS) + " |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

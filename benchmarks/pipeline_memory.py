@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import sys
 import time
 
+from ppow_jax.cli import run_entry_point
 from ppow_jax.data.features import feature_shards
 from ppow_jax.data.pipeline import feature_batches, feature_dataset
 
@@ -24,7 +26,7 @@ def resident_mb() -> int:
     return int(status.split("VmRSS:")[1].split()[0]) // 1024
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--features", required=True, type=pathlib.Path, help="a feature cache directory")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -32,8 +34,10 @@ def main() -> None:
                         help="batches read ahead; 0: Grain's default read options")
     parser.add_argument("--idle-seconds", type=float, default=15.0)
     parser.add_argument("--batches", type=int, default=20)
-    args = parser.parse_args()
+    return run_entry_point(parser, run)
 
+
+def run(args: argparse.Namespace) -> int:
     shards = feature_shards(args.features)
     read_ahead = args.read_ahead
     start = resident_mb()
@@ -53,7 +57,8 @@ def main() -> None:
           "| ms per batch, drained |")
     print("|---|---|---|---|---|")
     print(f"| {read_ahead or 'Grain default'} | {args.batch_size} | {start} | {idle} | {per_batch:.0f} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
