@@ -11,7 +11,6 @@ the hosts share the work: each answers every N-th batch on its own devices into 
 
 from __future__ import annotations
 
-import math
 import os
 import pathlib
 import sys
@@ -54,13 +53,10 @@ def run_distillation(config, target, progress: bool = True) -> None:
     splits = ([("dev", config.data.dev_cache_dir)] if dev_prompts else []) + [("train", config.data.cache_dir)]
     for _, cache_dir in splits:
         multihost.check_shared_directory(pathlib.Path(cache_dir))
-    # Each process decodes its own batches on its own devices, each batch split over as many of them
-    # as divide it (a batch that does not split would be computed whole on every device).
-    local = jax.local_devices()
-    data = math.gcd(config.data.batch_size, len(local))
+    # Each process decodes its own batches on its own devices.
     decoder = AutoregressiveDecoder(target.config, target.params, eos_token_ids=target.tokenizer.eos_token_ids,
                                     pad_token_id=target.tokenizer.pad_token_id or 0,
-                                    mesh=sharding.make_mesh(data=data, devices=local[:data], keep_order=True))
+                                    mesh=sharding.data_parallel_mesh(config.data.batch_size, jax.local_devices()))
     settings = DistillSettings(model=str(config.target), max_prompt_tokens=config.data.max_prompt_tokens,
                                max_new_tokens=config.data.max_new_tokens, temperature=config.data.temperature,
                                top_p=config.data.top_p, seed=config.seed)

@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import os
 import pathlib
+from typing import Iterable
+
+from array_record.python import array_record_module
 
 
 def write_atomically(path: pathlib.Path, text: str) -> None:
     """Writes `text` to `path` whole or not at all: a crash midway leaves the previous file."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_array_record(path: pathlib.Path, records: Iterable[bytes]) -> None:
+    """An ArrayRecord shard (one record per group, for random access), renamed into place when complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1")
+    for record in records:
+        writer.write(record)
+    writer.close()
     os.replace(tmp, path)

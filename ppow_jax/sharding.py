@@ -12,6 +12,7 @@ does nothing otherwise, so the same code runs on one device.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Sequence
 
 import jax
@@ -72,6 +73,13 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1,
                     axis_types=(AxisType.Auto,) * 3)
     return jax.make_mesh((data, fsdp, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
                          devices=devices[:needed])
+
+
+def data_parallel_mesh(batch_size: int, devices: Sequence[jax.Device]) -> Mesh:
+    """A data mesh over as many of `devices` as divide `batch_size`, in their order (a batch that did
+    not split would be computed whole on every device)."""
+    data = math.gcd(batch_size, len(devices))
+    return make_mesh(data=data, devices=devices[:data], keep_order=True)
 
 
 def logical_to_spec(logical_axes: Sequence[Optional[str]], shape: Sequence[int],

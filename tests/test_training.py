@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from array_record.python import array_record_module
 
 from conftest import REPO_ROOT, load_config, tiny_config, tiny_distillation, tiny_params
 from ppow_jax.data import distill as distill_module
@@ -376,7 +377,7 @@ def test_a_feature_cache_on_several_devices_equals_one_device(distilled, tiny_ta
 
 
 def _shard_examples(cache_dir: pathlib.Path, shard: dict) -> list[dict]:
-    reader = features_module.array_record_module.ArrayRecordReader(str(cache_dir / shard["file"]))
+    reader = array_record_module.ArrayRecordReader(str(cache_dir / shard["file"]))
     examples = [decode_example(r) for r in reader.read_all()]
     reader.close()
     return [{k: v.astype(np.float32) if v.dtype == features_module.ml_dtypes.bfloat16 else v for k, v in e.items()}

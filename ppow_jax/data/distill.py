@@ -20,19 +20,18 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
 import pathlib
 import random
 import re
 from typing import Iterable, Mapping, Optional, Sequence
 
 from array_record.python import array_record_module
-from tqdm import tqdm
 
-from ppow_jax.data.process_share import (ProcessShare, fold_in_process_manifests, unmerged_process_manifests,
-                                         write_manifest, write_process_manifest)
+from ppow_jax.data.process_share import (ProcessShare, ShardListing, fold_in_process_manifests,
+                                         unmerged_process_manifests, write_manifest)
 from ppow_jax.data.sources import Prompt
 from ppow_jax.errors import InputError
+from ppow_jax.files import write_array_record
 from ppow_jax.inference.autoregressive import AutoregressiveDecoder
 from ppow_jax.inference.sampling import SamplingParams
 from ppow_jax.text.tokenizer import Tokenizer
@@ -103,15 +102,6 @@ def shard_paths(cache_dir: str | pathlib.Path) -> list[pathlib.Path]:
     if missing:
         raise InputError(f"cache {cache_dir} lists shards that are missing: {', '.join(missing[:3])}")
     return paths
-
-
-def _write_shard(path: pathlib.Path, records: Iterable[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1")
-    for record in records:
-        writer.write(json.dumps(record).encode())
-    writer.close()
-    os.replace(tmp, path)
 
 
 def _batches(items: Sequence, batch_size: int, sort_window: int) -> Iterable[list]:
@@ -202,13 +192,10 @@ def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: 
     by_key = {prompt.key: prompt for prompt in prompts}
     mine = planned[share.index::share.count]
     sampling = SamplingParams(temperature=settings.temperature, top_p=settings.top_p)
-    if share.count == 1:
-        bar = tqdm(total=split_prompts, initial=split_prompts - sum(len(b["keys"]) for b in planned),
-                   desc=f"self-distill ({split})", unit="prompt", disable=not progress)
-    else:  # each process its own batches; process 0's bar stands for all
-        bar = tqdm(total=sum(len(b["keys"]) for b in mine), desc=f"self-distill ({split}, process 0 of {share.count})",
-                   unit="prompt", disable=not (progress and share.primary))
-    finished: list[dict] = []  # this process's shards, when it is one of several
+    bar = share.progress_bar(total=split_prompts, to_do=sum(len(b["keys"]) for b in planned),
+                             mine=sum(len(b["keys"]) for b in mine), desc=f"self-distill ({split})", unit="prompt",
+                             progress=progress)
+    listing = ShardListing(cache_dir, share, manifest, order=_shard_index, finish=_without_answered_plans)
     problem: Optional[BaseException] = None
     try:  # from here on a failure must reach `finish`, where the other processes wait
         for batch in mine:
@@ -217,18 +204,11 @@ def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: 
             records = [{"key": key, "prompt": prompt, "response": out, "eos": eos}
                        for key, prompt, out, eos in zip(batch["keys"], ids, result.tokens, result.finished_by_eos)]
             name = f"shard-{batch['index']:05d}.array_record"
-            _write_shard(cache_dir / name, records)
-            shard = {"file": name, "keys": batch["keys"], "response_tokens": sum(len(r["response"]) for r in records)}
-            if share.count == 1:
-                manifest["shards"] = sorted(manifest["shards"] + [shard], key=_shard_index)
-                manifest = _without_answered_plans(manifest)
-                write_manifest(cache_dir, manifest)
-            else:
-                finished.append(shard)
-                write_process_manifest(cache_dir, share, manifest["settings"], finished)
+            write_array_record(cache_dir / name, (json.dumps(record).encode() for record in records))
+            listing.add({"file": name, "keys": batch["keys"],
+                         "response_tokens": sum(len(r["response"]) for r in records)})
             bar.update(len(batch["keys"]))
-            listed = finished if share.count > 1 else manifest["shards"]
-            bar.set_postfix(tokens=sum(s["response_tokens"] for s in listed))
+            bar.set_postfix(tokens=sum(s["response_tokens"] for s in listing.listed()))
     except BaseException as err:  # noqa: BLE001 (raised by `finish`, once every process knows)
         problem = err
     bar.close()

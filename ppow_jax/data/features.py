@@ -20,8 +20,6 @@ from __future__ import annotations
 import functools
 import io
 import json
-import math
-import os
 import pathlib
 import threading
 import zlib
@@ -31,15 +29,14 @@ import grain
 import jax
 import ml_dtypes
 import numpy as np
-from array_record.python import array_record_module
-from tqdm import tqdm
 
 from ppow_jax import multihost, sharding
 from ppow_jax.data.distill import read_manifest, shard_paths
-from ppow_jax.data.process_share import (ProcessShare, fold_in_process_manifests, unmerged_process_manifests,
-                                         write_manifest, write_process_manifest)
+from ppow_jax.data.process_share import (ProcessShare, ShardListing, fold_in_process_manifests,
+                                         unmerged_process_manifests, write_manifest)
 from ppow_jax.drafters.interface import concat_features
 from ppow_jax.errors import InputError
+from ppow_jax.files import write_array_record
 from ppow_jax.models import llama
 from ppow_jax.models.config import ModelConfig
 
@@ -100,13 +97,9 @@ def build_feature_cache(target_config: ModelConfig, target_params: llama.Params,
     keys = distilled["keys"]
     missing = _missing_batches(manifest["shards"], len(keys), batch_size)
     mine = missing[share.index::share.count]
-    if share.count == 1:
-        bar = tqdm(total=len(keys), initial=len(keys) - sum(count for _, count in missing),
-                   desc="target features", unit="seq", disable=not progress)
-    else:  # each process its own batches; process 0's bar stands for all
-        bar = tqdm(total=sum(count for _, count in mine), desc=f"target features (process 0 of {share.count})",
-                   unit="seq", disable=not (progress and share.primary))
-    finished: list[dict] = []  # this process's shards, when it is one of several
+    bar = share.progress_bar(total=len(keys), to_do=sum(count for _, count in missing),
+                             mine=sum(count for _, count in mine), desc="target features", unit="seq", progress=progress)
+    listing = ShardListing(out_dir, share, manifest, order=_first_record)
     problem: Optional[BaseException] = None
     try:  # from here on a failure must reach `finish`, where the other processes wait
         if settings != manifest["settings"]:  # checked by process 0 against its own config only
@@ -127,23 +120,14 @@ def build_feature_cache(target_config: ModelConfig, target_params: llama.Params,
                 tokens = np.concatenate([tokens, np.repeat(tokens[-1:], batch_size - count, axis=0)])
             features, hidden = forward(tokens)
             name = f"records-{first:07d}.array_record"  # named by its first record: unique at any batch size
-            tmp = out_dir / (name + ".tmp")
-            writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1")
-            for row, (row_tokens, mask, _) in enumerate(examples):
-                writer.write(encode_example({"tokens": row_tokens, "loss_mask": mask,
-                                             "features": features[row].astype(ml_dtypes.bfloat16),
-                                             "target_hidden": hidden[row].astype(ml_dtypes.bfloat16)}))
-            writer.close()
-            os.replace(tmp, out_dir / name)
-            shard = {"file": name, "first": first, "examples": count,
-                     "records": _records_digest(distilled, first, first + count),
-                     "loss_tokens": int(sum(int(e[1].sum()) for e in examples))}
-            if share.count == 1:
-                manifest["shards"] = sorted(manifest["shards"] + [shard], key=_first_record)
-                write_manifest(out_dir, manifest)
-            else:
-                finished.append(shard)
-                write_process_manifest(out_dir, share, manifest["settings"], finished)
+            write_array_record(out_dir / name, (
+                encode_example({"tokens": row_tokens, "loss_mask": mask,
+                                "features": features[row].astype(ml_dtypes.bfloat16),
+                                "target_hidden": hidden[row].astype(ml_dtypes.bfloat16)})
+                for row, (row_tokens, mask, _) in enumerate(examples)))
+            listing.add({"file": name, "first": first, "examples": count,
+                         "records": _records_digest(distilled, first, first + count),
+                         "loss_tokens": int(sum(int(e[1].sum()) for e in examples))})
             bar.update(count)
     except BaseException as err:  # noqa: BLE001 (raised by `finish`, once every process knows)
         problem = err
@@ -239,7 +223,7 @@ def _teacher_forced_on(devices: Sequence[jax.Device], config: ModelConfig, param
                        seq_len: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """tokens [batch_size, seq_len] -> (features, final hidden) on the host, computed on a data-parallel
     mesh of as many of `devices` as divide the batch (the target replicated on each)."""
-    mesh = sharding.make_mesh(data=math.gcd(batch_size, len(devices)), devices=devices, keep_order=True)
+    mesh = sharding.data_parallel_mesh(batch_size, devices)
     param_shardings = sharding.param_shardings(params, mesh)
     params = jax.device_put(params, param_shardings)
     forward = jax.jit(functools.partial(_teacher_forced, config=config, feature_layers=feature_layers),

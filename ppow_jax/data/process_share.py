@@ -17,6 +17,8 @@ import pathlib
 import zlib
 from typing import Any, Callable, Optional, TypeVar
 
+from tqdm import tqdm
+
 from ppow_jax.errors import InputError
 from ppow_jax.files import write_atomically
 
@@ -82,6 +84,14 @@ class ProcessShare:
                              "that shows each of them the latest files")
         return value
 
+    def progress_bar(self, *, total: int, to_do: int, mine: int, desc: str, unit: str, progress: bool) -> tqdm:
+        """Alone: the whole job (`to_do` of `total` left); one of several: this process's part (`mine`),
+        process 0's bar standing for all."""
+        if self.count == 1:
+            return tqdm(total=total, initial=total - to_do, desc=desc, unit=unit, disable=not progress)
+        return tqdm(total=mine, desc=f"{desc} (process 0 of {self.count})", unit=unit,
+                    disable=not (progress and self.primary))
+
     def finish(self, problem: Optional[BaseException], merge: Callable[[], None], cache_dir: pathlib.Path) -> None:
         """After each process has done its part (`problem`: what stopped it, if anything): process 0
         merges what every process finished, the failed ones' included; raises on every process if any
@@ -103,11 +113,37 @@ class ProcessShare:
                                                         f"{cache_dir}")
 
 
+@dataclasses.dataclass
+class ShardListing:
+    """Where a process lists each shard it finishes: `manifest.json` itself (kept in `order`, passed
+    through `finish`) when it works alone; its own process manifest when it is one of several."""
+
+    cache_dir: pathlib.Path
+    share: ProcessShare
+    manifest: dict  # the agreed manifest.json
+    order: Callable[[dict], Any]
+    finish: Callable[[dict], dict] = lambda manifest: manifest
+    mine: list[dict] = dataclasses.field(default_factory=list)
+
+    def add(self, shard: dict) -> None:
+        self.mine.append(shard)
+        if self.share.count == 1:
+            self.manifest = self.finish({**self.manifest, "shards": sorted(self.manifest["shards"] + [shard],
+                                                                            key=self.order)})
+            write_manifest(self.cache_dir, self.manifest)
+        else:
+            _write_process_manifest(self.cache_dir, self.share, self.manifest["settings"], self.mine)
+
+    def listed(self) -> list[dict]:
+        """The shards this process can count: the whole cache's alone, its own when one of several."""
+        return self.manifest["shards"] if self.share.count == 1 else self.mine
+
+
 def write_manifest(cache_dir: pathlib.Path, manifest: dict, name: str = "manifest.json") -> None:
     write_atomically(cache_dir / name, json.dumps(manifest, indent=1))  # a crash leaves the old manifest
 
 
-def write_process_manifest(cache_dir: pathlib.Path, share: ProcessShare, settings: Any, shards: list[dict]) -> None:
+def _write_process_manifest(cache_dir: pathlib.Path, share: ProcessShare, settings: Any, shards: list[dict]) -> None:
     """This process's finished shards, each marked with the process, with the settings they were made under."""
     write_manifest(cache_dir, {"settings": settings, "shards": [{**shard, "process": share.index} for shard in shards]},
                    PROCESS_MANIFEST.format(share.index))
