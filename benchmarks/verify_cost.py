@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from ppow_jax.drafters.eagle import Eagle3Drafter
 from ppow_jax.models import llama
 from ppow_jax.models.config import ModelConfig
-from ppow_jax.training.ppow import median_seconds
+from ppow_jax.inference.costs import median_seconds
 
 SMOLLM2_135M = ModelConfig(architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
                            num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,

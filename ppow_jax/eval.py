@@ -21,12 +21,12 @@ from typing import Optional, Sequence
 
 from ppow_jax.cli import run_entry_point
 from ppow_jax.drafters.specs import (DRAFTER_HELP, add_window_arguments, check_drafter_spec, load_drafter,
-                                     target_for, window_policy)
+                                     target_for, window_policy, with_cycle_costs)
 from ppow_jax.errors import InputError
 from ppow_jax.weights.registry import DEFAULT_MODEL
 
 METRIC_KEYS = ("tau", "speedup", "tokens_per_s", "ar_tokens_per_s", "greedy_match", "n_questions", "new_tokens",
-               "accept_hist")
+               "accept_hist", "empty_window_share")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +60,8 @@ def summarize(records: list[dict], greedy: bool) -> dict:
             "speedup": spec_rate / ar_rate, "tokens_per_s": spec_rate, "ar_tokens_per_s": ar_rate,
             "greedy_match": all(r["match"] for r in records) if greedy else None,
             "n_questions": len({(r["category"], r["question_id"]) for r in records}), "new_tokens": spec_tokens,
-            "accept_hist": hist}
+            "accept_hist": hist,
+            "empty_window_share": sum(r["empty_windows"] for r in records) / cycles if cycles else None}
 
 
 def format_tau(tau: Optional[float]) -> str:
@@ -86,6 +87,9 @@ def write_report(out: pathlib.Path, results: dict) -> None:
         match = "-" if m["greedy_match"] is None else ("yes" if m["greedy_match"] else "**NO**")
         lines.append(f"| {name} | {m['n_questions']} | {format_tau(m['tau'])} | {m['tokens_per_s']:.1f} "
                      f"| {m['ar_tokens_per_s']:.1f} | {m['speedup']:.2f}x | {match} |")
+    if results["overall"]["empty_window_share"]:
+        lines += ["", f"cycles that verified no draft (a plain decode step): "
+                      f"{100 * results['overall']['empty_window_share']:.1f}%"]
     if results["overall"]["greedy_match"] is None:
         lines += ["", "greedy match: '-' when sampling (T > 0): outputs are draws, not checked for equality"]
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -142,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
     target = load_model(args.target, param_dtype=args.dtype)
     tok = target.tokenizer
     drafter, drafter_params = load_drafter(args.drafter, target)
+    window = with_cycle_costs(window, target, drafter, drafter_params, batch=1)
     ar = AutoregressiveDecoder(target.config, target.params, eos_token_ids=tok.eos_token_ids,
                                pad_token_id=tok.pad_token_id)
     spec = SpeculativeDecoder(target.config, target.params, drafter, drafter_params, eos_token_ids=tok.eos_token_ids,
@@ -173,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
             records.append({"category": question.category, "question_id": question.question_id, "turn": turn_index,
                             "ar_new_tokens": len(plain.tokens[0]), "spec_new_tokens": len(fast.tokens[0]),
                             "ar_seconds": ar_seconds, "spec_seconds": spec_seconds,
-                            "accept_hist": fast.accept_hist, "match": match})
+                            "accept_hist": fast.accept_hist, "empty_windows": sum(fast.empty_windows),
+                            "match": match})
             messages.append({"role": "assistant", "content": tok.decode(plain.tokens[0])})
 
     categories = {}
@@ -183,7 +189,9 @@ def run(args: argparse.Namespace) -> int:
     results = {"categories": {name: summarize(recs, sampling.greedy) for name, recs in categories.items()},
                "overall": summarize(records, sampling.greedy),
                "config": {"target": args.target, "drafter": args.drafter, "window": args.window, "k_max": args.k_max,
-                          "threshold": args.threshold, "temperature": args.temperature, "top_k": args.top_k,
+                          "threshold": args.threshold,
+                          "cycle_costs": list(window.verify_costs) + [window.draft_cost] if window.kind == "cost" else None,
+                          "temperature": args.temperature, "top_k": args.top_k,
                           "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "limit": args.limit,
                           "seed": args.seed, "dtype": args.dtype, "questions": args.questions},
                "machine": f"jax {jax.__version__} on {devices}", "turns": records}

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from ppow_jax.cli import run_entry_point
 from ppow_jax.drafters.specs import (DRAFTER_HELP, add_window_arguments, check_drafter_spec, load_drafter,
-                                     target_for, window_policy)
+                                     target_for, window_policy, with_cycle_costs)
 from ppow_jax.errors import InputError
 from ppow_jax.weights.registry import DEFAULT_MODEL
 
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         window = None
         defaults = build_parser()
-        if given := [f"--{name.replace('_', '-')}" for name in ("window", "k_max", "threshold")
+        if given := [f"--{name.replace('_', '-')}" for name in ("window", "k_max", "threshold", "cycle_costs")
                      if getattr(args, name) != defaults.get_default(name)]:
             raise InputError(f"{', '.join(given)} set the speculative window: they need --drafter")
 
@@ -133,6 +133,7 @@ def speculative_generate(args: argparse.Namespace, model, prompts: list[list[int
     from ppow_jax.inference.speculative import SpeculativeDecoder
 
     drafter, drafter_params = load_drafter(args.drafter, model)
+    window = with_cycle_costs(window, model, drafter, drafter_params, batch=len(prompts))
     tokenizer = model.tokenizer
     decoder = SpeculativeDecoder(model.config, model.params, drafter, drafter_params,
                                  eos_token_ids=tokenizer.eos_token_ids, pad_token_id=tokenizer.pad_token_id, mesh=mesh)

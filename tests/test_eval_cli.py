@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from conftest import REPO_ROOT
 from ppow_jax import eval as eval_cli
 from ppow_jax.errors import InputError
 from ppow_jax.evaluation.questions import load_questions
@@ -40,11 +41,18 @@ def test_malformed_question_files_name_file_and_line(tmp_path, content, message)
     (["--drafter", "self:8", "--questions", "{q}", "--k-max", "0"], "k_max"),
     (["--drafter", "self:8", "--questions", "{q}", "--window", "psychic"], "unknown window policy"),
     (["--drafter", "self:8", "--questions", "{q}", "--temperature", "-1"], "temperature"),
+    (["--drafter", "self:8", "--questions", "{q}", "--window", "cost"], "--window cost needs a trained drafter"),
+    (["--drafter", "{kd}", "--questions", "{q}", "--window", "cost", "--k-max", "3",
+      "--cycle-costs", "1,1.4,0.05"], "k_max + 2 = 5 numbers"),
+    (["--drafter", "{kd}", "--questions", "{q}", "--window", "cost", "--k-max", "1",
+      "--cycle-costs", "1,fast,0.05"], "comma-separated numbers"),
 ])
 def test_bad_input_gets_a_clear_error(tmp_path, capsys, extra, message):
     questions = tmp_path / "question.jsonl"
     questions.write_text(json.dumps({"question_id": 1, "category": "c", "turns": ["Say hi."]}) + "\n")
-    args = [a.replace("{q}", str(questions)) for a in extra] + ["--out", str(tmp_path / "out")]
+    committed = REPO_ROOT / "checkpoints" / "smollm2-135m-instruct" / "kd"
+    args = [a.replace("{q}", str(questions)).replace("{kd}", str(committed)) for a in extra]
+    args += ["--out", str(tmp_path / "out")]
     assert eval_cli.main(args) == 2
     err = capsys.readouterr().err
     assert "error: " in err and message in err

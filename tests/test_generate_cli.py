@@ -52,6 +52,7 @@ def test_ignore_eos_generates_exactly_n_tokens_and_errors_exit_cleanly():
     (["--prompt", "hi", "--drafter", "self:x"], "self:N"),
     (["--prompt", "hi", "--drafter", "no/such/drafter"], "does not exist: expected self:N"),
     (["--prompt", "hi", "--k-max", "5", "--window", "confidence"], "--window, --k-max set the speculative window"),
+    (["--prompt", "hi", "--cycle-costs", "1,1.4,0.1"], "--cycle-costs set the speculative window"),
 ])
 def test_bad_input_gets_a_clear_error(args, message, capsys):
     assert generate.main(args) == 2

@@ -15,6 +15,7 @@ from ppow_jax.drafters.eagle import Eagle3Drafter
 from ppow_jax.drafters.lm import LMDrafter, self_speculative
 from ppow_jax.errors import InputError
 from ppow_jax.inference.autoregressive import AutoregressiveDecoder
+from ppow_jax.inference.costs import measure_cycle_costs, verify_widths
 from ppow_jax.inference.sampling import SamplingParams, processed_logprobs
 from ppow_jax.inference.speculative import SpeculativeDecoder, accept_greedy, accept_sampling
 from ppow_jax.inference.windows import WindowPolicy
@@ -99,11 +100,15 @@ def exact_joint(params_sampling: SamplingParams, prompt: list[int], length: int)
     return joint
 
 
-@pytest.mark.parametrize("sampling,drafter_kind", [
-    (SamplingParams(temperature=1.0), "lm"), (SamplingParams(temperature=0.8, top_k=4), "lm"),
-    (SamplingParams(temperature=1.2, top_p=0.7), "lm"), (SamplingParams(temperature=1.0), "eagle3")],
-    ids=["T1", "topk", "topp", "T1-eagle3"])
-def test_speculative_sampling_is_lossless(sampling, drafter_kind):
+@pytest.mark.parametrize("sampling,drafter_kind,window", [
+    (SamplingParams(temperature=1.0), "lm", WindowPolicy("fixed", 2)),
+    (SamplingParams(temperature=0.8, top_k=4), "lm", WindowPolicy("fixed", 2)),
+    (SamplingParams(temperature=1.2, top_p=0.7), "lm", WindowPolicy("fixed", 2)),
+    (SamplingParams(temperature=1.0), "eagle3", WindowPolicy("fixed", 2)),
+    (SamplingParams(temperature=1.0), "eagle3", WindowPolicy("cost", 2, calibration=(2.5, 3.0, 0.0, 0.0),
+                                                              verify_costs=(1.0, 1.5, 1.5), draft_cost=0.0))],
+    ids=["T1", "topk", "topp", "T1-eagle3", "T1-eagle3-cost-window"])
+def test_speculative_sampling_is_lossless(sampling, drafter_kind, window):
     """Chi-square: the joint law of 3 generated tokens equals the target's (tiny vocabulary)."""
     config = tiny_config(vocab_size=6)
     global CONFIG, PARAMS
@@ -116,8 +121,10 @@ def test_speculative_sampling_is_lossless(sampling, drafter_kind):
                                    else eagle_drafter(CONFIG, draft_vocab=4, std=0.5))
         decoder = SpeculativeDecoder(CONFIG, PARAMS, drafter, drafter_params, eos_token_ids=[])
         prompt, n = [1, 2, 3], 6000
-        result = decoder.generate([prompt] * n, 3, sampling, window=WindowPolicy("fixed", 2), seed=11)
+        result = decoder.generate([prompt] * n, 3, sampling, window=window, seed=11)
         assert result.accept_hist[0] > 0 and sum(result.accept_hist[1:]) > 0  # both paths taken
+        if window.kind == "cost":  # some cycles drafted nothing, others verified drafts
+            assert 0 < sum(result.empty_windows) < sum(result.cycles) - result.accept_hist[0]
         samples = np.array(result.tokens)
         observed = np.zeros((6,) * 3)
         np.add.at(observed, tuple(samples.T), 1)
@@ -171,6 +178,71 @@ def test_sampling_acceptance_properties(logits, seed, window):
     k, token = accept_sampling(key_accept, outside, windows, uniform_q, target, sampling)
     assert (np.asarray(k) == 0).all()
     assert all(p[r, 0, int(token[r])] > 0 for r in range(2))
+
+
+def cost_window(accept_probability: float, k_max: int = 2, verify_costs=(1.0, 1.5, 1.5), draft_cost=0.0):
+    """A cost window whose calibrated model predicts the same acceptance probability for every draft."""
+    bias = float(np.log(accept_probability / (1 - accept_probability)))
+    return WindowPolicy("cost", k_max, calibration=(bias, 0.0, 0.0, 0.0), verify_costs=verify_costs,
+                        draft_cost=draft_cost)
+
+
+@pytest.mark.parametrize("p,expected", [(0.30, [False, False]), (0.40, [True, True]), (0.60, [True, True])])
+def test_cost_window_decisions_by_hand(p, expected):
+    """verify costs (1, 1.5, 1.5), free drafts: at step 0, stopping emits 1 token per step; a window of 1
+    emits (1 + p)/1.5 and of 2 (1 + p + p^2)/1.5, which pays once p^2 + p >= 0.5, i.e. p >= 0.366."""
+    window = cost_window(p)
+    logprobs = jnp.log(jnp.full((2, 5), 0.2))
+    keep, state = window.keep_drafting(0, logprobs, window.init(2))
+    assert keep.tolist() == expected
+    np.testing.assert_allclose(np.asarray(state), [[np.log(p), p]] * 2, rtol=1e-5)
+    # Step 1 of a kept window: (1 + p + p^2)/1.5 against (1 + p)/1.5 always pays (same verify cost).
+    keep, state = window.keep_drafting(1, logprobs, state)
+    assert keep.tolist() == [True, True]
+    np.testing.assert_allclose(np.asarray(state), [[2 * np.log(p), p + p * p]] * 2, rtol=1e-5)
+
+
+def test_cost_window_on_flat_costs_keeps_every_draft_and_prices_drafting():
+    logprobs = jnp.log(jnp.full((1, 5), 0.2))
+    flat = cost_window(0.05, k_max=3, verify_costs=(1.0, 1.0, 1.0, 1.0))  # an accelerator: verifying is free
+    assert flat.keep_drafting(0, logprobs, flat.init(1))[0].tolist() == [True]
+    # Drafter steps that cost 0.5 decode steps each: a window of one at p = 0.3 emits 1.3 tokens for
+    # 1 + 2 * 0.5 = 2 steps, stopping 1 token for 1.5 steps.
+    dear = cost_window(0.3, k_max=3, verify_costs=(1.0, 1.0, 1.0, 1.0), draft_cost=0.5)
+    assert dear.keep_drafting(0, logprobs, dear.init(1))[0].tolist() == [False]
+
+
+@pytest.mark.parametrize("drafter_name,p", [("self:1", 0.01), ("eagle3", 0.40), ("self:1", 0.40),
+                                            ("target-itself", 0.99)])
+def test_cost_window_greedy_equals_autoregressive(drafter_name, p, autoregressive_reference):
+    drafter, drafter_params = drafters()[drafter_name]
+    decoder = SpeculativeDecoder(CONFIG, PARAMS, drafter, drafter_params, eos_token_ids=[])
+    result = decoder.generate(PROMPTS, 24, window=cost_window(p, k_max=4, verify_costs=(1.0, 1.5, 1.5, 1.6, 1.7)))
+    assert result.tokens == autoregressive_reference
+    if p == 0.01:  # nothing pays: every cycle is a plain decode step
+        assert result.empty_windows == result.cycles and result.tau == 1.0
+    else:
+        assert sum(result.empty_windows) == 0
+    if p == 0.99 and drafter_name == "target-itself":
+        assert result.accept_hist[:-1] == [0] * 4  # whole windows, as a fixed window of 4
+
+
+def test_cost_window_without_costs_is_refused_until_measured():
+    drafter, drafter_params = drafters()["eagle3"]
+    decoder = SpeculativeDecoder(CONFIG, PARAMS, drafter, drafter_params, eos_token_ids=[])
+    unmeasured = WindowPolicy("cost", 3, calibration=(0.0, 1.0, 0.0, 0.0))
+    with pytest.raises(InputError, match="cycle costs"):
+        decoder.generate(PROMPTS, 4, window=unmeasured)
+    costs = measure_cycle_costs(CONFIG, PARAMS, drafter, drafter_params, 3, context=16, repeats=3)
+    assert len(costs.verify) == 4 and costs.verify[0] == 1.0 and all(c > 0 for c in costs.verify) and costs.draft > 0
+    assert verify_widths(3) == (1, 2, 4) and verify_widths(10) == (1, 2, 4, 8, 11)
+    assert verify_widths(1) == (1, 2)
+    with pytest.raises(InputError, match="verify costs for T = 1..4"):
+        WindowPolicy("cost", 3, calibration=(0.0, 1.0, 0.0, 0.0), verify_costs=(1.0, 1.4))
+    with pytest.raises(InputError, match="finite"):
+        WindowPolicy("cost", 1, calibration=(0.0, 1.0, 0.0, 0.0), verify_costs=(1.0, float("nan")))
+    with pytest.raises(InputError, match="calibration weights"):
+        WindowPolicy("cost", 1, verify_costs=(1.0, 1.4))
 
 
 def test_bad_input():

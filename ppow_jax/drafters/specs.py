@@ -19,19 +19,54 @@ DRAFTER_HELP = ("self:N (the target's first N layers), a trained drafter directo
 def add_window_arguments(parser: argparse.ArgumentParser, *, k_max: int) -> None:
     parser.add_argument("--window", default="fixed",
                         help="window policy: fixed | confidence | divergence | adaptive (a trained drafter's "
-                             "calibrated acceptance model)")
+                             "calibrated acceptance model) | cost (that model and this machine's cycle costs: "
+                             "drafts only what is expected to pay for its verification, possibly nothing)")
     parser.add_argument("--k-max", type=int, default=k_max, help="largest window (drafted tokens per cycle)")
     parser.add_argument("--threshold", type=float, default=0.5,
                         help="confidence window: least top probability; divergence window: largest mean criticality; "
                              "adaptive window: least predicted probability that the whole window is accepted")
+    parser.add_argument("--cycle-costs", default="auto",
+                        help="cost window: 'auto' (measured at start-up on this machine, printed to stderr) or "
+                             "k_max + 2 comma-separated numbers, the verify pass over T = 1..k_max + 1 positions "
+                             "then one drafter step, in units of a decode step (T = 1)")
 
 
 def window_policy(args: argparse.Namespace):
     """The `WindowPolicy` of the parsed `--window`, `--k-max` and `--threshold` flags for `--drafter`."""
-    from ppow_jax.inference.windows import WindowPolicy
+    from ppow_jax.inference.windows import CALIBRATED, WindowPolicy
 
-    calibration = window_calibration(args.drafter) if args.window == "adaptive" else ()
-    return WindowPolicy(kind=args.window, k_max=args.k_max, threshold=args.threshold, calibration=calibration)
+    calibration = window_calibration(args.drafter, args.window) if args.window in CALIBRATED else ()
+    verify_costs, draft_cost = parse_cycle_costs(args.cycle_costs, args.k_max) if args.window == "cost" else ((), 0.0)
+    return WindowPolicy(kind=args.window, k_max=args.k_max, threshold=args.threshold, calibration=calibration,
+                        verify_costs=verify_costs, draft_cost=draft_cost)
+
+
+def parse_cycle_costs(text: str, k_max: int) -> tuple[tuple[float, ...], float]:
+    """`--cycle-costs` -> (verify costs for T = 1..k_max + 1, drafter step); ((), 0.0) for 'auto'."""
+    if text.strip() == "auto":
+        return (), 0.0
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise InputError(f"--cycle-costs {text!r}: expected 'auto' or comma-separated numbers") from None
+    if len(values) != k_max + 2:
+        raise InputError(f"--cycle-costs takes k_max + 2 = {k_max + 2} numbers (verify passes over T = 1..{k_max + 1} "
+                         f"positions, then a drafter step), got {len(values)}")
+    return tuple(values[:-1]), values[-1]
+
+
+def with_cycle_costs(window, target, drafter, drafter_params, batch: int):
+    """The window, with this machine's cycle costs measured when a cost window asks for them."""
+    import dataclasses
+    import sys
+
+    from ppow_jax.inference.costs import measure_cycle_costs
+
+    if not window.needs_costs:
+        return window
+    costs = measure_cycle_costs(target.config, target.params, drafter, drafter_params, window.k_max, batch=batch)
+    print(f"cycle costs on this machine (batch {batch}): {costs.describe()}", file=sys.stderr)
+    return dataclasses.replace(window, verify_costs=costs.verify, draft_cost=costs.draft)
 
 
 def check_drafter_spec(spec: str) -> None:
@@ -74,17 +109,17 @@ def load_drafter(spec: str, target):
     return LMDrafter(config=drafter.config, name=spec), drafter.params
 
 
-def window_calibration(spec: str) -> tuple[float, ...]:
-    """The adaptive window's calibration weights stored with a trained drafter."""
+def window_calibration(spec: str, kind: str = "adaptive") -> tuple[float, ...]:
+    """The calibration weights of the adaptive and cost windows, stored with a trained drafter."""
     from ppow_jax.drafters.store import is_drafter_dir, read_description
 
     if not is_drafter_dir(spec):
-        raise InputError(f"--window adaptive needs a trained drafter directory (its calibrated acceptance model); "
+        raise InputError(f"--window {kind} needs a trained drafter directory (its calibrated acceptance model); "
                          f"got {spec!r}")
     description = read_description(spec)
     calibration = description.get("window_calibration")
     if skipped := description.get("window_calibration_skipped"):
-        raise InputError(f"{spec} serves fixed windows only: its training could not calibrate the adaptive "
+        raise InputError(f"{spec} serves fixed windows only: its training could not calibrate the {kind} "
                          f"window ({skipped}); use --window fixed")
     if not calibration:
         raise InputError(f"{spec}: drafter.json has no window_calibration; re-export the drafter with "

@@ -2,9 +2,11 @@
 
 One cycle (METHOD.md §1), all inside one `lax.while_loop` with static shapes:
   1. the drafter consumes the tokens it has not seen yet (1 or 2 per row) and then drafts up to
-     K_max tokens; a window policy decides per row how many of them are proposed, and the draft
-     loop exits early once no row proposes more;
-  2. the target scores [pending token, d_1 .. d_K] in one forward over K_max + 1 positions;
+     K_max tokens; a window policy decides per row how many of them are proposed (the cost-aware
+     policy may propose none), and the draft loop exits early once no row proposes more;
+  2. the target scores [pending token, d_1 .. d_L] in one forward, L being the longest proposed
+     window of the batch rounded up to one of a few static widths (`costs.verify_widths`: one
+     `lax.switch` branch each, all compiled once), so a short window also costs a short verify pass;
   3. the longest acceptable prefix of the proposed drafts is kept (greedy: equal to the target's
      argmax; sampling: the Leviathan/Chen rejection rule), plus one target token (the correction
      at the first rejection, or a bonus token after a fully accepted window);
@@ -33,6 +35,7 @@ from ppow_jax import sharding
 from ppow_jax.drafters.interface import Chunk, DraftCache, Drafter, concat_features
 from ppow_jax.errors import InputError
 from ppow_jax.inference.autoregressive import bucket, pad_prompts
+from ppow_jax.inference.costs import verify_widths
 from ppow_jax.inference.sampling import SamplingParams, processed_logprobs, sample_tokens
 from ppow_jax.inference.windows import WindowPolicy
 from ppow_jax.models import llama
@@ -51,6 +54,7 @@ class SpecState:
     drafter_cache: DraftCache
     key: jax.Array
     cycles: jax.Array  # [B] verify passes run for each row
+    empty_windows: jax.Array  # [B] of those, the ones that verified no draft (a plain decode step)
     accept_hist: jax.Array  # [K_max + 1] how many cycles accepted k = 0..K_max drafts (all rows)
     saw_nan: jax.Array  # [B] bool
     ignore_eos: jax.Array  # scalar bool
@@ -61,6 +65,7 @@ class SpeculativeResult:
     tokens: list[list[int]]
     finished_by_eos: list[bool]
     cycles: list[int]  # verify passes per row
+    empty_windows: list[int]  # verify passes per row that verified no draft (cost window only)
     accept_hist: list[int]  # index k: cycles that accepted k drafts
     prefill_seconds: float
     decode_seconds: float
@@ -170,6 +175,7 @@ class SpeculativeDecoder:
             done=hit_eos | (budget <= 1) | saw_nan, pending=first,
             chunk=drafter.start_chunk(first, features, lengths, self.pad_token_id, k_max),
             target_cache=target.cache, drafter_cache=drafter_cache, key=rng, cycles=jnp.zeros((batch,), jnp.int32),
+            empty_windows=jnp.zeros((batch,), jnp.int32),
             accept_hist=jnp.zeros((k_max + 1,), jnp.int32), saw_nan=saw_nan, ignore_eos=ignore_eos)
 
     def _start_fn(self, batch: int, prompt_len: int, cache_len: int, buffer: int, sampling: SamplingParams,
@@ -205,6 +211,9 @@ class SpeculativeDecoder:
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: SamplingParams = SamplingParams(), window: WindowPolicy = WindowPolicy(), *,
                  seed: int = 0, ignore_eos: bool = False) -> SpeculativeResult:
+        if window.needs_costs:
+            raise InputError("the cost window needs this machine's cycle costs: measure them with "
+                             "ppow_jax.inference.costs.measure_cycle_costs (the CLIs' --cycle-costs auto does)")
         # The caches must hold a whole cycle's writes past the last emitted token.
         tokens, lengths, cache_len = pad_prompts(self.target_config, prompts, max_new_tokens, self.pad_token_id,
                                                  extra_cache=self.drafter.cache_margin(window.k_max))
@@ -223,12 +232,13 @@ class SpeculativeDecoder:
         if bool(jnp.any(state.saw_nan)):
             rows = np.flatnonzero(np.asarray(state.saw_nan)).tolist()
             raise FloatingPointError(f"NaN logits in rows {rows}; no token was sampled from them")
-        out, counts, cycles, hist = jax.device_get((state.tokens, state.num_generated, state.cycles, state.accept_hist))
+        out, counts, cycles, empty, hist = jax.device_get((state.tokens, state.num_generated, state.cycles,
+                                                           state.empty_windows, state.accept_hist))
         rows = [row[:n].tolist() for row, n in zip(out, counts)]
         eos = set(np.asarray(self.eos_token_ids).tolist())
         return SpeculativeResult(tokens=rows, finished_by_eos=[bool(r) and r[-1] in eos and not ignore_eos for r in rows],
-                                 cycles=cycles.tolist(), accept_hist=hist.tolist(), prefill_seconds=prefill_seconds,
-                                 decode_seconds=decode_seconds)
+                                 cycles=cycles.tolist(), empty_windows=empty.tolist(), accept_hist=hist.tolist(),
+                                 prefill_seconds=prefill_seconds, decode_seconds=decode_seconds)
 
 
 def _draft(drafter: Drafter, drafter_params, target_params, state: SpecState, key: jax.Array, *,
@@ -283,6 +293,32 @@ def _draft(drafter: Drafter, drafter_params, target_params, state: SpecState, ke
     return drafts, (draft_logprobs if keep_logprobs else None), window_len, steps, cache
 
 
+def _verify(target_params, verify_tokens: jax.Array, cache: llama.KVCache, window_len: jax.Array,
+            active: jax.Array, widths: tuple[int, ...], *, target_config: ModelConfig,
+            feature_layers: tuple[int, ...]):
+    """The target's pass over [pending, d_1 .. d_L] at the smallest of `widths` (ascending, the last
+    K + 1) that holds every row's window -> (logits [B, K + 1, V], hidden states [n, B, K + 1, D] or
+    None, cache), zero-padded past that width (acceptance never reads there: a row accepts at most
+    its window)."""
+    k_max = verify_tokens.shape[1] - 1
+
+    def at_width(width: int):
+        def run(cache: llama.KVCache):
+            out = llama.forward(target_params, verify_tokens[:, :width], cache, target_config,
+                                num_valid=jnp.where(active, width, 0), hidden_layers=feature_layers)
+            pad = k_max + 1 - width
+            logits = jnp.pad(out.logits, ((0, 0), (0, pad), (0, 0)))
+            hidden = None if out.hidden_states is None else jnp.pad(out.hidden_states,
+                                                                    ((0, 0), (0, 0), (0, pad), (0, 0)))
+            return logits, hidden, out.cache
+        return run
+
+    if len(widths) == 1:
+        return at_width(widths[0])(cache)
+    branch = jnp.searchsorted(jnp.asarray(widths), jnp.max(window_len) + 1)
+    return jax.lax.switch(branch, [at_width(w) for w in widths], cache)
+
+
 def _speculative_loop(target_params, drafter_params, state: SpecState, *, target_config: ModelConfig,
                       drafter: Drafter, sampling: SamplingParams, window: WindowPolicy,
                       eos_token_ids: jax.Array, pad_token_id: int) -> SpecState:
@@ -297,16 +333,19 @@ def _speculative_loop(target_params, drafter_params, state: SpecState, *, target
         batch = active.shape[0]
         drafts, draft_logprobs, window_len, steps, drafter_cache = _draft(
             drafter, drafter_params, target_params, s, draft_key, sampling=sampling, window=window)
-        window_len = jnp.maximum(window_len, 1)  # rows that finished still carry a (masked) window
+        window_len = jnp.where(active, window_len, 0)
 
         verify_tokens = jnp.concatenate([s.pending[:, None], drafts], axis=1)  # [B, K + 1]
-        verified = llama.forward(target_params, verify_tokens, s.target_cache, target_config,
-                                 num_valid=jnp.where(active, k_max + 1, 0), hidden_layers=drafter.feature_layers)
-        saw_nan = jnp.any(jnp.isnan(verified.logits), axis=(1, 2)) & active
+        # A fixed window always fills K_max + 1 positions: one width, no switch.
+        widths = (k_max + 1,) if window.kind == "fixed" else verify_widths(k_max)
+        logits, hidden_states, target_cache = _verify(target_params, verify_tokens, s.target_cache, window_len,
+                                                      active, widths, target_config=target_config,
+                                                      feature_layers=drafter.feature_layers)
+        saw_nan = jnp.any(jnp.isnan(logits), axis=(1, 2)) & active
         if sampling.greedy:
-            k, next_token = accept_greedy(drafts, window_len, verified.logits)
+            k, next_token = accept_greedy(drafts, window_len, logits)
         else:
-            k, next_token = accept_sampling(accept_key, drafts, window_len, draft_logprobs, verified.logits, sampling)
+            k, next_token = accept_sampling(accept_key, drafts, window_len, draft_logprobs, logits, sampling)
 
         # Emit d_1..d_k and the target token, cut at the first EOS and at the row's budget.
         positions = jnp.arange(k_max + 1)[None, :]
@@ -324,11 +363,12 @@ def _speculative_loop(target_params, drafter_params, state: SpecState, *, target
         target_lengths = s.target_cache.lengths + jnp.where(active, 1 + k, 0)
         drafter_cache, chunk = drafter.after_verify(
             s.drafter_cache, drafter_cache, s.chunk, drafts, k, steps, next_token,
-            concat_features(verified.hidden_states), active, pad_token_id)
+            concat_features(hidden_states), active, pad_token_id)
         hist = s.accept_hist + jnp.zeros((k_max + 1,), jnp.int32).at[k].add(active.astype(jnp.int32))
         return s.replace(
             tokens=tokens, num_generated=num_generated, done=done, pending=next_token, chunk=chunk,
-            target_cache=verified.cache.replace(lengths=target_lengths), drafter_cache=drafter_cache, key=key,
-            cycles=s.cycles + active.astype(jnp.int32), accept_hist=hist, saw_nan=s.saw_nan | saw_nan)
+            target_cache=target_cache.replace(lengths=target_lengths), drafter_cache=drafter_cache, key=key,
+            cycles=s.cycles + active.astype(jnp.int32),
+            empty_windows=s.empty_windows + (active & (window_len == 0)).astype(jnp.int32), accept_hist=hist, saw_nan=s.saw_nan | saw_nan)
 
     return jax.lax.while_loop(cond, body, state)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import time
 from typing import Any, NamedTuple, Optional
 
 import flax.struct
@@ -52,6 +51,7 @@ from jax.sharding import Mesh
 from ppow_jax import multihost, sharding
 from ppow_jax.drafters.eagle import Eagle3Drafter, layer_output, layer_qkv
 from ppow_jax.errors import InputError
+from ppow_jax.inference.costs import median_seconds
 from ppow_jax.inference.sampling import SamplingParams
 from ppow_jax.inference.speculative import accept_greedy, accept_sampling
 from ppow_jax.inference.windows import MAX_WINDOW, calibration_features
@@ -581,17 +581,6 @@ class PPOWTrainer:
 
 
 # ----- the cost ratio γ and the calibrated confidence for adaptive windows -----
-
-def median_seconds(fn, *args, repeats: int) -> float:
-    """Median wall time of a jitted call, after one call that compiles it."""
-    jax.block_until_ready(fn(*args))  # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
 
 def measure_cost_ratio(drafter: Eagle3Drafter, drafter_params: dict, target_config: ModelConfig,
                        target_params: dict, window: int, *, context: int = 256, repeats: int = 20) -> float:
