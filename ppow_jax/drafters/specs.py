@@ -7,7 +7,9 @@ A drafter SPEC is `self:N` (the target's first N layers), a trained drafter dire
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
+import sys
 from typing import Optional
 
 from ppow_jax.errors import CheckpointError, InputError
@@ -57,9 +59,6 @@ def parse_cycle_costs(text: str, k_max: int) -> tuple[tuple[float, ...], float]:
 
 def with_cycle_costs(window, target, drafter, drafter_params, batch: int):
     """The window, with this machine's cycle costs measured when a cost window asks for them."""
-    import dataclasses
-    import sys
-
     from ppow_jax.inference.costs import measure_cycle_costs
 
     if not window.needs_costs:

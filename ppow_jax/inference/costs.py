@@ -66,15 +66,15 @@ def measure_cycle_costs(target_config: ModelConfig, target_params, drafter: Draf
     target_cache = target_cache.replace(lengths=jnp.full((batch,), context, jnp.int32))
     forward = jax.jit(lambda p, tokens, c: llama.forward(p, tokens, c, target_config,
                                                          hidden_layers=drafter.feature_layers).logits)
+    widths = verify_widths(k_max)
     seconds = {width: median_seconds(forward, target_params, jnp.zeros((batch, width), jnp.int32), target_cache,
                                      repeats=repeats)
-               for width in verify_widths(k_max)}
+               for width in widths}
     draft_cache = drafter.init_cache(batch, cache_len + drafter.cache_margin(k_max))
     draft_cache = draft_cache.replace(kv=draft_cache.kv.replace(lengths=jnp.full((batch,), context, jnp.int32)))
     step = jax.jit(lambda p, tp, c, token: drafter.step(p, tp, c, token)[0])
     draft_seconds = median_seconds(step, drafter_params, target_params, draft_cache, jnp.zeros((batch,), jnp.int32),
                                    repeats=repeats)
-    widths = verify_widths(k_max)
     decode = seconds[1]
     verify = tuple(seconds[min(w for w in widths if w >= t)] / decode for t in range(1, k_max + 2))
     return CycleCosts(verify=verify, draft=draft_seconds / decode)
