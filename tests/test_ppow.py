@@ -31,6 +31,15 @@ from ppow_jax.training.kd import TrainState
 
 # ----- rewards, advantages, criticality, anchors -----
 
+def test_measured_cost_ratio_is_a_drafter_step_over_a_verify_pass():
+    config = tiny_config(num_layers=4)
+    drafter = Eagle3Drafter.for_target(config, (0, 1, 2), 64, 32)
+    gamma = ppow.measure_cost_ratio(drafter, drafter.init_params(jax.random.key(0)), config, tiny_params(config), 4,
+                                    context=16, repeats=3)
+    # One small decoder layer against four of the target's: cheaper, but not free.
+    assert 0.0 < gamma < 2.0
+
+
 def test_speed_reward_is_tokens_per_unit_cost():
     k = jnp.array([0, 1, 3, 10])
     np.testing.assert_allclose(ppow.speed_reward(k, 0.1), [0.0, 1 / 1.1, 3 / 1.3, 10 / 2.0], rtol=1e-6)

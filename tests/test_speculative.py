@@ -1,6 +1,7 @@
 """Speculative decoding: greedy equality with autoregressive decoding, lossless sampling, one compile."""
 
 import itertools
+import time
 
 import hypothesis.extra.numpy as hnp
 import jax
@@ -15,7 +16,7 @@ from ppow_jax.drafters.eagle import Eagle3Drafter
 from ppow_jax.drafters.lm import LMDrafter, self_speculative
 from ppow_jax.errors import InputError
 from ppow_jax.inference.autoregressive import AutoregressiveDecoder
-from ppow_jax.inference.costs import measure_cycle_costs, verify_widths
+from ppow_jax.inference.costs import interleaved_time_ratios, measure_cycle_costs, verify_widths
 from ppow_jax.inference.sampling import SamplingParams, processed_logprobs
 from ppow_jax.inference.speculative import SpeculativeDecoder, accept_greedy, accept_sampling
 from ppow_jax.inference.windows import WindowPolicy
@@ -243,6 +244,19 @@ def test_cost_window_without_costs_is_refused_until_measured():
         WindowPolicy("cost", 1, calibration=(0.0, 1.0, 0.0, 0.0), verify_costs=(1.0, float("nan")))
     with pytest.raises(InputError, match="calibration weights"):
         WindowPolicy("cost", 1, verify_costs=(1.0, 1.4))
+
+
+def test_interleaved_time_ratios_are_relative_wall_times():
+    def sleeping(seconds):
+        def call(x):
+            time.sleep(seconds)
+            return x
+        return call
+
+    x = jnp.zeros(())
+    ratios = interleaved_time_ratios({"short": (sleeping(0.004), (x,)), "long": (sleeping(0.012), (x,))},
+                                     reference="short", repeats=5)
+    assert ratios["short"] == 1.0 and 2.4 < ratios["long"] < 3.3
 
 
 def test_bad_input():

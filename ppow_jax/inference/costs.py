@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,29 @@ def median_seconds(fn, *args, repeats: int) -> float:
     return float(np.median(times))
 
 
+def interleaved_time_ratios(calls: dict[str, tuple[Callable, tuple]], reference: str, repeats: int) -> dict[str, float]:
+    """Each jitted call's wall time over the `reference` call's: the median over `repeats` rounds that
+    time every call once, after one call each that compiles them.
+
+    Only ratios are wanted, and a round is short, so a change of machine load (another process, a
+    frequency step) shifts a round's calls alike instead of one call's median. Six measurements of
+    the SmolLM2 costs on the idle 2-core host spread by 0.45 (T = 2) and 0.73 (T = 3-4) decode steps
+    with each call's repeats back to back, and by 0.29 and 0.38 interleaved (BENCHMARKS.md, session 22).
+    """
+    for fn, args in calls.values():
+        jax.block_until_ready(fn(*args))  # compile
+    ratios = {name: [] for name in calls}
+    for _ in range(repeats):
+        seconds = {}
+        for name, (fn, args) in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            seconds[name] = time.perf_counter() - start
+        for name in calls:
+            ratios[name].append(seconds[name] / seconds[reference])
+    return {name: float(np.median(values)) for name, values in ratios.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class CycleCosts:
     """verify[T - 1]: a target pass over T positions (T = 1..K_max + 1, each at the width the engine
@@ -58,7 +82,7 @@ class CycleCosts:
 
 
 def measure_cycle_costs(target_config: ModelConfig, target_params, drafter: Drafter, drafter_params, k_max: int,
-                        *, batch: int = 1, context: int = 256, repeats: int = 9) -> CycleCosts:
+                        *, batch: int = 1, context: int = 256, repeats: int = 21) -> CycleCosts:
     """Times jitted target passes at every verify width and a jitted drafter step (batch `batch`, a cache
     with `context` positions filled) -> costs relative to the T = 1 pass."""
     cache_len = context + k_max + 2
@@ -67,14 +91,11 @@ def measure_cycle_costs(target_config: ModelConfig, target_params, drafter: Draf
     forward = jax.jit(lambda p, tokens, c: llama.forward(p, tokens, c, target_config,
                                                          hidden_layers=drafter.feature_layers).logits)
     widths = verify_widths(k_max)
-    seconds = {width: median_seconds(forward, target_params, jnp.zeros((batch, width), jnp.int32), target_cache,
-                                     repeats=repeats)
-               for width in widths}
+    calls = {width: (forward, (target_params, jnp.zeros((batch, width), jnp.int32), target_cache)) for width in widths}
     draft_cache = drafter.init_cache(batch, cache_len + drafter.cache_margin(k_max))
     draft_cache = draft_cache.replace(kv=draft_cache.kv.replace(lengths=jnp.full((batch,), context, jnp.int32)))
     step = jax.jit(lambda p, tp, c, token: drafter.step(p, tp, c, token)[0])
-    draft_seconds = median_seconds(step, drafter_params, target_params, draft_cache, jnp.zeros((batch,), jnp.int32),
-                                   repeats=repeats)
-    decode = seconds[1]
-    verify = tuple(seconds[min(w for w in widths if w >= t)] / decode for t in range(1, k_max + 2))
-    return CycleCosts(verify=verify, draft=draft_seconds / decode)
+    calls["draft"] = (step, (drafter_params, target_params, draft_cache, jnp.zeros((batch,), jnp.int32)))
+    ratios = interleaved_time_ratios(calls, reference=1, repeats=repeats)
+    verify = tuple(ratios[min(w for w in widths if w >= t)] for t in range(1, k_max + 2))
+    return CycleCosts(verify=verify, draft=ratios["draft"])

@@ -51,7 +51,7 @@ from jax.sharding import Mesh
 from ppow_jax import multihost, sharding
 from ppow_jax.drafters.eagle import Eagle3Drafter, layer_output, layer_qkv
 from ppow_jax.errors import InputError
-from ppow_jax.inference.costs import median_seconds
+from ppow_jax.inference.costs import interleaved_time_ratios
 from ppow_jax.inference.sampling import SamplingParams
 from ppow_jax.inference.speculative import accept_greedy, accept_sampling
 from ppow_jax.inference.windows import MAX_WINDOW, calibration_features
@@ -589,13 +589,14 @@ def measure_cost_ratio(drafter: Eagle3Drafter, drafter_params: dict, target_conf
     cache = cache.replace(kv=cache.kv.replace(lengths=jnp.full((1,), context, jnp.int32)))
     token = jnp.zeros((1,), jnp.int32)
     draft_step = jax.jit(lambda p, tp, c, t: drafter.step(p, tp, c, t)[0])
-    draft_seconds = median_seconds(draft_step, drafter_params, target_params, cache, token, repeats=repeats)
     target_cache = llama.init_cache(target_config, 1, context + window + 1)
     target_cache = target_cache.replace(lengths=jnp.full((1,), context, jnp.int32))
     tokens = jnp.zeros((1, window + 1), jnp.int32)
     verify = jax.jit(lambda p, t, c: llama.forward(p, t, c, target_config).logits)
-    verify_seconds = median_seconds(verify, target_params, tokens, target_cache, repeats=repeats)
-    return draft_seconds / verify_seconds
+    ratios = interleaved_time_ratios({"draft": (draft_step, (drafter_params, target_params, cache, token)),
+                                      "verify": (verify, (target_params, tokens, target_cache))},
+                                     reference="verify", repeats=repeats)
+    return ratios["draft"]
 
 
 def greedy_window_records(drafter: Eagle3Drafter, params: dict, target: PPOWTarget, batch: Batch,
