@@ -55,9 +55,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.drafter.feature_layers = (2, 15, 27)  # low, middle, high layers of the 30-layer target (EAGLE-3)
     config.drafter.draft_vocab_size = 8192  # most frequent target tokens in the self-distilled data
     config.drafter.intermediate_size = 1536
-    # A fresh drafter's output head and its norm: "random", or "target" (the target's own head rows
-    # over the draft vocabulary). Ignored with init_from.
-    config.drafter.head_init = "random"
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 4  # the global batch: with several hosts each loads its share

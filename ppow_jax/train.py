@@ -163,7 +163,6 @@ def check_shared_storage(config) -> None:
 def check_loop_settings(config) -> None:
     """Refuses loop settings the loop would fail on later (a zero divisor, no steps), before any work."""
     from ppow_jax.errors import InputError
-    from ppow_jax.training.kd import HEAD_INITS
 
     tc = config.train
     for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "batch_size"):
@@ -172,9 +171,6 @@ def check_loop_settings(config) -> None:
     for name in ("eval_every", "max_seconds"):
         if tc.get(name, 0) < 0:
             raise InputError(f"train.{name} must be >= 0 (0: off), got {tc[name]!r}")
-    head_init = config.drafter.get("head_init", "random")
-    if head_init not in HEAD_INITS:
-        raise InputError(f"drafter.head_init must be one of {', '.join(map(repr, HEAD_INITS))}, got {head_init!r}")
     read_ahead = config.data.read_ahead
     if not (isinstance(read_ahead, int) and not isinstance(read_ahead, bool) and read_ahead >= 1):
         raise InputError(f"data.read_ahead must be an integer >= 1, got {read_ahead!r}")
@@ -398,8 +394,7 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
         files.write_atomically(workdir / "d2t.json", json.dumps(np.asarray(d2t).tolist()))
     trainer = KDTrainer(drafter, target.params, d2t, optimizer_config(tc), unroll_steps=tc.unroll_steps,
                         loss_positions=tc.loss_positions, mesh=mesh)
-    state = trainer.init_state(jax.random.key(config.seed), params=None if initial is None else split_params(initial)[0],
-                               head_init=config.drafter.get("head_init", "random"))
+    state = trainer.init_state(jax.random.key(config.seed), params=None if initial is None else split_params(initial)[0])
     iterator = iter(feature_dataset(feature_shards(features_dir), batch_size=tc.batch_size, seed=config.seed,
                                     num_epochs=config.data.num_epochs, rows=rows, read_ahead=config.data.read_ahead))
     train_seconds = 0.0

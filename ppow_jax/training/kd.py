@@ -23,7 +23,6 @@ from jax.sharding import Mesh
 
 from ppow_jax import multihost, sharding
 from ppow_jax.drafters.eagle import Eagle3Drafter, unrolled_hidden
-from ppow_jax.errors import InputError
 
 Batch = dict[str, jax.Array]
 
@@ -157,24 +156,14 @@ class KDTrainer:
             embed=sharding.named_sharding(self.mesh, sharding.PARAM_AXES["embed"], target.embed.shape),
             head_rows=sharding.named_sharding(self.mesh, ("vocab", "embed"), target.head_rows.shape),
             d2t=sharding.replicated(self.mesh))
-        # Host copies for `head_init="target"` (the device ones may span several hosts).
-        self.target_head = (np.asarray(target.head_rows), np.asarray(target_params["final_norm"]))
         self.target = multihost.put(target, self.target_shardings)
         self._step_fn = None
 
-    def init_state(self, key: jax.Array, params: Optional[dict] = None, head_init: str = "random") -> TrainState:
-        """A fresh train state: random parameters, or `params` (trainable leaves) to continue from.
-
-        `head_init` ("random" or "target") applies to fresh parameters: "target" starts the output
-        head from the target's own (`with_target_head`).
-        """
-        if head_init not in HEAD_INITS:
-            raise InputError(f"unknown head init {head_init!r} (supported: {', '.join(HEAD_INITS)})")
+    def init_state(self, key: jax.Array, params: Optional[dict] = None) -> TrainState:
+        """A fresh train state: random parameters, or `params` (trainable leaves) to continue from."""
         init_key, rng = jax.random.split(key)
         if params is None:
             params, _ = split_params(self.drafter.init_params(init_key, d2t=self.d2t))
-            if head_init == "target":
-                params = with_target_head(params, *self.target_head)
         params = multihost.put(params, sharding.param_shardings(params, self.mesh))
         # Optimiser moments follow their parameters' shardings (propagated through jit).
         opt_state = jax.jit(self.optimizer.init)(params)
@@ -200,23 +189,6 @@ class KDTrainer:
 
     def drafter_params(self, state: TrainState) -> dict:
         return {**state.params, "d2t": self.target.d2t}
-
-
-HEAD_INITS = ("random", "target")
-
-
-def with_target_head(params: dict, head_rows: np.ndarray, final_norm: np.ndarray) -> dict:
-    """Trainable drafter params whose output head is the target's map from hidden state to logits over
-    the draft vocabulary (its final norm's weights folded into its head rows), scaled to the random
-    head's entry size, with a unit final norm: the drafter starts from the target's token geometry
-    at a high temperature. At the target's own scale the still-random hidden states give confident
-    wrong logits, large clipped gradients and slower learning than a random head (BENCHMARKS.md,
-    session 22)."""
-    head = (np.asarray(final_norm, np.float32)[:, None] * np.asarray(head_rows, np.float32).T)  # [D, N]
-    random_std = float(np.std(np.asarray(params["lm_head"], np.float32)))
-    head *= random_std / float(np.sqrt(np.mean(head ** 2)))
-    return {**params, "lm_head": jnp.asarray(head, params["lm_head"].dtype),
-            "final_norm": jnp.ones_like(params["final_norm"])}
 
 
 def on_mesh(tree: Any, mesh: Mesh) -> Any:
