@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
+from typing import Callable, Hashable
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +45,8 @@ def median_seconds(fn, *args, repeats: int) -> float:
     return float(np.median(times))
 
 
-def interleaved_time_ratios(calls: dict[str, tuple[Callable, tuple]], reference: str, repeats: int) -> dict[str, float]:
+def interleaved_time_ratios(calls: dict[Hashable, tuple[Callable, tuple]], reference: Hashable,
+                            repeats: int) -> dict[Hashable, float]:
     """Each jitted call's wall time over the `reference` call's: the median over `repeats` rounds that
     time every call once, after one call each that compiles them.
 

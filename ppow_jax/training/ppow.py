@@ -51,7 +51,7 @@ from jax.sharding import Mesh
 from ppow_jax import multihost, sharding
 from ppow_jax.drafters.eagle import Eagle3Drafter, layer_output, layer_qkv
 from ppow_jax.errors import InputError
-from ppow_jax.inference.costs import interleaved_time_ratios
+from ppow_jax.inference.costs import measure_cycle_costs
 from ppow_jax.inference.sampling import SamplingParams
 from ppow_jax.inference.speculative import accept_greedy, accept_sampling
 from ppow_jax.inference.windows import MAX_WINDOW, calibration_features
@@ -583,20 +583,12 @@ class PPOWTrainer:
 # ----- the cost ratio γ and the calibrated confidence for adaptive windows -----
 
 def measure_cost_ratio(drafter: Eagle3Drafter, drafter_params: dict, target_config: ModelConfig,
-                       target_params: dict, window: int, *, context: int = 256, repeats: int = 20) -> float:
-    """γ on this machine: one jitted drafter step over one jitted target verify pass of K+1 tokens (batch 1)."""
-    cache = drafter.init_cache(1, context + 2 * window + 2)
-    cache = cache.replace(kv=cache.kv.replace(lengths=jnp.full((1,), context, jnp.int32)))
-    token = jnp.zeros((1,), jnp.int32)
-    draft_step = jax.jit(lambda p, tp, c, t: drafter.step(p, tp, c, t)[0])
-    target_cache = llama.init_cache(target_config, 1, context + window + 1)
-    target_cache = target_cache.replace(lengths=jnp.full((1,), context, jnp.int32))
-    tokens = jnp.zeros((1, window + 1), jnp.int32)
-    verify = jax.jit(lambda p, t, c: llama.forward(p, t, c, target_config).logits)
-    ratios = interleaved_time_ratios({"draft": (draft_step, (drafter_params, target_params, cache, token)),
-                                      "verify": (verify, (target_params, tokens, target_cache))},
-                                     reference="verify", repeats=repeats)
-    return ratios["draft"]
+                       target_params: dict, window: int, *, context: int = 256, repeats: int = 21) -> float:
+    """γ on this machine: one jitted drafter step over one jitted target verify pass of K+1 tokens (batch 1),
+    from the cycle costs the engine's cost window measures."""
+    costs = measure_cycle_costs(target_config, target_params, drafter, drafter_params, window, context=context,
+                                repeats=repeats)
+    return costs.draft / costs.verify[window]
 
 
 def greedy_window_records(drafter: Eagle3Drafter, params: dict, target: PPOWTarget, batch: Batch,
