@@ -72,6 +72,57 @@ def test_per_row_lengths_padding_and_rollback():
         np.testing.assert_allclose(got[i], ref[0, -1], **PATH_TOLERANCE)
 
 
+def test_batched_decode_attention_form_equals_the_full_forward():
+    """From MULTIPLY_REDUCE_MIN_BATCH rows, one-token decode steps take the multiply-reduce attention;
+    over rows of different lengths, one of them rolled back, they give the full forward's logits."""
+    config = tiny_config()
+    params = tiny_params(config)
+    batch = llama.MULTIPLY_REDUCE_MIN_BATCH
+    assert llama.multiply_reduce_attention(batch, 1) and not llama.multiply_reduce_attention(batch - 1, 1)
+    assert not llama.multiply_reduce_attention(batch, 2)  # verify chunks and prefill keep the dot products
+    rng = np.random.default_rng(3)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch, 18)), jnp.int32)
+    prompt_lengths = jnp.asarray(rng.integers(3, 10, batch), jnp.int32)
+    out = forward(params, tokens[:, :10], llama.init_cache(config, batch, 24), config, num_valid=prompt_lengths,
+                  logits_at="last")
+    cache = out.cache.replace(lengths=out.cache.lengths.at[0].add(-2))  # row 0 rolls back two tokens
+    lengths = np.asarray(cache.lengths)
+    steps = []
+    for step in range(6):
+        next_tokens = tokens[jnp.arange(batch), jnp.asarray(lengths) + step][:, None]
+        out = forward(params, next_tokens, cache, config)
+        steps.append(out.logits[:, 0])
+        cache = out.cache
+    for row in range(batch):
+        n = int(lengths[row]) + 6
+        alone = forward(params, tokens[row:row + 1, :n], llama.init_cache(config, 1, n), config).logits[0]
+        np.testing.assert_allclose(jnp.stack([s[row] for s in steps]), alone[-6:], **PATH_TOLERANCE)
+
+
+def test_prefill_into_a_longer_cache_equals_forward():
+    """`llama.prefill` attends within the prompt and pads the cache: the same logits, hidden states
+    and cached keys/values as a forward into the long cache, and the same next decode step."""
+    config = tiny_config()
+    params = tiny_params(config)
+    rng = np.random.default_rng(4)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (3, 12)), jnp.int32)
+    lengths = jnp.asarray([12, 5, 9], jnp.int32)
+    prefill = jax.jit(llama.prefill, static_argnames=("cache_len", "config", "hidden_layers", "logits_at"))
+    fast = prefill(params, tokens, cache_len=40, config=config, num_valid=lengths, hidden_layers=(0, 1))
+    slow = forward(params, tokens, llama.init_cache(config, 3, 40), config, num_valid=lengths, hidden_layers=(0, 1),
+                   logits_at="last")
+    assert fast.cache.max_len == 40 and fast.cache.lengths.tolist() == [12, 5, 9]
+    np.testing.assert_allclose(fast.logits, slow.logits, **PATH_TOLERANCE)
+    np.testing.assert_allclose(fast.hidden_states, slow.hidden_states, **PATH_TOLERANCE)
+    for got, want in zip(fast.cache.k + fast.cache.v, slow.cache.k + slow.cache.v):
+        np.testing.assert_allclose(got, want, **PATH_TOLERANCE)
+    step = jnp.asarray(rng.integers(0, config.vocab_size, (3, 1)), jnp.int32)
+    np.testing.assert_allclose(forward(params, step, fast.cache, config).logits,
+                               forward(params, step, slow.cache, config).logits, **PATH_TOLERANCE)
+    with pytest.raises(ValueError, match="shorter than"):
+        llama.prefill(params, tokens, 8, config)
+
+
 def test_hidden_states_of_chosen_layers():
     config = tiny_config()
     params = tiny_params(config)

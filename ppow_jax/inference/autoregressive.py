@@ -87,8 +87,7 @@ class AutoregressiveDecoder:
             lengths_sh = sharding.batch_sharding(self.mesh, (batch,))
 
             def prefill(params, tokens, prompt_lengths):
-                cache = llama.init_cache(config, batch, cache_len)
-                out = llama.forward(params, tokens, cache, config, num_valid=prompt_lengths, logits_at="last")
+                out = llama.prefill(params, tokens, cache_len, config, num_valid=prompt_lengths)
                 return out.logits, out.cache
 
             self._prefill_fns[key] = jax.jit(

@@ -159,9 +159,8 @@ class SpeculativeDecoder:
         """Prefills both models on the prompts and samples the first token from the target."""
         batch = tokens.shape[0]
         drafter = self.drafter
-        target = llama.forward(target_params, tokens, llama.init_cache(self.target_config, batch, cache_len),
-                               self.target_config, num_valid=lengths, hidden_layers=drafter.feature_layers,
-                               logits_at="last")
+        target = llama.prefill(target_params, tokens, cache_len, self.target_config, num_valid=lengths,
+                               hidden_layers=drafter.feature_layers)
         features = concat_features(target.hidden_states)
         _, drafter_cache = drafter.prefill(drafter_params, target_params, drafter.init_cache(batch, cache_len),
                                            tokens, lengths, features)

@@ -181,6 +181,19 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (normed.astype(x.dtype) * weight.astype(x.dtype))
 
 
+# Batched decoding on XLA:CPU: from this many rows of one query token, attention is a broadcast
+# multiply and a sum instead of two batched dot products. XLA fuses the mask and softmax into it and
+# streams the cache once; its batched dot slows down once the batch's cache outgrows the CPU's caches
+# (batch 16, cache 1,024: a decode step of SmolLM2-135M takes 148 ms instead of 219 ms;
+# BENCHMARKS.md, "Batched decoding"). Below it, and for verify passes and prefill, the dots are faster.
+MULTIPLY_REDUCE_MIN_BATCH = 8
+
+
+def multiply_reduce_attention(batch: int, seq: int) -> bool:
+    """Whether `attention` uses the multiply-reduce form for a [batch, seq] chunk of queries."""
+    return seq == 1 and batch >= MULTIPLY_REDUCE_MIN_BATCH and jax.default_backend() == "cpu"
+
+
 def attention(layer: Params, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array],
                k_cache: jax.Array, v_cache: jax.Array, config: ModelConfig):
     batch, seq, _ = x.shape
@@ -213,14 +226,22 @@ def attention(layer: Params, x: jax.Array, positions: jax.Array, rope: tuple[jax
 
     # Queries as [B, KV, G*T, hd]: one batched matrix product per KV head, no transposes of the cache.
     q = q.reshape(batch, seq, kv, groups, hd).transpose(0, 2, 3, 1, 4).reshape(batch, kv, groups * seq, hd)
-    scores = jnp.einsum("bkqd,bksd->bkqs", q, k_cache.astype(dtype),
-                        preferred_element_type=jnp.float32) / math.sqrt(hd)
+    multiply_reduce = multiply_reduce_attention(batch, seq)
+    if multiply_reduce:
+        scores = jnp.sum(q[:, :, :, None, :].astype(jnp.float32) * k_cache[:, :, None].astype(jnp.float32),
+                         axis=-1) / math.sqrt(hd)
+    else:
+        scores = jnp.einsum("bkqd,bksd->bkqs", q, k_cache.astype(dtype),
+                            preferred_element_type=jnp.float32) / math.sqrt(hd)
     cache_slots = jnp.arange(k_cache.shape[2])
     visible = cache_slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
     visible = jnp.tile(visible, (1, groups, 1))[:, None]  # [B, 1, G*T, S], rows ordered (g, t)
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, v_cache.astype(dtype))
+    if multiply_reduce:
+        out = jnp.sum(probs[..., None] * v_cache[:, :, None].astype(dtype), axis=-2)
+    else:
+        out = jnp.einsum("bkqs,bksd->bkqd", probs, v_cache.astype(dtype))
     out = out.reshape(batch, kv, groups, seq, hd).transpose(0, 3, 1, 2, 4).reshape(batch, seq, h * hd)
     out = out @ layer["wo"].astype(dtype)
     return out, k_cache, v_cache
@@ -293,3 +314,22 @@ def forward(params: Params, tokens: jax.Array, cache: KVCache, config: ModelConf
     hidden = jnp.stack([collected[i] for i in hidden_layers]) if hidden_layers else None
     new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), lengths=cache.lengths + num_valid.astype(jnp.int32))
     return ForwardOutput(logits=logits, hidden_states=hidden, cache=new_cache)
+
+
+def prefill(params: Params, tokens: jax.Array, cache_len: int, config: ModelConfig, *,
+            num_valid: Optional[jax.Array] = None, hidden_layers: Sequence[int] = (),
+            logits_at: str = "last") -> ForwardOutput:
+    """`forward` of prompts [B, T] into a fresh cache of `cache_len` >= T positions.
+
+    The prompt attends within a T-position cache, which is then zero-padded to `cache_len`, so the
+    attention scores T x T positions instead of T x `cache_len` slots the prompt cannot see.
+    """
+    seq = tokens.shape[1]
+    if cache_len < seq:
+        raise ValueError(f"cache_len {cache_len} is shorter than the {seq}-token prompts")
+    out = forward(params, tokens, init_cache(config, tokens.shape[0], seq), config, num_valid=num_valid,
+                  hidden_layers=hidden_layers, logits_at=logits_at)
+    grow = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, cache_len - seq), (0, 0)))
+    cache = KVCache(k=tuple(grow(a) for a in out.cache.k), v=tuple(grow(a) for a in out.cache.v),
+                    lengths=out.cache.lengths)
+    return out._replace(cache=cache)

@@ -346,8 +346,7 @@ def verify_with_target(target_config: ModelConfig, target_params: dict, target: 
     """Verification by the live target, all B·W windows in one forward (see the module docstring)."""
     batch_size, seq = tokens.shape
     width, window = anchors.shape[1], drafts.shape[-1]
-    prefill = llama.forward(target_params, tokens, llama.init_cache(target_config, batch_size, seq + window + 1),
-                            target_config, logits_at="last")
+    prefill = llama.prefill(target_params, tokens, seq + window + 1, target_config)
     rows = jnp.repeat(jnp.arange(batch_size), width)
     windows = rows.shape[0]
     cache = llama.KVCache(k=tuple(x[rows] for x in prefill.cache.k), v=tuple(x[rows] for x in prefill.cache.v),
