@@ -47,9 +47,14 @@ def run_entry_point(parser: argparse.ArgumentParser, run: Callable[[argparse.Nam
                     argv: Optional[Sequence[str]] = None) -> int:
     """Parses flags and runs; bad input exits 2, NaN logits exit 1, each with `error: ...` on stderr."""
     args = parser.parse_args(argv)
+    return _run_reporting_errors(lambda: run(args))
+
+
+def _run_reporting_errors(run: Callable[[], int]) -> int:
+    """Runs with the compilation cache on; bad input exits 2 and NaN logits exit 1, each as one line."""
     enable_compilation_cache()
     try:
-        return run(args)
+        return run()
     except PPOWError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -146,12 +151,4 @@ def _run_with_config(main: Callable[[Any], int], argv: list[str], doc: str) -> i
         error = getattr(config, "_error", None)
         print(f"error: config file {path} could not be loaded: {type(error).__name__}: {error}", file=sys.stderr)
         return 2
-    enable_compilation_cache()
-    try:
-        return main(config)
-    except PPOWError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except FloatingPointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return _run_reporting_errors(lambda: main(config))

@@ -338,6 +338,20 @@ def train_loop(config, *, state, update: Callable, iterator, checkpointer, train
     return LoopOutcome(state, multihost.to_host(metrics), train_seconds, finished)
 
 
+def open_run(config, target, progress: bool) -> tuple[pathlib.Path, pathlib.Path, Any, Optional[int]]:
+    """What both training stages start from: the work directory, the target's feature cache (built
+    on first use) and the run's checkpointer; -> (workdir, features_dir, checkpointer, step to
+    resume from or None)."""
+    from ppow_jax.training.checkpoints import Checkpointer
+
+    workdir = pathlib.Path(config.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    check_shared_storage(config)
+    features_dir = feature_cache(config, target, progress)
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
+    return workdir, features_dir, checkpointer, checkpointer.latest_step()
+
+
 def resume(checkpointer, state, iterator, unit: str) -> tuple[Any, float]:
     """Restores the latest checkpoint's state and data-iterator position; -> (state, train_seconds)."""
     from ppow_jax import multihost
@@ -362,7 +376,6 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
     from ppow_jax.data.pipeline import feature_dataset
     from ppow_jax.drafters.eagle import Eagle3Drafter
     from ppow_jax.errors import InputError
-    from ppow_jax.training.checkpoints import Checkpointer
     from ppow_jax.training.kd import KDTrainer, draft_vocabulary, split_params
 
     if config.drafter.kind != "eagle3":
@@ -373,13 +386,7 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
     initial = None
     if config.get("init_from"):  # continued token-level training (CST) of a trained drafter
         drafter, initial = load_init_drafter(config, target)
-    workdir = pathlib.Path(config.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    check_shared_storage(config)
-    features_dir = feature_cache(config, target, progress)
-
-    checkpointer = Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints)
-    resume_step = checkpointer.latest_step()
+    workdir, features_dir, checkpointer, resume_step = open_run(config, target, progress)
     if initial is not None:
         d2t = np.asarray(initial["d2t"])
     else:
@@ -435,7 +442,6 @@ def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optiona
     from ppow_jax.data.features import feature_shards
     from ppow_jax.data.pipeline import feature_dataset
     from ppow_jax.errors import InputError
-    from ppow_jax.training.checkpoints import Checkpointer
     from ppow_jax.training.kd import learning_rate_schedule, make_optimizer
     from ppow_jax.training.ppow import PPOWTrainer, measure_cost_ratio, settings_from_config
 
@@ -450,13 +456,7 @@ def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optiona
     mesh = training_mesh(tc.mesh)
     rows = multihost.batch_rows(mesh, pc.sequences_per_iteration)  # this process's share of every batch
     drafter, initial = load_init_drafter(config, target)
-    workdir = pathlib.Path(config.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    check_shared_storage(config)
-    features_dir = feature_cache(config, target, progress)
-
-    checkpointer = Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints)
-    resume_step = checkpointer.latest_step()
+    workdir, features_dir, checkpointer, resume_step = open_run(config, target, progress)
     if resume_step is not None:  # a resumed run keeps the γ its rewards were computed with
         gamma = checkpointer.restore_meta(resume_step)["gamma"]
     elif pc.gamma > 0:
