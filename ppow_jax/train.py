@@ -338,10 +338,9 @@ def train_loop(config, *, state, update: Callable, iterator, checkpointer, train
     return LoopOutcome(state, multihost.to_host(metrics), train_seconds, finished)
 
 
-def open_run(config, target, progress: bool) -> tuple[pathlib.Path, pathlib.Path, Any, Optional[int]]:
+def open_run(config, target, progress: bool) -> tuple[pathlib.Path, pathlib.Path, Any]:
     """What both training stages start from: the work directory, the target's feature cache (built
-    on first use) and the run's checkpointer; -> (workdir, features_dir, checkpointer, step to
-    resume from or None)."""
+    on first use) and the run's checkpointer; -> (workdir, features_dir, checkpointer)."""
     from ppow_jax.training.checkpoints import Checkpointer
 
     workdir = pathlib.Path(config.workdir)
@@ -349,7 +348,7 @@ def open_run(config, target, progress: bool) -> tuple[pathlib.Path, pathlib.Path
     check_shared_storage(config)
     features_dir = feature_cache(config, target, progress)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
-    return workdir, features_dir, checkpointer, checkpointer.latest_step()
+    return workdir, features_dir, checkpointer
 
 
 def resume(checkpointer, state, iterator, unit: str) -> tuple[Any, float]:
@@ -386,7 +385,8 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
     initial = None
     if config.get("init_from"):  # continued token-level training (CST) of a trained drafter
         drafter, initial = load_init_drafter(config, target)
-    workdir, features_dir, checkpointer, resume_step = open_run(config, target, progress)
+    workdir, features_dir, checkpointer = open_run(config, target, progress)
+    resume_step = checkpointer.latest_step()
     if initial is not None:
         d2t = np.asarray(initial["d2t"])
     else:
@@ -456,7 +456,8 @@ def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optiona
     mesh = training_mesh(tc.mesh)
     rows = multihost.batch_rows(mesh, pc.sequences_per_iteration)  # this process's share of every batch
     drafter, initial = load_init_drafter(config, target)
-    workdir, features_dir, checkpointer, resume_step = open_run(config, target, progress)
+    workdir, features_dir, checkpointer = open_run(config, target, progress)
+    resume_step = checkpointer.latest_step()
     if resume_step is not None:  # a resumed run keeps the γ its rewards were computed with
         gamma = checkpointer.restore_meta(resume_step)["gamma"]
     elif pc.gamma > 0:
