@@ -76,7 +76,7 @@ def main() -> None:
     print(f"| call | ms | × {rows[0][0]} |")
     print("|---|---|---|")
     for name, ms in rows:
-        print(f"| {name} | {ms:.1f} | {ms / base:.2f} |")
+        print(f"| {name} | {ms:.2f} | {ms / base:.2f} |")
 
 
 if __name__ == "__main__":
