@@ -1,10 +1,16 @@
 """How much the start-up cycle costs of `--window cost` vary between measurements on this machine.
 
 Measures the SmolLM2 costs (a verify pass over 2 and over 3-4 positions, and a drafter step, in
-decode steps; batch 1) `--measurements` times two ways: the engine's `measure_cycle_costs`, which
-times every call once per round and takes the median ratio, and the way it did before session 22,
-each call's repeats back to back and the ratio of the medians. Prints each measurement and the
-spread (max - min) of each cost.
+decode steps; batch 1) `--measurements` times three ways, and prints each measurement and the
+spread (max - min) of each cost:
+
+- back to back: one call per program, each call's repeats back to back, the ratio of the medians
+  (the engine's way before session 22);
+- interleaved: one call per program, every call once per round, the median of the rounds' ratios
+  (sessions 22-26);
+- looped: as interleaved, but each program runs n dependent calls in one loop and is timed at two
+  values of n, so that the cost of launching a program drops out (`costs.measure_cycle_costs` since
+  session 27).
 
     python benchmarks/cost_noise.py --drafter checkpoints/smollm2-135m-instruct/kd
 """
@@ -22,22 +28,20 @@ from ppow_jax.inference import costs
 from ppow_jax.models import llama
 from ppow_jax.weights.registry import load_model
 
+WIDTHS = (1, 2, 4)  # the verify widths of k_max 3
 
-def back_to_back_costs(target, drafter, drafter_params, k_max: int, *, repeats: int,
-                       context: int = 256) -> list[float]:
-    """[T=2, T=3..4, drafter step] from each call's median over back-to-back repeats."""
+
+def one_call_programs(target, drafter, drafter_params, k_max: int, context: int = 256) -> dict:
+    """name -> (jitted program of one call, its arguments): the target at each verify width, a drafter step."""
     cache_len = context + k_max + 2
     target_cache = llama.init_cache(target.config, 1, cache_len).replace(lengths=jnp.full((1,), context, jnp.int32))
     forward = jax.jit(lambda p, t, c: llama.forward(p, t, c, target.config, hidden_layers=drafter.feature_layers).logits)
-    seconds = {width: costs.median_seconds(forward, target.params, jnp.zeros((1, width), jnp.int32), target_cache,
-                                           repeats=repeats)
-               for width in (1, 2, 4)}
+    calls = {width: (forward, (target.params, jnp.zeros((1, width), jnp.int32), target_cache)) for width in WIDTHS}
     draft_cache = drafter.init_cache(1, cache_len + drafter.cache_margin(k_max))
     draft_cache = draft_cache.replace(kv=draft_cache.kv.replace(lengths=jnp.full((1,), context, jnp.int32)))
     step = jax.jit(lambda p, tp, c, t: drafter.step(p, tp, c, t)[0])
-    draft = costs.median_seconds(step, drafter_params, target.params, draft_cache, jnp.zeros((1,), jnp.int32),
-                                 repeats=repeats)
-    return [seconds[2] / seconds[1], seconds[4] / seconds[1], draft / seconds[1]]
+    calls["draft"] = (step, (drafter_params, target.params, draft_cache, jnp.zeros((1,), jnp.int32)))
+    return calls
 
 
 def main() -> None:
@@ -46,22 +50,30 @@ def main() -> None:
     parser.add_argument("--measurements", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=21, help="timed calls (or rounds) per measurement")
     args = parser.parse_args()
-    k_max = 3  # verify widths 1, 2, 4
+    k_max = 3
     target = load_model("smollm2-135m-instruct")
     drafter, drafter_params = load_drafter(args.drafter, target.config)
+    calls = one_call_programs(target, drafter, drafter_params, k_max)
+
+    def back_to_back() -> list[float]:
+        seconds = {name: costs.median_seconds(fn, *call_args, repeats=args.repeats)
+                   for name, (fn, call_args) in calls.items()}
+        return [seconds[2] / seconds[1], seconds[4] / seconds[1], seconds["draft"] / seconds[1]]
 
     def interleaved() -> list[float]:
+        ratios = costs.interleaved_time_ratios(calls, reference=1, repeats=args.repeats)
+        return [ratios[2], ratios[4], ratios["draft"]]
+
+    def looped() -> list[float]:
         c = costs.measure_cycle_costs(target.config, target.params, drafter, drafter_params, k_max,
                                       repeats=args.repeats)
         return [c.verify[1], c.verify[2], c.draft]
 
-    for name, measure in (("back to back", lambda: back_to_back_costs(target, drafter, drafter_params, k_max,
-                                                                        repeats=args.repeats)),
-                          ("interleaved", interleaved)):
+    for name, measure in (("back to back", back_to_back), ("interleaved", interleaved), ("looped", looped)):
         runs = np.array([measure() for _ in range(args.measurements)])
         print(f"{name}: T=2, T=3-4, drafter step per measurement\n{np.round(runs, 3)}")
         spread = runs.max(0) - runs.min(0)
-        print(f"{name}: spread T=2 {spread[0]:.3f}, T=3-4 {spread[1]:.3f}, drafter step {spread[2]:.3f}")
+        print(f"{name}: spread T=2 {spread[0]:.3f}, T=3-4 {spread[1]:.3f}, drafter step {spread[2]:.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -58,13 +58,17 @@ eval)
     echo "== $name: rc ${PIPESTATUS[0]}, $((SECONDS - start)) s"
     tar -czf "$out/eval_results.tgz" -C "$results" .
   }
-  run kd-fixed4-T0 --drafter "$kd" --k-max 4
-  run kd-confidence8-T0 --drafter "$kd" --window confidence --k-max 8 --threshold 0.3
-  run kd-adaptive8-T0 --drafter "$kd" --window adaptive --k-max 8 --threshold 0.25
-  run kd-fixed4-T1 --drafter "$kd" --k-max 4 --temperature 1
-  run kd-fixed8-T0 --drafter "$kd" --k-max 8
-  run kd-fixed2-T0 --drafter "$kd" --k-max 2
-  run kd-adaptive8-T1 --drafter "$kd" --window adaptive --k-max 8 --threshold 0.25 --temperature 1
+  # TF32 (`--matmul-precision default`) rows as measured at c755b7f, where that was the eval's default,
+  # and one full-float32 row (the default since), the only one whose greedy outputs all equalled plain decoding's.
+  tf32=(--matmul-precision default)
+  run kd-fixed4-T0 --drafter "$kd" --k-max 4 "${tf32[@]}"
+  run kd-fixed4-T0-highest --drafter "$kd" --k-max 4
+  run kd-confidence8-T0 --drafter "$kd" --window confidence --k-max 8 --threshold 0.3 "${tf32[@]}"
+  run kd-adaptive8-T0 --drafter "$kd" --window adaptive --k-max 8 --threshold 0.25 "${tf32[@]}"
+  run kd-fixed4-T1 --drafter "$kd" --k-max 4 --temperature 1 "${tf32[@]}"
+  run kd-fixed8-T0 --drafter "$kd" --k-max 8 "${tf32[@]}"
+  run kd-fixed2-T0 --drafter "$kd" --k-max 2 "${tf32[@]}"
+  run kd-adaptive8-T1 --drafter "$kd" --window adaptive --k-max 8 --threshold 0.25 --temperature 1 "${tf32[@]}"
   run kd-cost8-T0 --drafter "$kd" --window cost --k-max 8
   run kd-fixed4-T0-bf16 --drafter "$kd" --k-max 4 --dtype bfloat16
   ;;

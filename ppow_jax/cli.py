@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pathlib
 import sys
@@ -23,6 +24,31 @@ def enable_compilation_cache() -> None:
     if directory:
         jax.config.update("jax_compilation_cache_dir", directory)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+MATMUL_PRECISIONS = ("highest", "default")
+
+
+def add_matmul_precision_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS, default="highest",
+                        help="float32 matmuls: 'highest' (full float32, so that a verify pass and a decode step "
+                             "round alike and greedy speculative outputs equal plain decoding's) or 'default' (the "
+                             "backend's: TF32 on NVIDIA GPUs, bfloat16 passes on TPUs; faster there, but greedy "
+                             "outputs can part from plain decoding's at near-ties). Meant for float32 weights; "
+                             "no effect on a CPU.")
+
+
+def matmul_precision(name: str) -> contextlib.AbstractContextManager:
+    """The context in which traced programs use `name` ('highest' or the backend's 'default') for float32
+    matmuls, whatever JAX_DEFAULT_MATMUL_PRECISION says.
+
+    On an H200, at K = 4, 'default' (TF32) gave 4 of 50 greedy eval turns that differ from plain
+    decoding, full float32 none (BENCHMARKS.md, "On a GPU"): TF32 products round differently for a
+    verify pass over K+1 rows than for a decode step over one.
+    """
+    import jax
+
+    return jax.default_matmul_precision(name)
 
 
 def load_config_file(path: str | pathlib.Path):

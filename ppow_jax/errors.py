@@ -11,3 +11,7 @@ class CheckpointError(PPOWError):
 
 class InputError(PPOWError):
     """Invalid user input: prompts, sampling parameters, question files, specs."""
+
+
+class MeasurementError(PPOWError):
+    """A timing on this machine gave no usable figure (for example, one swamped by noise)."""

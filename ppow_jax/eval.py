@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from ppow_jax.cli import run_entry_point
+from ppow_jax.cli import add_matmul_precision_argument, matmul_precision, run_entry_point
 from ppow_jax.drafters.specs import (DRAFTER_HELP, add_window_arguments, check_drafter_spec, load_drafter,
                                      target_for, window_policy, with_cycle_costs)
 from ppow_jax.errors import InputError
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=0, help="questions per file (0: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    add_matmul_precision_argument(parser)
     parser.add_argument("--out", required=True, help="output directory for results.json, results.md and plots")
     return parser
 
@@ -81,7 +82,8 @@ def write_report(out: pathlib.Path, results: dict) -> None:
     rows = list(results["categories"].items()) + [("overall", results["overall"])]
     lines = [f"# {results['config']['drafter']} on {results['config']['target']}", "",
              f"window {results['config']['window']} (k_max {results['config']['k_max']}), temperature "
-             f"{results['config']['temperature']}, {results['config']['max_new_tokens']} new tokens; {results['machine']}",
+             f"{results['config']['temperature']}, {results['config']['max_new_tokens']} new tokens, {results['config']['dtype']}, "
+             f"matmul precision {results['config']['matmul_precision']}; {results['machine']}",
              "", "| category | questions | τ | tokens/s | AR tokens/s | speedup | greedy match |", "|---|---|---|---|---|---|---|"]
     for name, m in rows:
         match = "-" if m["greedy_match"] is None else ("yes" if m["greedy_match"] else "**NO**")
@@ -115,6 +117,11 @@ def write_report(out: pathlib.Path, results: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with matmul_precision(args.matmul_precision):
+        return evaluate(args)
+
+
+def evaluate(args: argparse.Namespace) -> int:
     import jax
     from tqdm import tqdm
 
@@ -193,7 +200,8 @@ def run(args: argparse.Namespace) -> int:
                           "cycle_costs": list(window.verify_costs) + [window.draft_cost] if window.kind == "cost" else None,
                           "temperature": args.temperature, "top_k": args.top_k,
                           "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "limit": args.limit,
-                          "seed": args.seed, "dtype": args.dtype, "questions": args.questions},
+                          "seed": args.seed, "dtype": args.dtype, "matmul_precision": args.matmul_precision,
+                          "questions": args.questions},
                "machine": f"jax {jax.__version__} on {devices}", "turns": records}
     write_report(out, results)
     overall = results["overall"]

@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from ppow_jax.cli import run_entry_point
+from ppow_jax.cli import add_matmul_precision_argument, matmul_precision, run_entry_point
 from ppow_jax.drafters.specs import (DRAFTER_HELP, add_window_arguments, check_drafter_spec, load_drafter,
                                      target_for, window_policy, with_cycle_costs)
 from ppow_jax.errors import InputError
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    add_matmul_precision_argument(parser)
     parser.add_argument("--mesh", default="", help="device mesh, e.g. 'data=2,tensor=4' (default: one device)")
     parser.add_argument("--drafter", default="", help="speculative decoding with this drafter: " + DRAFTER_HELP)
     add_window_arguments(parser, k_max=3)
@@ -79,6 +80,11 @@ class TextStreamer:
 
 
 def run(args: argparse.Namespace) -> int:
+    with matmul_precision(args.matmul_precision):
+        return generate_text(args)
+
+
+def generate_text(args: argparse.Namespace) -> int:
     from ppow_jax.inference.autoregressive import AutoregressiveDecoder
     from ppow_jax.inference.sampling import SamplingParams
     from ppow_jax.weights.registry import load_model

@@ -4,8 +4,12 @@ import json
 
 import pytest
 
-from conftest import REPO_ROOT
+import jax
+import jax.numpy as jnp
+
+from conftest import REPO_ROOT, tiny_config, tiny_params
 from ppow_jax import eval as eval_cli
+from ppow_jax.cli import matmul_precision
 from ppow_jax.errors import InputError
 from ppow_jax.evaluation.questions import load_questions
 
@@ -131,6 +135,36 @@ def test_end_to_end_results_layout(tmp_path, shared_data_root):
     assert results["categories"]["mt_bench/writing"]["n_questions"] == 1
     assert len([t for t in results["turns"] if t["category"] == "mt_bench/writing"]) == 2  # both turns
     assert all((out / name).is_file() for name in ("results.md", "tau.png", "speedup.png", "accept_hist.png"))
+    assert results["config"]["matmul_precision"] == "highest"
+    assert "matmul precision highest" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("name, marker", [("highest", "HIGHEST"), ("default", "DEFAULT")])
+def test_matmul_precision_reaches_every_dot_of_the_model(name, marker):
+    """Every dot of the traced target forward carries the precision, over any precision set around it."""
+    from ppow_jax.models import llama
+
+    config = tiny_config()
+    params, cache = tiny_params(config), llama.init_cache(config, 1, 16)
+    forward = jax.jit(lambda p, tokens, c: llama.forward(p, tokens, c, config).logits)
+    with jax.default_matmul_precision("bfloat16"), matmul_precision(name):  # as JAX_DEFAULT_MATMUL_PRECISION would
+        text = forward.lower(params, jnp.ones((1, 4), jnp.int32), cache).as_text()
+    dots = text.count("stablehlo.dot_general")
+    assert dots > 0 and text.count(f"precision = [{marker}, {marker}]") == dots
+    assert jax.config.jax_default_matmul_precision is None  # restored after the context
+
+
+@pytest.mark.parametrize("flags, expected", [([], "highest"), (["--matmul-precision", "default"], "default")])
+def test_the_eval_and_the_generator_run_under_the_chosen_precision(flags, expected, monkeypatch):
+    from ppow_jax import generate as generate_cli
+
+    seen = []
+    record = lambda args: seen.append(jax.config.jax_default_matmul_precision) or 0
+    monkeypatch.setattr(eval_cli, "evaluate", record)
+    monkeypatch.setattr(generate_cli, "generate_text", record)
+    assert eval_cli.main(["--drafter", "self:1", "--questions", "q.jsonl", "--out", "o", *flags]) == 0
+    assert generate_cli.main(["--prompt", "hi", *flags]) == 0
+    assert seen == [expected, expected]
 
 
 def test_sampled_outputs_are_not_reported_as_mismatches(tmp_path, shared_data_root):

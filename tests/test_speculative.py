@@ -1,6 +1,7 @@
 """Speculative decoding: greedy equality with autoregressive decoding, lossless sampling, one compile."""
 
 import itertools
+import math
 import time
 
 import hypothesis.extra.numpy as hnp
@@ -234,7 +235,7 @@ def test_cost_window_without_costs_is_refused_until_measured():
     unmeasured = WindowPolicy("cost", 3, calibration=(0.0, 1.0, 0.0, 0.0))
     with pytest.raises(InputError, match="cycle costs"):
         decoder.generate(PROMPTS, 4, window=unmeasured)
-    costs = measure_cycle_costs(CONFIG, PARAMS, drafter, drafter_params, 3, context=16, repeats=3)
+    costs = measure_cycle_costs(CONFIG, PARAMS, drafter, drafter_params, 3, context=16, repeats=3, loop_steps=32)
     assert len(costs.verify) == 4 and costs.verify[0] == 1.0 and all(c > 0 for c in costs.verify) and costs.draft > 0
     assert verify_widths(3) == (1, 2, 4) and verify_widths(10) == (1, 2, 4, 8, 11)
     assert verify_widths(1) == (1, 2)
@@ -246,6 +247,30 @@ def test_cost_window_without_costs_is_refused_until_measured():
         WindowPolicy("cost", 1, verify_costs=(1.0, 1.4))
 
 
+@pytest.mark.parametrize("drafter_name", ["self:1", "independent", "eagle3"])
+def test_cycle_costs_are_measured_for_every_kind_of_drafter(drafter_name):
+    drafter, drafter_params = drafters()[drafter_name]
+    costs = measure_cycle_costs(CONFIG, PARAMS, drafter, drafter_params, 2, context=16, repeats=3, loop_steps=32)
+    assert len(costs.verify) == 3 and costs.verify[0] == 1.0 and all(math.isfinite(c) and c > 0 for c in costs.verify)
+    assert math.isfinite(costs.draft) and costs.draft > 0
+
+
+def test_looped_time_ratios_cancel_what_a_program_costs_once_per_launch():
+    """Calls of 5 and 15 ms inside programs that each cost 20 ms to launch: 3x, not the 1.7x of whole programs."""
+    def looped(per_call):
+        def program(x, n):
+            time.sleep(0.02 + n * per_call)
+            return x
+        return program
+
+    x = jnp.zeros(())
+    ratios = interleaved_time_ratios({"short": (looped(0.005), (x,)), "long": (looped(0.015), (x,))},
+                                     reference="short", repeats=5, loop_steps=2)
+    assert ratios["short"] == 1.0 and 2.5 < ratios["long"] < 3.5
+    with pytest.raises(ValueError, match="loop_steps"):
+        interleaved_time_ratios({"short": (looped(0.005), (x,))}, reference="short", repeats=1, loop_steps=0)
+
+
 def test_interleaved_time_ratios_are_relative_wall_times():
     def sleeping(seconds):
         def call(x):
@@ -254,9 +279,10 @@ def test_interleaved_time_ratios_are_relative_wall_times():
         return call
 
     x = jnp.zeros(())
-    ratios = interleaved_time_ratios({"short": (sleeping(0.004), (x,)), "long": (sleeping(0.012), (x,))},
+    # Sleeps long enough that the scheduler's overshoot (a millisecond or so on a loaded 2-core CI host) stays small.
+    ratios = interleaved_time_ratios({"short": (sleeping(0.01), (x,)), "long": (sleeping(0.03), (x,))},
                                      reference="short", repeats=5)
-    assert ratios["short"] == 1.0 and 2.4 < ratios["long"] < 3.3
+    assert ratios["short"] == 1.0 and 2.5 < ratios["long"] < 3.5
 
 
 def test_bad_input():

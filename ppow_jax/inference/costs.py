@@ -11,14 +11,16 @@ measured at those widths, for the batch size that will be decoded, in units of o
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ppow_jax.drafters.interface import Drafter
+from ppow_jax.errors import MeasurementError
 from ppow_jax.models import llama
 from ppow_jax.models.config import ModelConfig
 
@@ -45,8 +47,14 @@ def median_seconds(fn, *args, repeats: int) -> float:
     return float(np.median(times))
 
 
+def _seconds(fn: Callable, args: tuple) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
+
+
 def interleaved_time_ratios(calls: dict[Hashable, tuple[Callable, tuple]], reference: Hashable,
-                            repeats: int) -> dict[Hashable, float]:
+                            repeats: int, *, loop_steps: Optional[int] = None) -> dict[Hashable, float]:
     """Each jitted call's wall time over the `reference` call's: the median over `repeats` rounds that
     time every call once, after one call each that compiles them.
 
@@ -54,18 +62,27 @@ def interleaved_time_ratios(calls: dict[Hashable, tuple[Callable, tuple]], refer
     frequency step) shifts a round's calls alike instead of one call's median. Six measurements of
     the SmolLM2 costs on the idle 2-core host spread by 0.45 (T = 2) and 0.73 (T = 3-4) decode steps
     with each call's repeats back to back, and by 0.29 and 0.38 interleaved (BENCHMARKS.md, session 22).
+
+    With `loop_steps`, each function takes a last argument n and runs n dependent calls in one
+    program; a round times it at n = loop_steps and n = 2 * loop_steps and takes the difference over
+    loop_steps, which cancels what a program costs once per launch (the host's dispatch) and leaves
+    what a call costs inside a loop, as in the engine's `lax.while_loop`.
     """
-    for fn, args in calls.values():
-        jax.block_until_ready(fn(*args))  # compile
+    if loop_steps is not None and loop_steps < 1:
+        raise ValueError(f"loop_steps must be >= 1, got {loop_steps}")
+
+    def seconds(fn: Callable, args: tuple) -> float:
+        if loop_steps is None:
+            return _seconds(fn, args)
+        return (_seconds(fn, (*args, 2 * loop_steps)) - _seconds(fn, (*args, loop_steps))) / loop_steps
+
+    for fn, args in calls.values():  # compile (n is traced: one program serves both loop lengths)
+        jax.block_until_ready(fn(*args) if loop_steps is None else fn(*args, loop_steps))
     ratios = {name: [] for name in calls}
     for _ in range(repeats):
-        seconds = {}
-        for name, (fn, args) in calls.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            seconds[name] = time.perf_counter() - start
+        round_seconds = {name: seconds(fn, args) for name, (fn, args) in calls.items()}
         for name in calls:
-            ratios[name].append(seconds[name] / seconds[reference])
+            ratios[name].append(round_seconds[name] / round_seconds[reference])
     return {name: float(np.median(values)) for name, values in ratios.items()}
 
 
@@ -83,20 +100,44 @@ class CycleCosts:
 
 
 def measure_cycle_costs(target_config: ModelConfig, target_params, drafter: Drafter, drafter_params, k_max: int,
-                        *, batch: int = 1, context: int = 256, repeats: int = 21) -> CycleCosts:
-    """Times jitted target passes at every verify width and a jitted drafter step (batch `batch`, a cache
-    with `context` positions filled) -> costs relative to the T = 1 pass."""
+                        *, batch: int = 1, context: int = 256, repeats: int = 9, loop_steps: int = 1) -> CycleCosts:
+    """Times target passes at every verify width and a drafter step (batch `batch`, a cache with
+    `context` positions filled) -> costs relative to the T = 1 pass.
+
+    Each program runs n dependent calls (each one's argmax feeds the next; the caches are written in
+    place, as in the engine) in one loop and is timed at two values of n
+    (`interleaved_time_ratios(..., loop_steps=...)`), so what the host spends launching a program
+    drops out. On an H200 one call per program put the drafter step at 0.47 decode steps, where
+    `benchmarks/verify_cost.py` gives 0.07 (BENCHMARKS.md, "On a GPU").
+    """
     cache_len = context + k_max + 2
     target_cache = llama.init_cache(target_config, batch, cache_len)
     target_cache = target_cache.replace(lengths=jnp.full((batch,), context, jnp.int32))
-    forward = jax.jit(lambda p, tokens, c: llama.forward(p, tokens, c, target_config,
-                                                         hidden_layers=drafter.feature_layers).logits)
+
+    def verify_loop(p, tokens, cache, n):
+        def body(_, carry):
+            tokens, cache = carry
+            out = llama.forward(p, tokens, cache, target_config, hidden_layers=drafter.feature_layers)
+            next_tokens = jnp.broadcast_to(jnp.argmax(out.logits[:, -1], -1)[:, None], tokens.shape)
+            return next_tokens.astype(tokens.dtype), out.cache.replace(lengths=cache.lengths)  # same slots again
+        return jax.lax.fori_loop(0, n, body, (tokens, cache))[0]
+
+    forward = jax.jit(verify_loop)
     widths = verify_widths(k_max)
     calls = {width: (forward, (target_params, jnp.zeros((batch, width), jnp.int32), target_cache)) for width in widths}
     draft_cache = drafter.init_cache(batch, cache_len + drafter.cache_margin(k_max))
     draft_cache = draft_cache.replace(kv=draft_cache.kv.replace(lengths=jnp.full((batch,), context, jnp.int32)))
-    step = jax.jit(lambda p, tp, c, token: drafter.step(p, tp, c, token)[0])
-    calls["draft"] = (step, (drafter_params, target_params, draft_cache, jnp.zeros((batch,), jnp.int32)))
-    ratios = interleaved_time_ratios(calls, reference=1, repeats=repeats)
+
+    def draft_loop(p, tp, cache, token, n):
+        def body(_, token):  # the drafter's logits cover the target vocabulary: the argmax is a target id
+            return jnp.argmax(drafter.step(p, tp, cache, token)[0], -1).astype(token.dtype)
+        return jax.lax.fori_loop(0, n, body, token)
+
+    calls["draft"] = (jax.jit(draft_loop), (drafter_params, target_params, draft_cache, jnp.zeros((batch,), jnp.int32)))
+    ratios = interleaved_time_ratios(calls, reference=1, repeats=repeats, loop_steps=loop_steps)
+    if bad := {name: ratio for name, ratio in ratios.items() if not (ratio > 0 and math.isfinite(ratio))}:
+        raise MeasurementError(f"cycle costs on this machine came out non-positive or not finite ({bad}): the "
+                               "timings are swamped by noise; rerun on a quieter machine or give the costs "
+                               "(--cycle-costs, or config.ppow.gamma for PPOW)")
     verify = tuple(ratios[min(w for w in widths if w >= t)] for t in range(1, k_max + 2))
     return CycleCosts(verify=verify, draft=ratios["draft"])
