@@ -235,7 +235,7 @@ def test_cost_window_without_costs_is_refused_until_measured():
     unmeasured = WindowPolicy("cost", 3, calibration=(0.0, 1.0, 0.0, 0.0))
     with pytest.raises(InputError, match="cycle costs"):
         decoder.generate(PROMPTS, 4, window=unmeasured)
-    costs = measure_cycle_costs(CONFIG, PARAMS, drafter, drafter_params, 3, context=16, repeats=3, loop_steps=32)
+    costs = measure_cycle_costs(CONFIG, PARAMS, drafter, drafter_params, 3, context=16, repeats=5, loop_steps=256)
     assert len(costs.verify) == 4 and costs.verify[0] == 1.0 and all(c > 0 for c in costs.verify) and costs.draft > 0
     assert verify_widths(3) == (1, 2, 4) and verify_widths(10) == (1, 2, 4, 8, 11)
     assert verify_widths(1) == (1, 2)
@@ -250,7 +250,7 @@ def test_cost_window_without_costs_is_refused_until_measured():
 @pytest.mark.parametrize("drafter_name", ["self:1", "independent", "eagle3"])
 def test_cycle_costs_are_measured_for_every_kind_of_drafter(drafter_name):
     drafter, drafter_params = drafters()[drafter_name]
-    costs = measure_cycle_costs(CONFIG, PARAMS, drafter, drafter_params, 2, context=16, repeats=3, loop_steps=32)
+    costs = measure_cycle_costs(CONFIG, PARAMS, drafter, drafter_params, 2, context=16, repeats=5, loop_steps=256)
     assert len(costs.verify) == 3 and costs.verify[0] == 1.0 and all(math.isfinite(c) and c > 0 for c in costs.verify)
     assert math.isfinite(costs.draft) and costs.draft > 0
 

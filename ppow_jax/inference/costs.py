@@ -36,21 +36,16 @@ def verify_widths(k_max: int) -> tuple[int, ...]:
     return tuple(sorted({min(w, k_max + 1) for w in _WIDTH_STEPS}))
 
 
-def median_seconds(fn, *args, repeats: int) -> float:
-    """Median wall time of a jitted call, after one call that compiles it."""
-    jax.block_until_ready(fn(*args))  # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def _seconds(fn: Callable, args: tuple) -> float:
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     return time.perf_counter() - start
+
+
+def median_seconds(fn, *args, repeats: int) -> float:
+    """Median wall time of a jitted call, after one call that compiles it."""
+    _seconds(fn, args)  # compile
+    return float(np.median([_seconds(fn, args) for _ in range(repeats)]))
 
 
 def interleaved_time_ratios(calls: dict[Hashable, tuple[Callable, tuple]], reference: Hashable,
@@ -77,7 +72,7 @@ def interleaved_time_ratios(calls: dict[Hashable, tuple[Callable, tuple]], refer
         return (_seconds(fn, (*args, 2 * loop_steps)) - _seconds(fn, (*args, loop_steps))) / loop_steps
 
     for fn, args in calls.values():  # compile (n is traced: one program serves both loop lengths)
-        jax.block_until_ready(fn(*args) if loop_steps is None else fn(*args, loop_steps))
+        seconds(fn, args)
     ratios = {name: [] for name in calls}
     for _ in range(repeats):
         round_seconds = {name: seconds(fn, args) for name, (fn, args) in calls.items()}
