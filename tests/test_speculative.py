@@ -17,7 +17,7 @@ from ppow_jax.drafters.eagle import Eagle3Drafter
 from ppow_jax.drafters.lm import LMDrafter, self_speculative
 from ppow_jax.errors import InputError
 from ppow_jax.inference.autoregressive import AutoregressiveDecoder
-from ppow_jax.inference.costs import interleaved_time_ratios, measure_cycle_costs, verify_widths
+from ppow_jax.inference.costs import autorange_loop_steps, interleaved_time_ratios, measure_cycle_costs, verify_widths
 from ppow_jax.inference.sampling import SamplingParams, processed_logprobs
 from ppow_jax.inference.speculative import SpeculativeDecoder, accept_greedy, accept_sampling
 from ppow_jax.inference.windows import WindowPolicy
@@ -235,7 +235,7 @@ def test_cost_window_without_costs_is_refused_until_measured():
     unmeasured = WindowPolicy("cost", 3, calibration=(0.0, 1.0, 0.0, 0.0))
     with pytest.raises(InputError, match="cycle costs"):
         decoder.generate(PROMPTS, 4, window=unmeasured)
-    costs = measure_cycle_costs(CONFIG, PARAMS, drafter, drafter_params, 3, context=16, repeats=5, loop_steps=256)
+    costs = measure_cycle_costs(CONFIG, PARAMS, drafter, drafter_params, 3, context=16, repeats=5)
     assert len(costs.verify) == 4 and costs.verify[0] == 1.0 and all(c > 0 for c in costs.verify) and costs.draft > 0
     assert verify_widths(3) == (1, 2, 4) and verify_widths(10) == (1, 2, 4, 8, 11)
     assert verify_widths(1) == (1, 2)
@@ -250,7 +250,7 @@ def test_cost_window_without_costs_is_refused_until_measured():
 @pytest.mark.parametrize("drafter_name", ["self:1", "independent", "eagle3"])
 def test_cycle_costs_are_measured_for_every_kind_of_drafter(drafter_name):
     drafter, drafter_params = drafters()[drafter_name]
-    costs = measure_cycle_costs(CONFIG, PARAMS, drafter, drafter_params, 2, context=16, repeats=5, loop_steps=256)
+    costs = measure_cycle_costs(CONFIG, PARAMS, drafter, drafter_params, 2, context=16, repeats=5)
     assert len(costs.verify) == 3 and costs.verify[0] == 1.0 and all(math.isfinite(c) and c > 0 for c in costs.verify)
     assert math.isfinite(costs.draft) and costs.draft > 0
 
@@ -269,6 +269,27 @@ def test_looped_time_ratios_cancel_what_a_program_costs_once_per_launch():
     assert ratios["short"] == 1.0 and 2.5 < ratios["long"] < 3.5
     with pytest.raises(ValueError, match="loop_steps"):
         interleaved_time_ratios({"short": (looped(0.005), (x,))}, reference="short", repeats=1, loop_steps=0)
+    with pytest.raises(ValueError, match="loop_steps"):
+        interleaved_time_ratios({"short": (looped(0.005), (x,))}, reference="short", repeats=1,
+                                loop_steps={"short": 0})
+
+
+def test_loop_lengths_are_ranged_per_program_and_may_differ():
+    """n doubles until a run takes 40 ms: 5 ms calls stop at 8, 0.5 ms calls at 128 (a sleep never
+    undershoots but may overshoot under load: one doubling fewer), and each call's time is over its own n."""
+    def looped(per_call):
+        def program(x, n):
+            time.sleep(n * per_call)
+            return x
+        return program
+
+    x = jnp.zeros(())
+    calls = {"slow": (looped(0.005), (x,)), "fast": (looped(0.0005), (x,))}
+    steps = autorange_loop_steps(calls, min_seconds=0.04)
+    assert steps["slow"] in (4, 8) and steps["fast"] in (64, 128)
+    ratios = interleaved_time_ratios(calls, reference="slow", repeats=3, loop_steps=steps)
+    assert 0.05 < ratios["fast"] < 0.2
+    assert autorange_loop_steps(calls, min_seconds=10.0, max_steps=4) == {"slow": 4, "fast": 4}
 
 
 def test_interleaved_time_ratios_are_relative_wall_times():

@@ -143,14 +143,20 @@ def read_alpaca_seed_tasks(path: pathlib.Path, report: ReadReport, source: str) 
                          messages=_user(_instruction_with_input(instruction, extra)), instruction=instruction)
 
 
-def read_gsm8k(path: pathlib.Path, report: ReadReport, source: str) -> Iterator[Prompt]:
-    """JSONL {"question", "answer"}: the question."""
+def _one_field_prompts(path: pathlib.Path, report: ReadReport, source: str, field: str,
+                       to_messages: Callable[[str], tuple[dict, ...]]) -> Iterator[Prompt]:
+    """JSONL records whose one wanted field is a non-empty string, turned into a conversation."""
     for number, record in _jsonl_records(path, report, source):
-        question = _nonempty_str(record.get("question"))
-        if question is None:
+        value = _nonempty_str(record.get(field))
+        if value is None:
             report.malformed[source] += 1
             continue
-        yield Prompt(source=source, key=f"{source}/{number}", messages=_user(question))
+        yield Prompt(source=source, key=f"{source}/{number}", messages=to_messages(value))
+
+
+def read_gsm8k(path: pathlib.Path, report: ReadReport, source: str) -> Iterator[Prompt]:
+    """JSONL {"question", "answer"}: the question."""
+    return _one_field_prompts(path, report, source, "question", _user)
 
 
 def _continue_text(text: str) -> tuple[dict, ...]:
@@ -160,12 +166,7 @@ def _continue_text(text: str) -> tuple[dict, ...]:
 
 def read_text_jsonl(path: pathlib.Path, report: ReadReport, source: str) -> Iterator[Prompt]:
     """JSONL {"text"} web prose: a request to continue its opening words."""
-    for number, record in _jsonl_records(path, report, source):
-        text = _nonempty_str(record.get("text"))
-        if text is None:
-            report.malformed[source] += 1
-            continue
-        yield Prompt(source=source, key=f"{source}/{number}", messages=_continue_text(text))
+    return _one_field_prompts(path, report, source, "text", _continue_text)
 
 
 def read_text_lines(path: pathlib.Path, report: ReadReport, source: str) -> Iterator[Prompt]:

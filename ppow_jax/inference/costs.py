@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Callable, Hashable, Optional
+from typing import Callable, Hashable, Mapping, Union
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,10 @@ from ppow_jax.models.config import ModelConfig
 # (the small-matrix kernel), on an accelerator all of them about one decode step, so rounding a
 # window up to the next width costs little, and fewer branches compile faster.
 _WIDTH_STEPS = (1, 2, 4, 8, 16, 32)
+# How long one timed run of a looped cost program lasts at least: long enough that the n calls it
+# adds over a run of n/2 stand well above the noise (benchmarks/cost_sturdiness.py), short enough
+# that measuring the costs of a K_max = 10 engine stays within seconds.
+MIN_LOOP_SECONDS = 0.02
 
 
 def verify_widths(k_max: int) -> tuple[int, ...]:
@@ -48,8 +52,25 @@ def median_seconds(fn, *args, repeats: int) -> float:
     return float(np.median([_seconds(fn, args) for _ in range(repeats)]))
 
 
+def autorange_loop_steps(calls: dict[Hashable, tuple[Callable, tuple]], min_seconds: float,
+                         max_steps: int = 1 << 16) -> dict[Hashable, int]:
+    """For each looped program (its last argument n: how many calls it runs), the smallest power of two
+    n at which one run takes at least `min_seconds` (at most `max_steps`), as `timeit` ranges its
+    loops: the difference of a program timed at n and at 2n is then n calls long, well above what
+    load and launching add to one run, however cheap the call is."""
+    steps = {}
+    for name, (fn, args) in calls.items():
+        _seconds(fn, (*args, 1))  # compile (n is traced: one program serves every loop length)
+        n = 1
+        while n < max_steps and _seconds(fn, (*args, n)) < min_seconds:
+            n *= 2
+        steps[name] = n
+    return steps
+
+
 def interleaved_time_ratios(calls: dict[Hashable, tuple[Callable, tuple]], reference: Hashable,
-                            repeats: int, *, loop_steps: Optional[int] = None) -> dict[Hashable, float]:
+                            repeats: int, *, loop_steps: Union[None, int, Mapping[Hashable, int]] = None
+                            ) -> dict[Hashable, float]:
     """Each jitted call's wall time over the `reference` call's: the median over `repeats` rounds that
     time every call once, after one call each that compiles them.
 
@@ -58,24 +79,27 @@ def interleaved_time_ratios(calls: dict[Hashable, tuple[Callable, tuple]], refer
     the SmolLM2 costs on the idle 2-core host spread by 0.45 (T = 2) and 0.73 (T = 3-4) decode steps
     with each call's repeats back to back, and by 0.29 and 0.38 interleaved (BENCHMARKS.md, session 22).
 
-    With `loop_steps`, each function takes a last argument n and runs n dependent calls in one
-    program; a round times it at n = loop_steps and n = 2 * loop_steps and takes the difference over
-    loop_steps, which cancels what a program costs once per launch (the host's dispatch) and leaves
-    what a call costs inside a loop, as in the engine's `lax.while_loop`.
+    With `loop_steps` (one n for every call, or one per call), each function takes a last argument n
+    and runs n dependent calls in one program; a round times it at n and at 2n and takes the
+    difference over n, which cancels what a program costs once per launch (the host's dispatch) and
+    leaves what a call costs inside a loop, as in the engine's `lax.while_loop`.
     """
-    if loop_steps is not None and loop_steps < 1:
-        raise ValueError(f"loop_steps must be >= 1, got {loop_steps}")
+    steps = loop_steps if loop_steps is None or isinstance(loop_steps, Mapping) else dict.fromkeys(calls, loop_steps)
+    if steps is not None and (bad := {name: n for name, n in steps.items() if n < 1}):
+        raise ValueError(f"loop_steps must be >= 1, got {bad}")
 
-    def seconds(fn: Callable, args: tuple) -> float:
-        if loop_steps is None:
+    def seconds(name: Hashable) -> float:
+        fn, args = calls[name]
+        if steps is None:
             return _seconds(fn, args)
-        return (_seconds(fn, (*args, 2 * loop_steps)) - _seconds(fn, (*args, loop_steps))) / loop_steps
+        n = steps[name]
+        return (_seconds(fn, (*args, 2 * n)) - _seconds(fn, (*args, n))) / n
 
-    for fn, args in calls.values():  # compile (n is traced: one program serves both loop lengths)
-        seconds(fn, args)
+    for name in calls:  # compile
+        seconds(name)
     ratios = {name: [] for name in calls}
     for _ in range(repeats):
-        round_seconds = {name: seconds(fn, args) for name, (fn, args) in calls.items()}
+        round_seconds = {name: seconds(name) for name in calls}
         for name in calls:
             ratios[name].append(round_seconds[name] / round_seconds[reference])
     return {name: float(np.median(values)) for name, values in ratios.items()}
@@ -94,17 +118,11 @@ class CycleCosts:
         return f"verify {widths}; drafter step {self.draft:.3f} (decode steps)"
 
 
-def measure_cycle_costs(target_config: ModelConfig, target_params, drafter: Drafter, drafter_params, k_max: int,
-                        *, batch: int = 1, context: int = 256, repeats: int = 9, loop_steps: int = 1) -> CycleCosts:
-    """Times target passes at every verify width and a drafter step (batch `batch`, a cache with
-    `context` positions filled) -> costs relative to the T = 1 pass.
-
-    Each program runs n dependent calls (each one's argmax feeds the next; the caches are written in
-    place, as in the engine) in one loop and is timed at two values of n
-    (`interleaved_time_ratios(..., loop_steps=...)`), so what the host spends launching a program
-    drops out. On an H200 one call per program put the drafter step at 0.47 decode steps, where
-    `benchmarks/verify_cost.py` gives 0.07 (BENCHMARKS.md, "On a GPU").
-    """
+def looped_cycle_programs(target_config: ModelConfig, target_params, drafter: Drafter, drafter_params, k_max: int,
+                          *, batch: int = 1, context: int = 256) -> dict[Hashable, tuple[Callable, tuple]]:
+    """The programs `measure_cycle_costs` times -> {verify width: (program, args), "draft": ...}: each
+    runs its last argument n dependent calls (each one's argmax feeds the next; the caches are written
+    in place, as in the engine) at batch `batch`, over a cache with `context` positions filled."""
     cache_len = context + k_max + 2
     target_cache = llama.init_cache(target_config, batch, cache_len)
     target_cache = target_cache.replace(lengths=jnp.full((batch,), context, jnp.int32))
@@ -118,8 +136,8 @@ def measure_cycle_costs(target_config: ModelConfig, target_params, drafter: Draf
         return jax.lax.fori_loop(0, n, body, (tokens, cache))[0]
 
     forward = jax.jit(verify_loop)
-    widths = verify_widths(k_max)
-    calls = {width: (forward, (target_params, jnp.zeros((batch, width), jnp.int32), target_cache)) for width in widths}
+    calls = {width: (forward, (target_params, jnp.zeros((batch, width), jnp.int32), target_cache))
+             for width in verify_widths(k_max)}
     draft_cache = drafter.init_cache(batch, cache_len + drafter.cache_margin(k_max))
     draft_cache = draft_cache.replace(kv=draft_cache.kv.replace(lengths=jnp.full((batch,), context, jnp.int32)))
 
@@ -129,10 +147,29 @@ def measure_cycle_costs(target_config: ModelConfig, target_params, drafter: Draf
         return jax.lax.fori_loop(0, n, body, token)
 
     calls["draft"] = (jax.jit(draft_loop), (drafter_params, target_params, draft_cache, jnp.zeros((batch,), jnp.int32)))
+    return calls
+
+
+def measure_cycle_costs(target_config: ModelConfig, target_params, drafter: Drafter, drafter_params, k_max: int,
+                        *, batch: int = 1, context: int = 256, repeats: int = 9,
+                        min_loop_seconds: float = MIN_LOOP_SECONDS) -> CycleCosts:
+    """Times target passes at every verify width and a drafter step (batch `batch`, a cache with
+    `context` positions filled) -> costs relative to the T = 1 pass.
+
+    Each program (`looped_cycle_programs`) runs n calls in one loop, with n ranged so that a run
+    takes at least `min_loop_seconds` (`autorange_loop_steps`), and is timed at n and 2n
+    (`interleaved_time_ratios(..., loop_steps=...)`), so what the host spends launching a program
+    drops out. On an H200 one call per program put the drafter step at 0.47 decode steps, where
+    `benchmarks/verify_cost.py` gives 0.07 (BENCHMARKS.md, "On a GPU").
+    """
+    calls = looped_cycle_programs(target_config, target_params, drafter, drafter_params, k_max,
+                                  batch=batch, context=context)
+    loop_steps = autorange_loop_steps(calls, min_loop_seconds)
     ratios = interleaved_time_ratios(calls, reference=1, repeats=repeats, loop_steps=loop_steps)
     if bad := {name: ratio for name, ratio in ratios.items() if not (ratio > 0 and math.isfinite(ratio))}:
         raise MeasurementError(f"cycle costs on this machine came out non-positive or not finite ({bad}): the "
                                "timings are swamped by noise; rerun on a quieter machine or give the costs "
                                "(--cycle-costs, or config.ppow.gamma for PPOW)")
+    widths = verify_widths(k_max)
     verify = tuple(ratios[min(w for w in widths if w >= t)] for t in range(1, k_max + 2))
     return CycleCosts(verify=verify, draft=ratios["draft"])

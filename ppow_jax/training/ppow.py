@@ -582,12 +582,11 @@ class PPOWTrainer:
 # ----- the cost ratio γ and the calibrated confidence for adaptive windows -----
 
 def measure_cost_ratio(drafter: Eagle3Drafter, drafter_params: dict, target_config: ModelConfig,
-                       target_params: dict, window: int, *, context: int = 256, repeats: int = 9,
-                       loop_steps: int = 1) -> float:
+                       target_params: dict, window: int, *, context: int = 256, repeats: int = 9) -> float:
     """γ on this machine: a drafter step over a target verify pass of K+1 tokens (batch 1, each inside a
     jitted loop), from the cycle costs the engine's cost window measures."""
     costs = measure_cycle_costs(target_config, target_params, drafter, drafter_params, window, context=context,
-                                repeats=repeats, loop_steps=loop_steps)
+                                repeats=repeats)
     return costs.draft / costs.verify[window]
 
 
