@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -52,12 +53,15 @@ def one_call_programs(target, drafter, drafter_params, k_max: int, context: int 
 @contextlib.contextmanager
 def busy_processes(count: int):
     """`count` processes that keep a core busy each: a loaded host, reproducibly."""
-    workers = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    workers = []
     try:
+        for _ in range(count):
+            workers.append(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
         yield
     finally:
         for worker in workers:
             worker.kill()
+            worker.wait()
 
 
 def main() -> None:
@@ -67,6 +71,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=21, help="timed calls (or rounds) per measurement")
     parser.add_argument("--busy-processes", type=int, default=0, help="processes spinning on the CPU meanwhile")
     args = parser.parse_args()
+    print(f"cost_noise: {vars(args)}")
     k_max = 3
     target = load_model("smollm2-135m-instruct")
     drafter, drafter_params = load_drafter(args.drafter, target.config)
@@ -95,9 +100,13 @@ def main() -> None:
     ways = (("back to back", back_to_back), ("interleaved", interleaved), ("looped, n = 1", looped_once),
             ("looped, ranged", looped_ranged))
     with busy_processes(args.busy_processes):
+        print(f"ranged loop lengths: {costs.autorange_loop_steps(looped_programs, costs.MIN_LOOP_SECONDS)}")
         for name, measure in ways:
+            start = time.perf_counter()
             runs = np.array([measure() for _ in range(args.measurements)])
-            print(f"{name}: T=2, T=3-4, drafter step per measurement\n{np.round(runs, 3)}")
+            seconds = (time.perf_counter() - start) / args.measurements
+            print(f"{name}: {seconds:.1f} s per measurement (compiles included); T=2, T=3-4, drafter step per "
+                  f"measurement\n{np.round(runs, 3)}")
             spread = runs.max(0) - runs.min(0)
             print(f"{name}: spread T=2 {spread[0]:.3f}, T=3-4 {spread[1]:.3f}, drafter step {spread[2]:.3f}",
                   flush=True)

@@ -2,7 +2,7 @@
 fixed loop lengths and with loop lengths ranged per program.
 
 A tiny random target (3 layers, width 48) and its 1-layer self-speculative drafter: its calls take
-tens of microseconds, so a program timed at n and at 2n calls differs by little against what load
+microseconds, so a program timed at n and at 2n calls differs by little against what load
 adds, the regime of a drafter step on an accelerator. Each trial measures the costs (verify over 2
 and 3 positions, a drafter step, in decode steps) as `costs.measure_cycle_costs` does, with every
 program at n = each of `--loop-steps`, and with n ranged so that a run takes at least
@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--min-loop-seconds", type=float, default=costs.MIN_LOOP_SECONDS)
     parser.add_argument("--busy-processes", type=int, default=0, help="processes spinning on the CPU meanwhile")
     args = parser.parse_args()
+    print(f"cost_sturdiness: {vars(args)}")
     params = llama.init_params(TINY, jax.random.key(0), std=0.3)
     drafter, drafter_params = self_speculative(TINY, params, 1)
     programs = costs.looped_cycle_programs(TINY, params, drafter, drafter_params, 2, context=16)

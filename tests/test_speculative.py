@@ -17,6 +17,7 @@ from ppow_jax.drafters.eagle import Eagle3Drafter
 from ppow_jax.drafters.lm import LMDrafter, self_speculative
 from ppow_jax.errors import InputError
 from ppow_jax.inference.autoregressive import AutoregressiveDecoder
+from ppow_jax.inference import costs as costs_module
 from ppow_jax.inference.costs import autorange_loop_steps, interleaved_time_ratios, measure_cycle_costs, verify_widths
 from ppow_jax.inference.sampling import SamplingParams, processed_logprobs
 from ppow_jax.inference.speculative import SpeculativeDecoder, accept_greedy, accept_sampling
@@ -274,22 +275,45 @@ def test_looped_time_ratios_cancel_what_a_program_costs_once_per_launch():
                                 loop_steps={"short": 0})
 
 
-def test_loop_lengths_are_ranged_per_program_and_may_differ():
-    """n doubles until a run takes 40 ms: 5 ms calls stop at 8, 0.5 ms calls at 128 (a sleep never
-    undershoots but may overshoot under load: one doubling fewer), and each call's time is over its own n."""
-    def looped(per_call):
-        def program(x, n):
-            time.sleep(n * per_call)
-            return x
-        return program
+def test_loop_lengths_are_ranged_per_program_and_each_call_is_timed_at_its_own(monkeypatch):
+    """A fake clock: a program of n calls takes 1 ms to launch plus n times its per-call time."""
+    runs = []
 
-    x = jnp.zeros(())
-    calls = {"slow": (looped(0.005), (x,)), "fast": (looped(0.0005), (x,))}
+    def fake_seconds(fn, args):
+        runs.append((fn.__name__, args[-1]))
+        return fn(*args)
+
+    def program(name, per_call):
+        def run(x, n):
+            return 0.001 + n * per_call
+        run.__name__ = name
+        return run
+
+    monkeypatch.setattr(costs_module, "_seconds", fake_seconds)
+    calls = {"slow": (program("slow", 0.005), (None,)), "fast": (program("fast", 0.0005), (None,))}
+    # 40 ms: 5 ms calls reach it at n = 8 (41 ms), 0.5 ms calls at n = 128 (65 ms; 64 gives 33 ms).
     steps = autorange_loop_steps(calls, min_seconds=0.04)
-    assert steps["slow"] in (4, 8) and steps["fast"] in (64, 128)
+    assert steps == {"slow": 8, "fast": 128}
+    assert autorange_loop_steps(calls, min_seconds=10.0, max_steps=100) == {"slow": 100, "fast": 100}
+    runs.clear()
     ratios = interleaved_time_ratios(calls, reference="slow", repeats=3, loop_steps=steps)
-    assert 0.05 < ratios["fast"] < 0.2
-    assert autorange_loop_steps(calls, min_seconds=10.0, max_steps=4) == {"slow": 4, "fast": 4}
+    assert ratios == pytest.approx({"slow": 1.0, "fast": 0.1})  # the launch cancels, each over its own n
+    assert set(runs) == {("slow", 8), ("slow", 16), ("fast", 128), ("fast", 256)}
+    with pytest.raises(ValueError, match="loop_steps names"):
+        interleaved_time_ratios(calls, reference="slow", repeats=1, loop_steps={"slow": 8})
+
+
+def test_cycle_costs_range_their_loop_lengths(monkeypatch):
+    ranged = []
+
+    def spy(calls, min_seconds):
+        ranged.append(min_seconds)
+        return dict.fromkeys(calls, 64)
+
+    monkeypatch.setattr(costs_module, "autorange_loop_steps", spy)
+    drafter, drafter_params = drafters()["self:1"]
+    measure_cycle_costs(CONFIG, PARAMS, drafter, drafter_params, 1, context=16, repeats=3)
+    assert ranged == [costs_module.MIN_LOOP_SECONDS]
 
 
 def test_interleaved_time_ratios_are_relative_wall_times():

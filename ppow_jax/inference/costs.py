@@ -29,9 +29,9 @@ from ppow_jax.models.config import ModelConfig
 # (the small-matrix kernel), on an accelerator all of them about one decode step, so rounding a
 # window up to the next width costs little, and fewer branches compile faster.
 _WIDTH_STEPS = (1, 2, 4, 8, 16, 32)
-# How long one timed run of a looped cost program lasts at least: long enough that the n calls it
-# adds over a run of n/2 stand well above the noise (benchmarks/cost_sturdiness.py), short enough
-# that measuring the costs of a K_max = 10 engine stays within seconds.
+# How long one timed run of a looped cost program lasts at least: long enough that the n calls a run
+# of 2n adds over a run of n stand well above the noise (benchmarks/cost_sturdiness.py), short
+# enough that measuring the costs of a K_max = 10 engine stays within seconds.
 MIN_LOOP_SECONDS = 0.02
 
 
@@ -55,15 +55,18 @@ def median_seconds(fn, *args, repeats: int) -> float:
 def autorange_loop_steps(calls: dict[Hashable, tuple[Callable, tuple]], min_seconds: float,
                          max_steps: int = 1 << 16) -> dict[Hashable, int]:
     """For each looped program (its last argument n: how many calls it runs), the smallest power of two
-    n at which one run takes at least `min_seconds` (at most `max_steps`), as `timeit` ranges its
-    loops: the difference of a program timed at n and at 2n is then n calls long, well above what
-    load and launching add to one run, however cheap the call is."""
+    n at which a run takes at least `min_seconds` (the faster of two runs, so that one stall does not
+    stop the doubling early), capped at `max_steps`; as `timeit` ranges its loops. The difference of a
+    program timed at n and at 2n is then n calls long, well above what load and launching add to one
+    run, however cheap the call is."""
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     steps = {}
     for name, (fn, args) in calls.items():
         _seconds(fn, (*args, 1))  # compile (n is traced: one program serves every loop length)
         n = 1
-        while n < max_steps and _seconds(fn, (*args, n)) < min_seconds:
-            n *= 2
+        while n < max_steps and min(_seconds(fn, (*args, n)) for _ in range(2)) < min_seconds:
+            n = min(2 * n, max_steps)
         steps[name] = n
     return steps
 
@@ -85,6 +88,8 @@ def interleaved_time_ratios(calls: dict[Hashable, tuple[Callable, tuple]], refer
     leaves what a call costs inside a loop, as in the engine's `lax.while_loop`.
     """
     steps = loop_steps if loop_steps is None or isinstance(loop_steps, Mapping) else dict.fromkeys(calls, loop_steps)
+    if steps is not None and set(steps) != set(calls):
+        raise ValueError(f"loop_steps names {sorted(map(str, steps))}, the calls are {sorted(map(str, calls))}")
     if steps is not None and (bad := {name: n for name, n in steps.items() if n < 1}):
         raise ValueError(f"loop_steps must be >= 1, got {bad}")
 
