@@ -305,10 +305,11 @@ def test_loop_lengths_are_ranged_per_program_and_each_call_is_timed_at_its_own(m
 
 def test_cycle_costs_range_their_loop_lengths(monkeypatch):
     ranged = []
+    autorange = costs_module.autorange_loop_steps
 
     def spy(calls, min_seconds):
         ranged.append(min_seconds)
-        return dict.fromkeys(calls, 64)
+        return autorange(calls, min_seconds)  # a fixed n would be the fragile case this guards against
 
     monkeypatch.setattr(costs_module, "autorange_loop_steps", spy)
     drafter, drafter_params = drafters()["self:1"]
