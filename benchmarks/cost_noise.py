@@ -39,12 +39,9 @@ WIDTHS = (1, 2, 4)  # the verify widths of k_max 3
 
 def one_call_programs(target, drafter, drafter_params, k_max: int, context: int = 256) -> dict:
     """name -> (jitted program of one call, its arguments): the target at each verify width, a drafter step."""
-    cache_len = context + k_max + 2
-    target_cache = llama.init_cache(target.config, 1, cache_len).replace(lengths=jnp.full((1,), context, jnp.int32))
+    target_cache, draft_cache = costs.filled_caches(target.config, drafter, k_max, context=context)
     forward = jax.jit(lambda p, t, c: llama.forward(p, t, c, target.config, hidden_layers=drafter.feature_layers).logits)
     calls = {width: (forward, (target.params, jnp.zeros((1, width), jnp.int32), target_cache)) for width in WIDTHS}
-    draft_cache = drafter.init_cache(1, cache_len + drafter.cache_margin(k_max))
-    draft_cache = draft_cache.replace(kv=draft_cache.kv.replace(lengths=jnp.full((1,), context, jnp.int32)))
     step = jax.jit(lambda p, tp, c, t: drafter.step(p, tp, c, t)[0])
     calls["draft"] = (step, (drafter_params, target.params, draft_cache, jnp.zeros((1,), jnp.int32)))
     return calls

@@ -44,11 +44,8 @@ def main() -> None:
     args = parser.parse_args()
     target = load_model("smollm2-135m-instruct")
     drafter, drafter_params = load_drafter(args.drafter, target.config)
-    k_max, context = 3, 256
-    cache_len = context + k_max + 2
-    cache = llama.init_cache(target.config, 1, cache_len).replace(lengths=jnp.full((1,), context, jnp.int32))
-    draft_cache = drafter.init_cache(1, cache_len + drafter.cache_margin(k_max))
-    draft_cache = draft_cache.replace(kv=draft_cache.kv.replace(lengths=jnp.full((1,), context, jnp.int32)))
+    k_max = 3
+    cache, draft_cache = costs.filled_caches(target.config, drafter, k_max)
     cycle_args = (target.params, drafter_params, jnp.zeros((1, 4), jnp.int32), cache, draft_cache)
     looped = costs.looped_cycle_programs(target.config, target.params, drafter, drafter_params, k_max)
     calls = {"verify": (cycle_program(target, drafter, 0), cycle_args),

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppow_jax.drafters.interface import Drafter
+from ppow_jax.drafters.interface import DraftCache, Drafter
 from ppow_jax.errors import MeasurementError
 from ppow_jax.models import llama
 from ppow_jax.models.config import ModelConfig
@@ -123,14 +123,23 @@ class CycleCosts:
         return f"verify {widths}; drafter step {self.draft:.3f} (decode steps)"
 
 
+def filled_caches(target_config: ModelConfig, drafter: Drafter, k_max: int, *, batch: int = 1,
+                  context: int = 256) -> tuple[llama.KVCache, DraftCache]:
+    """The target's and the drafter's caches for timing a cycle: `context` positions filled, room for a
+    verify pass of k_max + 1 tokens (and the drafter's margin) after them."""
+    cache_len = context + k_max + 2
+    filled = jnp.full((batch,), context, jnp.int32)
+    target_cache = llama.init_cache(target_config, batch, cache_len).replace(lengths=filled)
+    draft_cache = drafter.init_cache(batch, cache_len + drafter.cache_margin(k_max))
+    return target_cache, draft_cache.replace(kv=draft_cache.kv.replace(lengths=filled))
+
+
 def looped_cycle_programs(target_config: ModelConfig, target_params, drafter: Drafter, drafter_params, k_max: int,
                           *, batch: int = 1, context: int = 256) -> dict[Hashable, tuple[Callable, tuple]]:
     """The programs `measure_cycle_costs` times -> {verify width: (program, args), "draft": ...}: each
     runs its last argument n dependent calls (each one's argmax feeds the next; the caches are written
     in place, as in the engine) at batch `batch`, over a cache with `context` positions filled."""
-    cache_len = context + k_max + 2
-    target_cache = llama.init_cache(target_config, batch, cache_len)
-    target_cache = target_cache.replace(lengths=jnp.full((batch,), context, jnp.int32))
+    target_cache, draft_cache = filled_caches(target_config, drafter, k_max, batch=batch, context=context)
 
     def verify_loop(p, tokens, cache, n):
         def body(_, carry):
@@ -143,8 +152,6 @@ def looped_cycle_programs(target_config: ModelConfig, target_params, drafter: Dr
     forward = jax.jit(verify_loop)
     calls = {width: (forward, (target_params, jnp.zeros((batch, width), jnp.int32), target_cache))
              for width in verify_widths(k_max)}
-    draft_cache = drafter.init_cache(batch, cache_len + drafter.cache_margin(k_max))
-    draft_cache = draft_cache.replace(kv=draft_cache.kv.replace(lengths=jnp.full((batch,), context, jnp.int32)))
 
     def draft_loop(p, tp, cache, token, n):
         def body(_, token):  # the drafter's logits cover the target vocabulary: the argmax is a target id
