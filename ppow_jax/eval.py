@@ -81,7 +81,8 @@ def write_report(out: pathlib.Path, results: dict) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     rows = list(results["categories"].items()) + [("overall", results["overall"])]
     lines = [f"# {results['config']['drafter']} on {results['config']['target']}", "",
-             f"window {results['config']['window']} (k_max {results['config']['k_max']}), temperature "
+             f"window {results['config']['window']} (k_max {results['config']['k_max']}, "
+             f"{results['config']['branches']} branch{'es' if results['config']['branches'] > 1 else ''}), temperature "
              f"{results['config']['temperature']}, {results['config']['max_new_tokens']} new tokens, {results['config']['dtype']}, "
              f"matmul precision {results['config']['matmul_precision']}; {results['machine']}",
              "", "| category | questions | τ | tokens/s | AR tokens/s | speedup | greedy match |", "|---|---|---|---|---|---|---|"]
@@ -128,11 +129,12 @@ def evaluate(args: argparse.Namespace) -> int:
     from ppow_jax.evaluation.questions import load_questions
     from ppow_jax.inference.autoregressive import AutoregressiveDecoder, bucket
     from ppow_jax.inference.sampling import SamplingParams
-    from ppow_jax.inference.speculative import SpeculativeDecoder
+    from ppow_jax.inference.speculative import SpeculativeDecoder, cache_margin
     from ppow_jax.weights.registry import load_model
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     window = window_policy(args)
+    window.check_sampling(sampling.greedy)
     check_drafter_spec(args.drafter)
     args.target = target_for(args.drafter, args.target)
     if args.max_new_tokens < 1:
@@ -166,7 +168,7 @@ def evaluate(args: argparse.Namespace) -> int:
             messages.append({"role": "user", "content": turn})
             prompt = tok.encode(tok.apply_chat_template(messages))
             n = args.max_new_tokens
-            shape_key = (bucket(len(prompt)), bucket(len(prompt) + n), bucket(len(prompt) + n + drafter.cache_margin(window.k_max)))
+            shape_key = (bucket(len(prompt)), bucket(len(prompt) + n), bucket(len(prompt) + n + cache_margin(drafter, window)))
             if shape_key not in compiled:  # compile both programs for this bucket, untimed
                 ar.generate([prompt], n, sampling, seed=args.seed)
                 spec.generate([prompt], n, sampling, window, seed=args.seed)
@@ -196,7 +198,7 @@ def evaluate(args: argparse.Namespace) -> int:
     results = {"categories": {name: summarize(recs, sampling.greedy) for name, recs in categories.items()},
                "overall": summarize(records, sampling.greedy),
                "config": {"target": args.target, "drafter": args.drafter, "window": args.window, "k_max": args.k_max,
-                          "threshold": args.threshold,
+                          "threshold": args.threshold, "branches": args.branches,
                           "cycle_costs": list(window.verify_costs) + [window.draft_cost] if window.kind == "cost" else None,
                           "temperature": args.temperature, "top_k": args.top_k,
                           "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "limit": args.limit,

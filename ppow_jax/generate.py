@@ -98,11 +98,12 @@ def generate_text(args: argparse.Namespace) -> int:
     mesh = parse_mesh(args.mesh)
     if args.drafter:
         window = window_policy(args)
+        window.check_sampling(sampling.greedy)
         check_drafter_spec(args.drafter)
     else:
         window = None
         defaults = build_parser()
-        if given := [f"--{name.replace('_', '-')}" for name in ("window", "k_max", "threshold", "cycle_costs")
+        if given := [f"--{name.replace('_', '-')}" for name in ("window", "k_max", "threshold", "branches", "cycle_costs")
                      if getattr(args, name) != defaults.get_default(name)]:
             raise InputError(f"{', '.join(given)} set the speculative window: they need --drafter")
 

@@ -53,6 +53,9 @@ def test_ignore_eos_generates_exactly_n_tokens_and_errors_exit_cleanly():
     (["--prompt", "hi", "--drafter", "no/such/drafter"], "does not exist: expected self:N"),
     (["--prompt", "hi", "--k-max", "5", "--window", "confidence"], "--window, --k-max set the speculative window"),
     (["--prompt", "hi", "--cycle-costs", "1,1.4,0.1"], "--cycle-costs set the speculative window"),
+    (["--prompt", "hi", "--branches", "2"], "--branches set the speculative window"),
+    (["--prompt", "hi", "--drafter", "self:8", "--branches", "2", "--window", "confidence"], "needs the fixed window"),
+    (["--prompt", "hi", "--drafter", "self:8", "--branches", "2", "--temperature", "1"], "greedy only"),
 ])
 def test_bad_input_gets_a_clear_error(args, message, capsys):
     assert generate.main(args) == 2
@@ -70,6 +73,9 @@ def test_greedy_generation_with_the_committed_drafter_equals_plain_generation(ca
     captured = capsys.readouterr()
     assert captured.out == plain and "Paris" in plain
     assert "verify passes, tau" in captured.err
+    assert generate.main([*prompts, "--drafter", str(REPO_ROOT / "checkpoints/smollm2-135m-instruct/kd"),
+                          "--k-max", "3", "--branches", "3"]) == 0  # a tree of drafts: the same text too
+    assert capsys.readouterr().out == plain
 
 
 def test_bad_checkpoint_files_get_a_clear_error(tmp_path, capsys):

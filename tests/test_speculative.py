@@ -20,7 +20,8 @@ from ppow_jax.inference.autoregressive import AutoregressiveDecoder
 from ppow_jax.inference import costs as costs_module
 from ppow_jax.inference.costs import autorange_loop_steps, interleaved_time_ratios, measure_cycle_costs, verify_widths
 from ppow_jax.inference.sampling import SamplingParams, processed_logprobs
-from ppow_jax.inference.speculative import SpeculativeDecoder, accept_greedy, accept_sampling
+from ppow_jax.inference.speculative import (SpeculativeDecoder, _move_into_chain_slots, accept_greedy,
+                                            accept_greedy_tree, accept_sampling, tree_layout)
 from ppow_jax.inference.windows import WindowPolicy
 from ppow_jax.models import llama
 
@@ -54,8 +55,9 @@ def autoregressive_reference():
 
 @pytest.mark.parametrize("drafter_name", list(drafters()))
 @pytest.mark.parametrize("window", [WindowPolicy("fixed", 1), WindowPolicy("fixed", 4),
-                                    WindowPolicy("confidence", 6, 0.6), WindowPolicy("divergence", 5, 0.3)],
-                         ids=["fixed1", "fixed4", "conf6", "div5"])
+                                    WindowPolicy("confidence", 6, 0.6), WindowPolicy("divergence", 5, 0.3),
+                                    WindowPolicy("fixed", 1, branches=4), WindowPolicy("fixed", 3, branches=3)],
+                         ids=["fixed1", "fixed4", "conf6", "div5", "tree4x1", "tree3x3"])
 def test_greedy_equals_autoregressive(drafter_name, window, autoregressive_reference):
     drafter, drafter_params = drafters()[drafter_name]
     decoder = SpeculativeDecoder(CONFIG, PARAMS, drafter, drafter_params, eos_token_ids=[])
@@ -79,6 +81,77 @@ def test_batch_sizes_and_eos_inside_a_window(batch, autoregressive_reference):
         assert all(len(row) == 24 for row in forced.tokens)
 
 
+def test_tree_layout_by_hand():
+    ancestors, depths, parents = tree_layout(branches=2, k_max=2)  # [pending, a1, a2, b1, b2]
+    assert ancestors.astype(int).tolist() == [[1, 0, 0, 0, 0],
+                                              [1, 1, 0, 0, 0],
+                                              [1, 1, 1, 0, 0],
+                                              [1, 0, 0, 1, 0],
+                                              [1, 0, 0, 1, 1]]
+    assert depths.tolist() == [0, 1, 2, 1, 2]
+    assert parents.tolist() == [[0, 1], [0, 3]]
+
+
+def test_a_tree_pass_gives_each_chain_what_it_gets_verified_alone():
+    """Peer logits: the target's pass over [pending, chain 0, chain 1, chain 2] under the tree mask
+    against one pass per chain over [pending, chain j]; rows with different context lengths. The
+    chain moved into place leaves the cache a lone pass over it leaves."""
+    branches, k_max = 3, 2
+    prompts = np.array([[5, 6, 7, 8, 9, 1], [10, 11, 12, 0, 0, 0]], np.int32)
+    lengths = jnp.asarray([6, 3], jnp.int32)
+    context = llama.prefill(PARAMS, jnp.asarray(prompts), 32, CONFIG, num_valid=lengths).cache
+    chains = np.array([[[3, 4], [20, 21], [7, 7]], [[1, 2], [30, 31], [9, 8]]], np.int32)  # [B, n, K]
+    pending = np.array([13, 14], np.int32)
+    ancestors, depths, _ = tree_layout(branches, k_max)
+    tree_tokens = np.concatenate([pending[:, None], chains.reshape(2, -1)], axis=1)
+    tree = llama.forward(PARAMS, jnp.asarray(tree_tokens), context, CONFIG, positions=lengths[:, None] + depths[None],
+                         hidden_layers=(1,), tree_ancestors=ancestors)
+    for chain in range(branches):
+        alone = llama.forward(PARAMS, jnp.asarray(np.concatenate([pending[:, None], chains[:, chain]], axis=1)),
+                              context, CONFIG, hidden_layers=(1,))
+        index = [0, *range(1 + chain * k_max, 1 + (chain + 1) * k_max)]
+        np.testing.assert_allclose(tree.logits[:, index], alone.logits, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(tree.hidden_states[:, :, index], alone.hidden_states, rtol=1e-5, atol=1e-4)
+        order = jnp.asarray([index, index], jnp.int32)
+        moved = _move_into_chain_slots(tree.cache, lengths, order)
+        for row, length in enumerate([6, 3]):
+            for layer in range(CONFIG.num_layers):
+                for got, want in ((moved.k[layer], alone.cache.k[layer]), (moved.v[layer], alone.cache.v[layer])):
+                    np.testing.assert_allclose(got[row, :, :length + k_max + 1], want[row, :, :length + k_max + 1],
+                                               rtol=1e-5, atol=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(drafts=hnp.arrays(np.int32, (3, 3, 2), elements=st.integers(0, 2)),
+       logits=hnp.arrays(np.float32, (3, 7, 3), elements=st.floats(-3, 3, width=32, allow_subnormal=False)))
+def test_tree_greedy_acceptance_properties(drafts, logits):
+    """Each chain is checked as a lone chain would be; the best one (the lowest on ties) is kept,
+    so a tree never accepts less than its first chain."""
+    _, _, parents = tree_layout(branches=3, k_max=2)
+    k, token, chain = accept_greedy_tree(jnp.asarray(drafts), jnp.asarray(logits), parents)
+    choice = logits.argmax(-1)
+    for row in range(3):
+        per_chain = []
+        for j in range(3):
+            nodes = [0, 1 + 2 * j, 2 + 2 * j]
+            lone_k, lone_token = accept_greedy(jnp.asarray(drafts[row:row + 1, j]), jnp.asarray([2]),
+                                               jnp.asarray(logits[row:row + 1, nodes]))
+            per_chain.append((int(lone_k[0]), int(lone_token[0])))
+        best = max(range(3), key=lambda j: (per_chain[j][0], -j))
+        assert (int(k[row]), int(token[row]), int(chain[row])) == (*per_chain[best], best)
+        assert int(k[row]) >= per_chain[0][0]
+        assert int(token[row]) == choice[row, 0 if per_chain[best][0] == 0 else 2 * best + per_chain[best][0]]
+
+
+def test_tree_stops_at_eos_and_budget_like_a_chain(autoregressive_reference):
+    eos = autoregressive_reference[1][6]
+    expected = AutoregressiveDecoder(CONFIG, PARAMS, eos_token_ids=[eos]).generate(PROMPTS, 24).tokens
+    for drafter, drafter_params in (drafters()["target-itself"], drafters()["self:2"], drafters()["eagle3"]):
+        decoder = SpeculativeDecoder(CONFIG, PARAMS, drafter, drafter_params, eos_token_ids=[eos])
+        result = decoder.generate(PROMPTS, 24, window=WindowPolicy("fixed", 5, branches=2))
+        assert result.tokens == expected
+
+
 def test_compiles_once_across_varying_acceptance():
     drafter, drafter_params = drafters()["self:2"]
     decoder = SpeculativeDecoder(CONFIG, PARAMS, drafter, drafter_params, eos_token_ids=[])
@@ -86,6 +159,11 @@ def test_compiles_once_across_varying_acceptance():
     histograms = [decoder.generate([p], 20, window=window).accept_hist for p in ([1, 2, 3], [9, 8, 7, 6], [4])]
     assert len({tuple(h) for h in histograms}) > 1  # acceptance really varied
     loops = [fn for key, fn in decoder._compiled.items() if key[0] == "loop"]
+    assert len(loops) == 1 and loops[0]._cache_size() == 1
+    tree = WindowPolicy("fixed", 3, branches=3)  # a wider cache margin: prompts of one cache bucket
+    histograms = [decoder.generate([p], 20, window=tree).accept_hist for p in ([1, 2, 3], [9, 8, 7, 6], [4, 5, 6, 7])]
+    assert len({tuple(h) for h in histograms}) > 1
+    loops = [fn for key, fn in decoder._compiled.items() if key[0] == "loop" and key[-1] == tree]
     assert len(loops) == 1 and loops[0]._cache_size() == 1
 
 
@@ -347,6 +425,14 @@ def test_bad_input():
         Eagle3Drafter.for_target(CONFIG, (0,), 4).init_params(jax.random.key(0), d2t=np.array([1, 1, 2, 3]))
     with pytest.raises(InputError, match="unknown window policy"):
         WindowPolicy("telepathic", 4)
+    for branches in (0, 17, True):
+        with pytest.raises(InputError, match="branches must be an integer"):
+            WindowPolicy("fixed", 4, branches=branches)
+    with pytest.raises(InputError, match="needs the fixed window"):
+        WindowPolicy("confidence", 4, branches=2)
+    decoder = SpeculativeDecoder(CONFIG, PARAMS, *drafters()["self:1"], eos_token_ids=[])
+    with pytest.raises(InputError, match="greedy only"):
+        decoder.generate(PROMPTS[:1], 4, SamplingParams(temperature=1.0), WindowPolicy("fixed", 2, branches=2))
     with pytest.raises(InputError, match="self-speculative"):
         self_speculative(CONFIG, PARAMS, CONFIG.num_layers)
 

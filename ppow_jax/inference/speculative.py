@@ -12,6 +12,13 @@ One cycle (METHOD.md §1), all inside one `lax.while_loop` with static shapes:
      at the first rejection, or a bonus token after a fully accepted window);
   4. caches roll back by resetting per-row lengths; nothing is copied.
 
+A fixed window with `branches` = n > 1 drafts a tree instead (greedy only): the drafter's top n
+first drafts each start a chain of K drafts, drafted side by side on n copies of the drafter's
+cache; the target verifies [pending, chain 0, .., chain n-1] (1 + nK tokens) in one pass under a
+tree attention mask (`tree_layout`); the chain with the most accepted drafts is kept, and its keys
+and values are moved into the slots a single chain would have used, so everything after
+acceptance is the chain's code.
+
 Invariant between cycles: the target's cache holds every emitted token except the last one
 (`pending`); the drafter's cache may lack more (an LM drafter the last accepted draft, a feature
 drafter every token of the last window), which it consumes as a `Chunk` at the start of the next
@@ -23,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import flax.struct
 import jax
@@ -124,6 +131,67 @@ def accept_sampling(key: jax.Array, drafts: jax.Array, window: jax.Array, draft_
     return k, token
 
 
+def tree_layout(branches: int, k_max: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The static tree of `branches` chains of `k_max` drafts under the pending token, flattened as
+    [pending, chain 0's drafts, .., chain n-1's] (T = 1 + n·K tokens) -> (ancestors [T, T] bool:
+    token t attends to u; depths [T]: positions past the pending token's; parents [n, K]: the
+    index among the T of the token each draft follows)."""
+    size = 1 + branches * k_max
+    ancestors = np.zeros((size, size), bool)
+    ancestors[:, 0] = True
+    depths = np.zeros(size, np.int32)
+    parents = np.zeros((branches, k_max), np.int32)
+    for chain in range(branches):
+        first = 1 + chain * k_max
+        for depth in range(k_max):
+            node = first + depth
+            ancestors[node, first:node + 1] = True
+            depths[node] = depth + 1
+            parents[chain, depth] = 0 if depth == 0 else node - 1
+    return ancestors, depths, parents
+
+
+def accept_greedy_tree(drafts: jax.Array, target_logits: jax.Array,
+                       parents: np.ndarray) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Greedy acceptance of a tree: drafts [B, n, K] of `tree_layout`'s chains, target_logits [B, T, V]
+    -> (k accepted drafts of the best chain [B], the target token after them [B], the best chain [B]).
+    Ties go to the lowest chain, so a tree never accepts less than its first chain alone would."""
+    k_max = drafts.shape[2]
+    target_choice = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [B, T]
+    per_chain = _leading_true(drafts == target_choice[:, parents])  # [B, n]
+    chain = jnp.argmax(per_chain, axis=1).astype(jnp.int32)
+    k = jnp.max(per_chain, axis=1)
+    last = jnp.where(k > 0, 1 + chain * k_max + k - 1, 0)  # the last accepted token among the T
+    return k, jnp.take_along_axis(target_choice, last[:, None], axis=1)[:, 0], chain
+
+
+def _chain_order(chain: jax.Array, k_max: int) -> jax.Array:
+    """[B] chosen chains -> [B, K + 1] indices among the tree's T of [pending, the chain's drafts]."""
+    return jnp.concatenate([jnp.zeros_like(chain)[:, None], 1 + chain[:, None] * k_max + jnp.arange(k_max)[None]],
+                           axis=1)
+
+
+def _move_into_chain_slots(cache: llama.KVCache, base: jax.Array, order: jax.Array) -> llama.KVCache:
+    """Moves the keys and values of the tree tokens `order` [B, K + 1] (indices among the T written
+    from slot `base` [B]) to slots base .. base + K, where a single chain's would be."""
+    batch, width = order.shape
+    source = base[:, None] + order
+    target = base[:, None] + jnp.arange(width)[None]
+
+    def move(a: jax.Array) -> jax.Array:  # [B, KV, S, hd]
+        moved = jnp.take_along_axis(a, source[:, None, :, None], axis=2)
+        heads = jnp.arange(a.shape[1])[None, :, None]
+        return a.at[jnp.arange(batch)[:, None, None], heads, target[:, None, :]].set(moved, mode="drop")
+
+    return cache.replace(k=tuple(move(a) for a in cache.k), v=tuple(move(a) for a in cache.v))
+
+
+def cache_margin(drafter: Drafter, window: WindowPolicy) -> int:
+    """Cache positions a cycle may write past the last emitted token: the drafter's, or a tree's."""
+    tree_width = 1 + window.branches * window.k_max if window.branches > 1 else 0
+    return max(drafter.cache_margin(window.k_max), tree_width)
+
+
 class SpeculativeDecoder:
     """Batched speculative decoding of a target with any drafter on a device mesh."""
 
@@ -213,9 +281,10 @@ class SpeculativeDecoder:
         if window.needs_costs:
             raise InputError("the cost window needs this machine's cycle costs: measure them with "
                              "ppow_jax.inference.costs.measure_cycle_costs (the CLIs' --cycle-costs auto does)")
+        window.check_sampling(sampling.greedy)
         # The caches must hold a whole cycle's writes past the last emitted token.
         tokens, lengths, cache_len = pad_prompts(self.target_config, prompts, max_new_tokens, self.pad_token_id,
-                                                 extra_cache=self.drafter.cache_margin(window.k_max))
+                                                 extra_cache=cache_margin(self.drafter, window))
         batch = tokens.shape[0]
         start_fn = self._start_fn(batch, tokens.shape[1], cache_len, bucket(max_new_tokens), sampling, window.k_max)
         start = time.perf_counter()
@@ -318,6 +387,84 @@ def _verify(target_params, verify_tokens: jax.Array, cache: llama.KVCache, windo
     return jax.lax.switch(branch, [at_width(w) for w in widths], cache)
 
 
+class _Verified(NamedTuple):
+    """One cycle up to acceptance, as the rest of the cycle reads it (a tree's kept chain only)."""
+
+    drafts: jax.Array  # [B, K]
+    window_len: jax.Array  # [B] drafts proposed (0 for done rows)
+    steps: jax.Array  # drafts made, as `Drafter.after_verify` reads it
+    drafter_cache: DraftCache
+    accepted: jax.Array  # [B]
+    next_token: jax.Array  # [B] the target's token after the accepted drafts
+    verify_features: Optional[jax.Array]  # [B, K + 1, F] the target's features for [pending, drafts]
+    target_cache: llama.KVCache  # lengths not yet rolled back
+    saw_nan: jax.Array  # [B]
+
+
+def _chain_cycle(target_params, drafter_params, s: SpecState, draft_key: jax.Array, accept_key: jax.Array, *,
+                 target_config: ModelConfig, drafter: Drafter, sampling: SamplingParams,
+                 window: WindowPolicy) -> _Verified:
+    """Draft one chain under the window policy, verify it, accept its longest acceptable prefix."""
+    active = ~s.done
+    k_max = window.k_max
+    drafts, draft_logprobs, window_len, steps, drafter_cache = _draft(
+        drafter, drafter_params, target_params, s, draft_key, sampling=sampling, window=window)
+    window_len = jnp.where(active, window_len, 0)
+    verify_tokens = jnp.concatenate([s.pending[:, None], drafts], axis=1)  # [B, K + 1]
+    # A fixed window always fills K_max + 1 positions: one width, no switch.
+    widths = (k_max + 1,) if window.kind == "fixed" else verify_widths(k_max)
+    logits, hidden_states, target_cache = _verify(target_params, verify_tokens, s.target_cache, window_len,
+                                                  active, widths, target_config=target_config,
+                                                  feature_layers=drafter.feature_layers)
+    saw_nan = jnp.any(jnp.isnan(logits), axis=(1, 2)) & active
+    if sampling.greedy:
+        k, next_token = accept_greedy(drafts, window_len, logits)
+    else:
+        k, next_token = accept_sampling(accept_key, drafts, window_len, draft_logprobs, logits, sampling)
+    return _Verified(drafts, window_len, steps, drafter_cache, k, next_token, concat_features(hidden_states),
+                     target_cache, saw_nan)
+
+
+def _tree_cycle(target_params, drafter_params, s: SpecState, draft_key: jax.Array, accept_key: jax.Array, *,
+                target_config: ModelConfig, drafter: Drafter, sampling: SamplingParams,
+                window: WindowPolicy) -> _Verified:
+    """Draft `window.branches` greedy chains from the drafter's top first drafts, verify them as one
+    tree, keep the chain with the most accepted drafts."""
+    del draft_key, accept_key, sampling  # greedy only: `SpeculativeDecoder.generate` refuses sampling
+    active = ~s.done
+    batch, k_max, branches = s.pending.shape[0], window.k_max, window.branches
+    ancestors, depths, parents = tree_layout(branches, k_max)
+    logits, consumed = drafter.consume(drafter_params, target_params, s.drafter_cache, s.chunk)
+    first = jax.lax.top_k(logits, branches)[1].astype(jnp.int32)  # [B, n]: the greedy first draft leads
+    replicas = jax.tree_util.tree_map(lambda a: jnp.repeat(a, branches, axis=0), consumed)  # row b's at b·n + j
+
+    def draft_step(step, carry):
+        cache, drafts = carry
+        logits, cache = drafter.step(drafter_params, target_params, cache, drafts[:, step - 1])
+        return cache, drafts.at[:, step].set(jnp.argmax(logits, axis=-1).astype(jnp.int32))
+
+    drafts = jnp.zeros((batch * branches, k_max), jnp.int32).at[:, 0].set(first.reshape(-1))
+    replicas, drafts = jax.lax.fori_loop(1, k_max, draft_step, (replicas, drafts))
+    drafts = drafts.reshape(batch, branches, k_max)
+
+    verify_tokens = jnp.concatenate([s.pending[:, None], drafts.reshape(batch, branches * k_max)], axis=1)
+    out = llama.forward(target_params, verify_tokens, s.target_cache, target_config,
+                        positions=s.target_cache.lengths[:, None] + jnp.asarray(depths)[None],
+                        num_valid=jnp.where(active, verify_tokens.shape[1], 0),
+                        hidden_layers=drafter.feature_layers, tree_ancestors=ancestors)
+    saw_nan = jnp.any(jnp.isnan(out.logits), axis=(1, 2)) & active
+    k, next_token, chain = accept_greedy_tree(drafts, out.logits, parents)
+    order = _chain_order(chain, k_max)
+    rows = jnp.arange(batch)
+    features = concat_features(out.hidden_states)
+    if features is not None:
+        features = jnp.take_along_axis(features, order[:, :, None], axis=1)
+    kept_cache = jax.tree_util.tree_map(lambda a: a.reshape(batch, branches, *a.shape[1:])[rows, chain], replicas)
+    return _Verified(drafts[rows, chain], jnp.where(active, k_max, 0), jnp.asarray(k_max, jnp.int32), kept_cache,
+                     k, next_token, features, _move_into_chain_slots(out.cache, s.target_cache.lengths, order),
+                     saw_nan)
+
+
 def _speculative_loop(target_params, drafter_params, state: SpecState, *, target_config: ModelConfig,
                       drafter: Drafter, sampling: SamplingParams, window: WindowPolicy,
                       eos_token_ids: jax.Array, pad_token_id: int) -> SpecState:
@@ -330,21 +477,10 @@ def _speculative_loop(target_params, drafter_params, state: SpecState, *, target
         key, draft_key, accept_key = jax.random.split(s.key, 3)
         active = ~s.done
         batch = active.shape[0]
-        drafts, draft_logprobs, window_len, steps, drafter_cache = _draft(
-            drafter, drafter_params, target_params, s, draft_key, sampling=sampling, window=window)
-        window_len = jnp.where(active, window_len, 0)
-
-        verify_tokens = jnp.concatenate([s.pending[:, None], drafts], axis=1)  # [B, K + 1]
-        # A fixed window always fills K_max + 1 positions: one width, no switch.
-        widths = (k_max + 1,) if window.kind == "fixed" else verify_widths(k_max)
-        logits, hidden_states, target_cache = _verify(target_params, verify_tokens, s.target_cache, window_len,
-                                                      active, widths, target_config=target_config,
-                                                      feature_layers=drafter.feature_layers)
-        saw_nan = jnp.any(jnp.isnan(logits), axis=(1, 2)) & active
-        if sampling.greedy:
-            k, next_token = accept_greedy(drafts, window_len, logits)
-        else:
-            k, next_token = accept_sampling(accept_key, drafts, window_len, draft_logprobs, logits, sampling)
+        cycle = _tree_cycle if window.branches > 1 else _chain_cycle
+        drafts, window_len, steps, drafter_cache, k, next_token, verify_features, target_cache, saw_nan = cycle(
+            target_params, drafter_params, s, draft_key, accept_key, target_config=target_config, drafter=drafter,
+            sampling=sampling, window=window)
 
         # Emit d_1..d_k and the target token, cut at the first EOS and at the row's budget.
         positions = jnp.arange(k_max + 1)[None, :]
@@ -362,7 +498,7 @@ def _speculative_loop(target_params, drafter_params, state: SpecState, *, target
         target_lengths = s.target_cache.lengths + jnp.where(active, 1 + k, 0)
         drafter_cache, chunk = drafter.after_verify(
             s.drafter_cache, drafter_cache, s.chunk, drafts, k, steps, next_token,
-            concat_features(hidden_states), active, pad_token_id)
+            verify_features, active, pad_token_id)
         hist = s.accept_hist + jnp.zeros((k_max + 1,), jnp.int32).at[k].add(active.astype(jnp.int32))
         return s.replace(
             tokens=tokens, num_generated=num_generated, done=done, pending=next_token, chunk=chunk,

@@ -25,6 +25,12 @@ draft loop, so learned policies (PPOW's, LTD's) plug in as further kinds.
   verify pass of two positions costs much more than a decode step (a CPU), an unpromising first
   draft makes the cycle a plain decode step, so a weak drafter does not slow decoding down.
 
+A fixed window may also branch (`branches` > 1, greedy only): the engine then drafts a tree of
+that many chains of K_max drafts sharing the pending token, each starting from one of the
+drafter's top `branches` first drafts (the first chain is the one a single chain would draft),
+verifies the whole tree in one target pass under a tree attention mask, and keeps the chain with
+the most accepted drafts.
+
 Every policy except `cost` proposes the first draft. The engine verifies at the smallest of its
 static widths that holds the longest proposed window, so a policy that stops early also saves
 verify work.
@@ -44,6 +50,7 @@ POLICIES = ("fixed", "confidence", "divergence", "adaptive", "cost")
 CALIBRATED = ("adaptive", "cost")  # the policies that read a trained drafter's acceptance model
 CALIBRATION_FEATURES = 3  # top log-prob, entropy, step
 MAX_WINDOW = 32
+MAX_BRANCHES = 16
 
 
 def normalised_entropy(logprobs: jax.Array) -> jax.Array:
@@ -74,12 +81,18 @@ class WindowPolicy:
     # step, both in decode steps (`ppow_jax.inference.costs.CycleCosts`)
     verify_costs: tuple[float, ...] = ()
     draft_cost: float = 0.0
+    branches: int = 1  # first-draft branches of a tree (fixed window, greedy); 1: a single chain
 
     def __post_init__(self):
         if self.kind not in POLICIES:
             raise InputError(f"unknown window policy {self.kind!r}; choose one of {', '.join(POLICIES)}")
         if isinstance(self.k_max, bool) or not isinstance(self.k_max, int) or not 1 <= self.k_max <= MAX_WINDOW:
             raise InputError(f"k_max must be an integer in [1, {MAX_WINDOW}], got {self.k_max}")
+        if isinstance(self.branches, bool) or not isinstance(self.branches, int) or not 1 <= self.branches <= MAX_BRANCHES:
+            raise InputError(f"branches must be an integer in [1, {MAX_BRANCHES}], got {self.branches}")
+        if self.branches > 1 and self.kind != "fixed":
+            raise InputError(f"a tree of {self.branches} branches drafts every chain to k_max: it needs the fixed "
+                             f"window, not {self.kind!r}")
         if not 0.0 <= self.threshold <= 1.0:
             raise InputError(f"window threshold must be in [0, 1], got {self.threshold}")
         if self.kind in CALIBRATED and len(self.calibration) != CALIBRATION_FEATURES + 1:
@@ -93,6 +106,12 @@ class WindowPolicy:
             if not all(math.isfinite(c) and c >= 0 for c in costs) or not all(c > 0 for c in self.verify_costs):
                 raise InputError(f"cycle costs must be finite, verify costs positive and the drafter step's "
                                  f"non-negative, got verify {self.verify_costs}, drafter step {self.draft_cost}")
+
+    def check_sampling(self, greedy: bool) -> None:
+        """Refuses what this window cannot decode losslessly: a tree under sampling."""
+        if self.branches > 1 and not greedy:
+            raise InputError(f"tree drafting ({self.branches} branches) is greedy only: lossless sampling over "
+                             "several drafted chains is not implemented; use --branches 1 or temperature 0")
 
     @property
     def needs_costs(self) -> bool:

@@ -27,6 +27,10 @@ The KV cache has a static size and a per-row length. Token t of row b is written
 hold stale keys (a rejected draft, padding); they are never visible, because any slot a query can
 see has been rewritten by the time that query runs. Rolling back a rejected draft is therefore
 just a smaller `lengths`.
+
+A tree of drafts (`forward`'s `tree_ancestors`) breaks the slot = position rule: its T tokens are
+written at slots `lengths + 0..T-1`, take their depth in the tree as position, and each sees the
+verified context (slots below `lengths`) and, among the T, only its own ancestors and itself.
 """
 
 from __future__ import annotations
@@ -195,7 +199,11 @@ def multiply_reduce_attention(batch: int, seq: int) -> bool:
 
 
 def attention(layer: Params, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array],
-               k_cache: jax.Array, v_cache: jax.Array, config: ModelConfig):
+               k_cache: jax.Array, v_cache: jax.Array, config: ModelConfig, *, slots: Optional[jax.Array] = None,
+               visible: Optional[jax.Array] = None):
+    """One attention layer over x [B, T, D]. The keys and values of token t are written at cache slot
+    `slots[:, t]` (default: its position); `visible` [B, T, S] says which slots each token attends
+    to (default: the slots up to its position)."""
     batch, seq, _ = x.shape
     h, kv, hd = config.num_heads, config.num_kv_heads, config.head_dim
     dtype = x.dtype
@@ -216,11 +224,11 @@ def attention(layer: Params, x: jax.Array, positions: jax.Array, rope: tuple[jax
 
     # Write the new keys/values at their positions; positions past the cache are dropped
     # (only padding can land there: callers size the cache for every real token).
+    slots = positions if slots is None else slots
     rows = jnp.arange(batch)[:, None, None]
     heads = jnp.arange(kv)[None, :, None]
-    slots = positions[:, None, :]
-    k_cache = k_cache.at[rows, heads, slots].set(k.swapaxes(1, 2).astype(k_cache.dtype), mode="drop")
-    v_cache = v_cache.at[rows, heads, slots].set(v.swapaxes(1, 2).astype(v_cache.dtype), mode="drop")
+    k_cache = k_cache.at[rows, heads, slots[:, None, :]].set(k.swapaxes(1, 2).astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[rows, heads, slots[:, None, :]].set(v.swapaxes(1, 2).astype(v_cache.dtype), mode="drop")
     k_cache = sharding.constrain(k_cache, sharding.CACHE_AXES)
     v_cache = sharding.constrain(v_cache, sharding.CACHE_AXES)
 
@@ -234,7 +242,8 @@ def attention(layer: Params, x: jax.Array, positions: jax.Array, rope: tuple[jax
         scores = jnp.einsum("bkqd,bksd->bkqs", q, k_cache.astype(dtype),
                             preferred_element_type=jnp.float32) / math.sqrt(hd)
     cache_slots = jnp.arange(k_cache.shape[2])
-    visible = cache_slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    if visible is None:
+        visible = cache_slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
     visible = jnp.tile(visible, (1, groups, 1))[:, None]  # [B, 1, G*T, S], rows ordered (g, t)
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
@@ -256,6 +265,15 @@ def mlp(layer: Params, x: jax.Array) -> jax.Array:
     return hidden @ layer["w_down"].astype(dtype)
 
 
+def tree_visibility(first_slot: jax.Array, tree_ancestors: np.ndarray, cache_len: int) -> jax.Array:
+    """[B, T, S] which cache slots each token of a tree written from `first_slot` [B] attends to: the
+    context below it, and its ancestors and itself among the T (`tree_ancestors` [T, T])."""
+    size = tree_ancestors.shape[0]
+    in_tree = jnp.arange(cache_len)[None, None, :] - first_slot[:, None, None]  # [B, 1, S]; < 0: context
+    ancestor = jnp.asarray(tree_ancestors)[jnp.arange(size)[None, :, None], jnp.clip(in_tree, 0, size - 1)]
+    return (in_tree < 0) | ((in_tree < size) & ancestor)
+
+
 def lm_head(params: Params, x: jax.Array, config: ModelConfig) -> jax.Array:
     """Final-normed hidden states [..., D] -> float32 logits [..., V]."""
     if config.tie_word_embeddings:
@@ -267,11 +285,15 @@ def lm_head(params: Params, x: jax.Array, config: ModelConfig) -> jax.Array:
 
 def forward(params: Params, tokens: jax.Array, cache: KVCache, config: ModelConfig, *,
             positions: Optional[jax.Array] = None, num_valid: Optional[jax.Array] = None,
-            hidden_layers: Sequence[int] = (), logits_at: str = "all") -> ForwardOutput:
+            hidden_layers: Sequence[int] = (), logits_at: str = "all",
+            tree_ancestors: Optional[np.ndarray] = None) -> ForwardOutput:
     """Runs tokens [B, T] against the cache and appends them to it.
 
     Args:
       positions: [B, T] positions of the tokens; default `cache.lengths[:, None] + arange(T)`.
+      tree_ancestors: [T, T] bool, for a tree of tokens (speculative tree drafts): token t attends
+        to the context and to the tokens u with `tree_ancestors[t, u]` (its ancestors and itself);
+        the tokens are written at slots `cache.lengths + arange(T)` and `positions` give their depths.
       num_valid: [B] how many of the T tokens in each row are real (the rest is right padding);
         the row's cache length grows by this much. Default T.
       hidden_layers: indices of decoder layers whose outputs are returned (the drafter features).
@@ -281,8 +303,14 @@ def forward(params: Params, tokens: jax.Array, cache: KVCache, config: ModelConf
     batch, seq = tokens.shape
     if num_valid is None:
         num_valid = jnp.full((batch,), seq, jnp.int32)
+    in_order = cache.lengths[:, None] + jnp.arange(seq, dtype=jnp.int32)[None, :]
     if positions is None:
-        positions = cache.lengths[:, None] + jnp.arange(seq, dtype=jnp.int32)[None, :]
+        positions = in_order
+    slots, visible = None, None
+    if tree_ancestors is not None:
+        if np.shape(tree_ancestors) != (seq, seq):
+            raise ValueError(f"tree_ancestors must be [{seq}, {seq}] for {seq} tokens, got {np.shape(tree_ancestors)}")
+        slots, visible = in_order, tree_visibility(cache.lengths, np.asarray(tree_ancestors), cache.max_len)
     for index in hidden_layers:
         if not 0 <= index < config.num_layers:
             raise ValueError(f"hidden layer {index} is out of range for a {config.num_layers}-layer model")
@@ -295,7 +323,7 @@ def forward(params: Params, tokens: jax.Array, cache: KVCache, config: ModelConf
     for index, layer in enumerate(params["layers"]):
         attn_out, k_layer, v_layer = attention(
             layer, rms_norm(x, layer["attn_norm"], config.rms_norm_eps), positions, rope,
-            cache.k[index], cache.v[index], config)
+            cache.k[index], cache.v[index], config, slots=slots, visible=visible)
         x = x + attn_out
         x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
         x = sharding.constrain(x, ("batch", "seq", "embed"))
