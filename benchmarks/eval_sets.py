@@ -45,7 +45,7 @@ def main() -> int:
     parser.add_argument("--window", default="fixed")
     parser.add_argument("--k-max", type=int, default=5)
     parser.add_argument("--threshold", type=float, default=0.5)
-    parser.add_argument("--branches", type=int, default=1)
+    parser.add_argument("--branches", default="1", help="children per draft at each depth, as in ppow_jax.eval")
     parser.add_argument("--data-root", default=os.environ.get("PPOW_DATA_ROOT", "../shared/data"))
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -57,14 +57,14 @@ def main() -> int:
         command = [sys.executable, "-m", "ppow_jax.eval", *(["--target", args.target] if args.target else []),
                    "--drafter", args.drafter, "--questions", *questions, "--limit", str(args.limit), "--max-new-tokens", str(args.max_new_tokens),
                    "--temperature", str(temperature), "--window", args.window, "--k-max", str(args.k_max),
-                   "--threshold", str(args.threshold), "--branches", str(args.branches), "--out", str(out)]
+                   "--threshold", str(args.threshold), "--branches", args.branches, "--out", str(out)]
         print("$ " + " ".join(command), file=sys.stderr, flush=True)
         returncode = subprocess.run(command, stdout=subprocess.DEVNULL).returncode
         if not (out / "results.json").exists():
             return returncode or 1
         status = status or returncode
         results = json.loads((out / "results.json").read_text())
-        print(f"\n### drafter {args.drafter}, window {args.window} (K_max {args.k_max}, {args.branches} branches), T = {temperature:g}, "
+        print(f"\n### drafter {args.drafter}, window {args.window} (K_max {args.k_max}, branches {args.branches}), T = {temperature:g}, "
               f"{args.max_new_tokens} new tokens, {args.limit} questions per set; {results['machine']}\n")
         print(per_set_table(results), flush=True)
     return status

@@ -80,9 +80,10 @@ def write_report(out: pathlib.Path, results: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     rows = list(results["categories"].items()) + [("overall", results["overall"])]
+    branches = results["config"]["branches"]
+    shape = f"tree {','.join(map(str, branches))}" if any(b > 1 for b in branches) else "chain"
     lines = [f"# {results['config']['drafter']} on {results['config']['target']}", "",
-             f"window {results['config']['window']} (k_max {results['config']['k_max']}, "
-             f"{results['config']['branches']} branch{'es' if results['config']['branches'] > 1 else ''}), temperature "
+             f"window {results['config']['window']} (k_max {results['config']['k_max']}, {shape}), temperature "
              f"{results['config']['temperature']}, {results['config']['max_new_tokens']} new tokens, {results['config']['dtype']}, "
              f"matmul precision {results['config']['matmul_precision']}; {results['machine']}",
              "", "| category | questions | τ | tokens/s | AR tokens/s | speedup | greedy match |", "|---|---|---|---|---|---|---|"]
@@ -198,7 +199,7 @@ def evaluate(args: argparse.Namespace) -> int:
     results = {"categories": {name: summarize(recs, sampling.greedy) for name, recs in categories.items()},
                "overall": summarize(records, sampling.greedy),
                "config": {"target": args.target, "drafter": args.drafter, "window": args.window, "k_max": args.k_max,
-                          "threshold": args.threshold, "branches": args.branches,
+                          "threshold": args.threshold, "branches": list(window.branches),
                           "cycle_costs": list(window.verify_costs) + [window.draft_cost] if window.kind == "cost" else None,
                           "temperature": args.temperature, "top_k": args.top_k,
                           "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "limit": args.limit,

@@ -53,6 +53,8 @@ def test_malformed_question_files_name_file_and_line(tmp_path, content, message)
     (["--drafter", "self:8", "--questions", "{q}", "--branches", "2", "--temperature", "0.7"], "greedy only"),
     (["--drafter", "self:8", "--questions", "{q}", "--branches", "2", "--window", "divergence"],
      "needs the fixed window"),
+    (["--drafter", "self:8", "--questions", "{q}", "--branches", "4;2"], "comma-separated counts"),
+    (["--drafter", "self:8", "--questions", "{q}", "--branches", "2,2,2", "--k-max", "2"], "at most k_max = 2"),
 ])
 def test_bad_input_gets_a_clear_error(tmp_path, capsys, extra, message):
     questions = tmp_path / "question.jsonl"
@@ -140,7 +142,7 @@ def test_end_to_end_results_layout(tmp_path, shared_data_root):
     assert all((out / name).is_file() for name in ("results.md", "tau.png", "speedup.png", "accept_hist.png"))
     assert results["config"]["matmul_precision"] == "highest"
     assert "matmul precision highest" in (out / "results.md").read_text()
-    assert results["config"]["branches"] == 1 and "(k_max 5, 1 branch)" in (out / "results.md").read_text()
+    assert results["config"]["branches"] == [1] * 5 and "(k_max 5, chain)" in (out / "results.md").read_text()
 
 
 @pytest.mark.parametrize("name, marker", [("highest", "HIGHEST"), ("default", "DEFAULT")])

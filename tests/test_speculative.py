@@ -56,8 +56,9 @@ def autoregressive_reference():
 @pytest.mark.parametrize("drafter_name", list(drafters()))
 @pytest.mark.parametrize("window", [WindowPolicy("fixed", 1), WindowPolicy("fixed", 4),
                                     WindowPolicy("confidence", 6, 0.6), WindowPolicy("divergence", 5, 0.3),
-                                    WindowPolicy("fixed", 1, branches=4), WindowPolicy("fixed", 3, branches=3)],
-                         ids=["fixed1", "fixed4", "conf6", "div5", "tree4x1", "tree3x3"])
+                                    WindowPolicy("fixed", 1, branches=4), WindowPolicy("fixed", 3, branches=3),
+                                    WindowPolicy("fixed", 3, branches=(2, 2))],
+                         ids=["fixed1", "fixed4", "conf6", "div5", "tree4", "tree3-k3", "tree2,2-k3"])
 def test_greedy_equals_autoregressive(drafter_name, window, autoregressive_reference):
     drafter, drafter_params = drafters()[drafter_name]
     decoder = SpeculativeDecoder(CONFIG, PARAMS, drafter, drafter_params, eos_token_ids=[])
@@ -82,65 +83,66 @@ def test_batch_sizes_and_eos_inside_a_window(batch, autoregressive_reference):
 
 
 def test_tree_layout_by_hand():
-    ancestors, depths, parents = tree_layout(branches=2, k_max=2)  # [pending, a1, a2, b1, b2]
-    assert ancestors.astype(int).tolist() == [[1, 0, 0, 0, 0],
-                                              [1, 1, 0, 0, 0],
-                                              [1, 1, 1, 0, 0],
-                                              [1, 0, 0, 1, 0],
-                                              [1, 0, 0, 1, 1]]
-    assert depths.tolist() == [0, 1, 2, 1, 2]
-    assert parents.tolist() == [[0, 1], [0, 3]]
+    two_chains = tree_layout((2, 1))  # [pending, a1, b1, a2, b2]
+    assert two_chains.ancestors.astype(int).tolist() == [[1, 0, 0, 0, 0],
+                                                         [1, 1, 0, 0, 0],
+                                                         [1, 0, 1, 0, 0],
+                                                         [1, 1, 0, 1, 0],
+                                                         [1, 0, 1, 0, 1]]
+    assert two_chains.depths.tolist() == [0, 1, 1, 2, 2]
+    assert two_chains.parents.tolist() == [0, 0, 0, 1, 2]
+    assert two_chains.paths.tolist() == [[0, 1, 3], [0, 1, 3], [0, 2, 4], [0, 1, 3], [0, 2, 4]]
+    binary = tree_layout((2, 2, 1))  # depth 1: 1-2, depth 2: 3-6, depth 3: 7-10
+    assert binary.parents.tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 4, 5, 6]
+    assert binary.paths[2].tolist() == [0, 2, 5, 9] and binary.paths[10].tolist() == [0, 2, 6, 10]
+    assert np.flatnonzero(binary.ancestors[8]).tolist() == [0, 1, 4, 8]
 
 
-def test_a_tree_pass_gives_each_chain_what_it_gets_verified_alone():
-    """Peer logits: the target's pass over [pending, chain 0, chain 1, chain 2] under the tree mask
-    against one pass per chain over [pending, chain j]; rows with different context lengths. The
-    chain moved into place leaves the cache a lone pass over it leaves."""
-    branches, k_max = 3, 2
+def test_a_tree_pass_gives_each_path_what_it_gets_verified_alone():
+    """Peer logits: the target's pass over a (2, 2) tree under the tree mask against one pass per
+    root-to-leaf path; rows with different context lengths. The path moved into place leaves the
+    cache a lone pass over it leaves."""
+    layout = tree_layout((2, 2))
     prompts = np.array([[5, 6, 7, 8, 9, 1], [10, 11, 12, 0, 0, 0]], np.int32)
     lengths = jnp.asarray([6, 3], jnp.int32)
     context = llama.prefill(PARAMS, jnp.asarray(prompts), 32, CONFIG, num_valid=lengths).cache
-    chains = np.array([[[3, 4], [20, 21], [7, 7]], [[1, 2], [30, 31], [9, 8]]], np.int32)  # [B, n, K]
-    pending = np.array([13, 14], np.int32)
-    ancestors, depths, _ = tree_layout(branches, k_max)
-    tree_tokens = np.concatenate([pending[:, None], chains.reshape(2, -1)], axis=1)
-    tree = llama.forward(PARAMS, jnp.asarray(tree_tokens), context, CONFIG, positions=lengths[:, None] + depths[None],
-                         hidden_layers=(1,), tree_ancestors=ancestors)
-    for chain in range(branches):
-        alone = llama.forward(PARAMS, jnp.asarray(np.concatenate([pending[:, None], chains[:, chain]], axis=1)),
-                              context, CONFIG, hidden_layers=(1,))
-        index = [0, *range(1 + chain * k_max, 1 + (chain + 1) * k_max)]
-        np.testing.assert_allclose(tree.logits[:, index], alone.logits, rtol=1e-5, atol=1e-4)
-        np.testing.assert_allclose(tree.hidden_states[:, :, index], alone.hidden_states, rtol=1e-5, atol=1e-4)
-        order = jnp.asarray([index, index], jnp.int32)
-        moved = _move_into_chain_slots(tree.cache, lengths, order)
+    tree_tokens = np.array([[13, 3, 4, 20, 21, 7, 7], [14, 1, 2, 30, 31, 9, 8]], np.int32)
+    tree = llama.forward(PARAMS, jnp.asarray(tree_tokens), context, CONFIG,
+                         positions=lengths[:, None] + layout.depths[None], hidden_layers=(1,),
+                         tree_ancestors=layout.ancestors)
+    for leaf in range(3, 7):
+        path = layout.paths[leaf]
+        alone = llama.forward(PARAMS, jnp.asarray(tree_tokens[:, path]), context, CONFIG, hidden_layers=(1,))
+        np.testing.assert_allclose(tree.logits[:, path], alone.logits, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(tree.hidden_states[:, :, path], alone.hidden_states, rtol=1e-5, atol=1e-4)
+        moved = _move_into_chain_slots(tree.cache, lengths, jnp.asarray([path, path], jnp.int32))
         for row, length in enumerate([6, 3]):
             for layer in range(CONFIG.num_layers):
                 for got, want in ((moved.k[layer], alone.cache.k[layer]), (moved.v[layer], alone.cache.v[layer])):
-                    np.testing.assert_allclose(got[row, :, :length + k_max + 1], want[row, :, :length + k_max + 1],
+                    np.testing.assert_allclose(got[row, :, :length + len(path)], want[row, :, :length + len(path)],
                                                rtol=1e-5, atol=1e-4)
 
 
 @settings(max_examples=40, deadline=None)
-@given(drafts=hnp.arrays(np.int32, (3, 3, 2), elements=st.integers(0, 2)),
-       logits=hnp.arrays(np.float32, (3, 7, 3), elements=st.floats(-3, 3, width=32, allow_subnormal=False)))
-def test_tree_greedy_acceptance_properties(drafts, logits):
-    """Each chain is checked as a lone chain would be; the best one (the lowest on ties) is kept,
-    so a tree never accepts less than its first chain."""
-    _, _, parents = tree_layout(branches=3, k_max=2)
-    k, token, chain = accept_greedy_tree(jnp.asarray(drafts), jnp.asarray(logits), parents)
-    choice = logits.argmax(-1)
+@given(tree_tokens=hnp.arrays(np.int32, (3, 10), elements=st.integers(0, 2)),
+       logits=hnp.arrays(np.float32, (3, 10, 3), elements=st.floats(-3, 3, width=32, allow_subnormal=False)))
+def test_tree_greedy_acceptance_properties(tree_tokens, logits):
+    """Every root-to-leaf path is checked as a lone chain would be; the first path with the most
+    accepted drafts is kept, so a tree never accepts less than its first path."""
+    layout = tree_layout((3, 2))  # depth 1: 1-3, depth 2: 4-9
+    k, token, path = accept_greedy_tree(jnp.asarray(tree_tokens), jnp.asarray(logits), layout)
     for row in range(3):
-        per_chain = []
-        for j in range(3):
-            nodes = [0, 1 + 2 * j, 2 + 2 * j]
-            lone_k, lone_token = accept_greedy(jnp.asarray(drafts[row:row + 1, j]), jnp.asarray([2]),
+        lone = []
+        for leaf in range(4, 10):
+            nodes = layout.paths[leaf]
+            lone_k, lone_token = accept_greedy(jnp.asarray(tree_tokens[row:row + 1, nodes[1:]]), jnp.asarray([2]),
                                                jnp.asarray(logits[row:row + 1, nodes]))
-            per_chain.append((int(lone_k[0]), int(lone_token[0])))
-        best = max(range(3), key=lambda j: (per_chain[j][0], -j))
-        assert (int(k[row]), int(token[row]), int(chain[row])) == (*per_chain[best], best)
-        assert int(k[row]) >= per_chain[0][0]
-        assert int(token[row]) == choice[row, 0 if per_chain[best][0] == 0 else 2 * best + per_chain[best][0]]
+            lone.append((int(lone_k[0]), int(lone_token[0]), nodes))
+        best_k = max(entry[0] for entry in lone)
+        first_best = next(entry for entry in lone if entry[0] == best_k)
+        assert (int(k[row]), int(token[row])) == first_best[:2]
+        assert path[row, :best_k + 1].tolist() == first_best[2][:best_k + 1].tolist()
+        assert int(k[row]) >= lone[0][0]
 
 
 def test_tree_stops_at_eos_and_budget_like_a_chain(autoregressive_reference):
@@ -148,7 +150,7 @@ def test_tree_stops_at_eos_and_budget_like_a_chain(autoregressive_reference):
     expected = AutoregressiveDecoder(CONFIG, PARAMS, eos_token_ids=[eos]).generate(PROMPTS, 24).tokens
     for drafter, drafter_params in (drafters()["target-itself"], drafters()["self:2"], drafters()["eagle3"]):
         decoder = SpeculativeDecoder(CONFIG, PARAMS, drafter, drafter_params, eos_token_ids=[eos])
-        result = decoder.generate(PROMPTS, 24, window=WindowPolicy("fixed", 5, branches=2))
+        result = decoder.generate(PROMPTS, 24, window=WindowPolicy("fixed", 5, branches=(2, 1, 2)))
         assert result.tokens == expected
 
 
@@ -425,9 +427,12 @@ def test_bad_input():
         Eagle3Drafter.for_target(CONFIG, (0,), 4).init_params(jax.random.key(0), d2t=np.array([1, 1, 2, 3]))
     with pytest.raises(InputError, match="unknown window policy"):
         WindowPolicy("telepathic", 4)
-    for branches in (0, 17, True):
-        with pytest.raises(InputError, match="branches must be an integer"):
+    for branches in (0, True, (2, 0), (2, 1, 1, 1, 1)):
+        with pytest.raises(InputError, match="branches must be at most k_max = 4 counts of at least 1"):
             WindowPolicy("fixed", 4, branches=branches)
+    with pytest.raises(InputError, match="verifies 1097 tokens per cycle, more than 1024"):
+        WindowPolicy("fixed", 4, branches=(8, 8, 8))
+    assert WindowPolicy("fixed", 3, branches=(4,)).branches == (4, 1, 1) and WindowPolicy("fixed", 3).tree_tokens == 4
     with pytest.raises(InputError, match="needs the fixed window"):
         WindowPolicy("confidence", 4, branches=2)
     decoder = SpeculativeDecoder(CONFIG, PARAMS, *drafters()["self:1"], eos_token_ids=[])

@@ -27,9 +27,10 @@ def add_window_arguments(parser: argparse.ArgumentParser, *, k_max: int) -> None
     parser.add_argument("--threshold", type=float, default=0.5,
                         help="confidence window: least top probability; divergence window: largest mean criticality; "
                              "adaptive window: least predicted probability that the whole window is accepted")
-    parser.add_argument("--branches", type=int, default=1,
-                        help="fixed window, greedy: draft a tree of this many chains, each from one of the drafter's "
-                             "top first drafts, verified in one target pass; the best-accepted chain is kept")
+    parser.add_argument("--branches", default="1",
+                        help="fixed window, greedy: draft a tree, each draft at depth d having the drafter's top b_d "
+                             "next drafts as children, for 'b_1,b_2,..' (missing depths: 1; '4': four chains from "
+                             "the top four first drafts), verified in one target pass; the deepest accepted path is kept")
     parser.add_argument("--cycle-costs", default="auto",
                         help="cost window: 'auto' (measured at start-up on this machine, printed to stderr) or "
                              "k_max + 2 comma-separated numbers, the verify pass over T = 1..k_max + 1 positions "
@@ -43,7 +44,16 @@ def window_policy(args: argparse.Namespace):
     calibration = window_calibration(args.drafter, args.window) if args.window in CALIBRATED else ()
     verify_costs, draft_cost = parse_cycle_costs(args.cycle_costs, args.k_max) if args.window == "cost" else ((), 0.0)
     return WindowPolicy(kind=args.window, k_max=args.k_max, threshold=args.threshold, calibration=calibration,
-                        verify_costs=verify_costs, draft_cost=draft_cost, branches=args.branches)
+                        verify_costs=verify_costs, draft_cost=draft_cost, branches=parse_branches(args.branches))
+
+
+def parse_branches(text: str) -> tuple[int, ...]:
+    """`--branches 4,2` -> (4, 2)."""
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise InputError(f"--branches {text!r}: expected comma-separated counts of children per depth, "
+                         "such as 4 or 4,2") from None
 
 
 def parse_cycle_costs(text: str, k_max: int) -> tuple[tuple[float, ...], float]:

@@ -12,12 +12,12 @@ One cycle (METHOD.md §1), all inside one `lax.while_loop` with static shapes:
      at the first rejection, or a bonus token after a fully accepted window);
   4. caches roll back by resetting per-row lengths; nothing is copied.
 
-A fixed window with `branches` = n > 1 drafts a tree instead (greedy only): the drafter's top n
-first drafts each start a chain of K drafts, drafted side by side on n copies of the drafter's
-cache; the target verifies [pending, chain 0, .., chain n-1] (1 + nK tokens) in one pass under a
-tree attention mask (`tree_layout`); the chain with the most accepted drafts is kept, and its keys
-and values are moved into the slots a single chain would have used, so everything after
-acceptance is the chain's code.
+A fixed window with branches (`WindowPolicy.branches`, greedy only) drafts a tree instead: each
+draft at depth d - 1 gets the drafter's top b_d next drafts as children, every draft on its own
+copy of the drafter's cache, so a level is one batched drafter step; the target verifies the whole
+tree (`tree_layout`: level by level) in one pass under a tree attention mask; the deepest accepted
+path is kept, and its keys and values are moved into the slots a single chain would have used, so
+everything after acceptance is the chain's code.
 
 Invariant between cycles: the target's cache holds every emitted token except the last one
 (`pending`); the drafter's cache may lack more (an LM drafter the last accepted draft, a feature
@@ -131,44 +131,66 @@ def accept_sampling(key: jax.Array, drafts: jax.Array, window: jax.Array, draft_
     return k, token
 
 
-def tree_layout(branches: int, k_max: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The static tree of `branches` chains of `k_max` drafts under the pending token, flattened as
-    [pending, chain 0's drafts, .., chain n-1's] (T = 1 + n·K tokens) -> (ancestors [T, T] bool:
-    token t attends to u; depths [T]: positions past the pending token's; parents [n, K]: the
-    index among the T of the token each draft follows)."""
-    size = 1 + branches * k_max
-    ancestors = np.zeros((size, size), bool)
-    ancestors[:, 0] = True
+class TreeLayout(NamedTuple):
+    """A static draft tree flattened level by level: [pending, depth 1's drafts, .., depth K's]; the
+    children of a draft are contiguous, in the drafter's order (most likely first)."""
+
+    branches: tuple[int, ...]  # children per draft at depths 1..K
+    ancestors: np.ndarray  # [T, T] bool: token t attends to token u (its ancestors and itself)
+    depths: np.ndarray  # [T] positions past the pending token's
+    parents: np.ndarray  # [T] the token each one follows (0 for the pending token itself)
+    paths: np.ndarray  # [T, K + 1] the path through each token: its ancestors, then first children to depth K
+
+
+def tree_layout(branches: Sequence[int]) -> TreeLayout:
+    """The tree in which each draft at depth d - 1 has `branches[d - 1]` children (d = 1..K)."""
+    level_sizes = [1]
+    for b in branches:
+        level_sizes.append(level_sizes[-1] * b)
+    offsets = np.cumsum([0] + level_sizes)
+    size, k_max = int(offsets[-1]), len(branches)
     depths = np.zeros(size, np.int32)
-    parents = np.zeros((branches, k_max), np.int32)
-    for chain in range(branches):
-        first = 1 + chain * k_max
-        for depth in range(k_max):
-            node = first + depth
-            ancestors[node, first:node + 1] = True
-            depths[node] = depth + 1
-            parents[chain, depth] = 0 if depth == 0 else node - 1
-    return ancestors, depths, parents
+    parents = np.zeros(size, np.int32)
+    paths = np.zeros((size, k_max + 1), np.int32)
+    for depth in range(1, k_max + 1):
+        for i in range(level_sizes[depth]):
+            node = offsets[depth] + i
+            depths[node] = depth
+            parents[node] = offsets[depth - 1] + i // branches[depth - 1]
+    ancestors = np.zeros((size, size), bool)
+    for node in range(size):
+        up = node
+        while True:  # the node, its ancestors and the pending token
+            ancestors[node, up] = True
+            paths[node, depths[up]] = up
+            if up == 0:
+                break
+            up = parents[up]
+        down, i = node, node - offsets[depths[node]]
+        for depth in range(depths[node] + 1, k_max + 1):  # first children: the most likely continuation
+            i *= branches[depth - 1]
+            down = offsets[depth] + i
+            paths[node, depth] = down
+    return TreeLayout(tuple(branches), ancestors, depths, parents, paths)
 
 
-def accept_greedy_tree(drafts: jax.Array, target_logits: jax.Array,
-                       parents: np.ndarray) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Greedy acceptance of a tree: drafts [B, n, K] of `tree_layout`'s chains, target_logits [B, T, V]
-    -> (k accepted drafts of the best chain [B], the target token after them [B], the best chain [B]).
-    Ties go to the lowest chain, so a tree never accepts less than its first chain alone would."""
-    k_max = drafts.shape[2]
+def accept_greedy_tree(tree_tokens: jax.Array, target_logits: jax.Array,
+                       layout: TreeLayout) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Greedy acceptance of a tree: tree_tokens [B, T] laid out by `layout` (index 0, the pending token,
+    is not checked), target_logits [B, T, V] -> (k accepted drafts [B], the target token after them [B],
+    the kept path [B, K + 1] of indices among the T: the deepest accepted draft's, the first such draft
+    on ties, so a tree never accepts less than its first path alone would)."""
     target_choice = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [B, T]
-    per_chain = _leading_true(drafts == target_choice[:, parents])  # [B, n]
-    chain = jnp.argmax(per_chain, axis=1).astype(jnp.int32)
-    k = jnp.max(per_chain, axis=1)
-    last = jnp.where(k > 0, 1 + chain * k_max + k - 1, 0)  # the last accepted token among the T
-    return k, jnp.take_along_axis(target_choice, last[:, None], axis=1)[:, 0], chain
-
-
-def _chain_order(chain: jax.Array, k_max: int) -> jax.Array:
-    """[B] chosen chains -> [B, K + 1] indices among the tree's T of [pending, the chain's drafts]."""
-    return jnp.concatenate([jnp.zeros_like(chain)[:, None], 1 + chain[:, None] * k_max + jnp.arange(k_max)[None]],
-                           axis=1)
+    matches = tree_tokens == target_choice[:, layout.parents]
+    accepted = jnp.ones_like(matches)
+    for depth in range(1, len(layout.branches) + 1):  # a draft is accepted if it matches and its parent is
+        level = layout.depths == depth
+        accepted = jnp.where(level[None], matches & accepted[:, layout.parents], accepted)
+    size = tree_tokens.shape[1]
+    rank = jnp.where(accepted, jnp.asarray(layout.depths) * size - jnp.arange(size), -1)
+    deepest = jnp.argmax(rank, axis=1)
+    k = jnp.asarray(layout.depths)[deepest]
+    return k, jnp.take_along_axis(target_choice, deepest[:, None], axis=1)[:, 0], jnp.asarray(layout.paths)[deepest]
 
 
 def _move_into_chain_slots(cache: llama.KVCache, base: jax.Array, order: jax.Array) -> llama.KVCache:
@@ -188,8 +210,7 @@ def _move_into_chain_slots(cache: llama.KVCache, base: jax.Array, order: jax.Arr
 
 def cache_margin(drafter: Drafter, window: WindowPolicy) -> int:
     """Cache positions a cycle may write past the last emitted token: the drafter's, or a tree's."""
-    tree_width = 1 + window.branches * window.k_max if window.branches > 1 else 0
-    return max(drafter.cache_margin(window.k_max), tree_width)
+    return max(drafter.cache_margin(window.k_max), window.tree_tokens if window.is_tree else 0)
 
 
 class SpeculativeDecoder:
@@ -428,41 +449,40 @@ def _chain_cycle(target_params, drafter_params, s: SpecState, draft_key: jax.Arr
 def _tree_cycle(target_params, drafter_params, s: SpecState, draft_key: jax.Array, accept_key: jax.Array, *,
                 target_config: ModelConfig, drafter: Drafter, sampling: SamplingParams,
                 window: WindowPolicy) -> _Verified:
-    """Draft `window.branches` greedy chains from the drafter's top first drafts, verify them as one
-    tree, keep the chain with the most accepted drafts."""
+    """Draft the window's tree greedily, verify it in one target pass, keep the deepest accepted path."""
     del draft_key, accept_key, sampling  # greedy only: `SpeculativeDecoder.generate` refuses sampling
     active = ~s.done
-    batch, k_max, branches = s.pending.shape[0], window.k_max, window.branches
-    ancestors, depths, parents = tree_layout(branches, k_max)
-    logits, consumed = drafter.consume(drafter_params, target_params, s.drafter_cache, s.chunk)
-    first = jax.lax.top_k(logits, branches)[1].astype(jnp.int32)  # [B, n]: the greedy first draft leads
-    replicas = jax.tree_util.tree_map(lambda a: jnp.repeat(a, branches, axis=0), consumed)  # row b's at b·n + j
+    batch, k_max = s.pending.shape[0], window.k_max
+    layout = tree_layout(window.branches)
+    logits, cache = drafter.consume(drafter_params, target_params, s.drafter_cache, s.chunk)
+    levels = []
+    for depth, children in enumerate(window.branches, start=1):
+        # Row (b, i) of the level above becomes rows (b, i, c): draft i's top `children` next drafts,
+        # each stepped on its own copy of i's drafter cache (the last level is not stepped).
+        level = jax.lax.top_k(logits, children)[1].astype(jnp.int32).reshape(batch, -1)
+        levels.append(level)
+        if depth < k_max:
+            cache = jax.tree_util.tree_map(lambda a: jnp.repeat(a, children, axis=0), cache)
+            logits, cache = drafter.step(drafter_params, target_params, cache, level.reshape(-1))
 
-    def draft_step(step, carry):
-        cache, drafts = carry
-        logits, cache = drafter.step(drafter_params, target_params, cache, drafts[:, step - 1])
-        return cache, drafts.at[:, step].set(jnp.argmax(logits, axis=-1).astype(jnp.int32))
-
-    drafts = jnp.zeros((batch * branches, k_max), jnp.int32).at[:, 0].set(first.reshape(-1))
-    replicas, drafts = jax.lax.fori_loop(1, k_max, draft_step, (replicas, drafts))
-    drafts = drafts.reshape(batch, branches, k_max)
-
-    verify_tokens = jnp.concatenate([s.pending[:, None], drafts.reshape(batch, branches * k_max)], axis=1)
-    out = llama.forward(target_params, verify_tokens, s.target_cache, target_config,
-                        positions=s.target_cache.lengths[:, None] + jnp.asarray(depths)[None],
-                        num_valid=jnp.where(active, verify_tokens.shape[1], 0),
-                        hidden_layers=drafter.feature_layers, tree_ancestors=ancestors)
+    tree_tokens = jnp.concatenate([s.pending[:, None], *levels], axis=1)  # [B, T]
+    out = llama.forward(target_params, tree_tokens, s.target_cache, target_config,
+                        positions=s.target_cache.lengths[:, None] + jnp.asarray(layout.depths)[None],
+                        num_valid=jnp.where(active, tree_tokens.shape[1], 0),
+                        hidden_layers=drafter.feature_layers, tree_ancestors=layout.ancestors)
     saw_nan = jnp.any(jnp.isnan(out.logits), axis=(1, 2)) & active
-    k, next_token, chain = accept_greedy_tree(drafts, out.logits, parents)
-    order = _chain_order(chain, k_max)
-    rows = jnp.arange(batch)
+    k, next_token, path = accept_greedy_tree(tree_tokens, out.logits, layout)
     features = concat_features(out.hidden_states)
     if features is not None:
-        features = jnp.take_along_axis(features, order[:, :, None], axis=1)
-    kept_cache = jax.tree_util.tree_map(lambda a: a.reshape(batch, branches, *a.shape[1:])[rows, chain], replicas)
-    return _Verified(drafts[rows, chain], jnp.where(active, k_max, 0), jnp.asarray(k_max, jnp.int32), kept_cache,
-                     k, next_token, features, _move_into_chain_slots(out.cache, s.target_cache.lengths, order),
-                     saw_nan)
+        features = jnp.take_along_axis(features, path[:, :, None], axis=1)
+    # The cache copy of the kept path's draft at depth K - 1 holds the drafter's run along the path.
+    copy = path[:, k_max - 1] - int(np.sum(layout.depths < k_max - 1))  # its index within its level
+    copies = cache.kv.lengths.shape[0] // batch
+    kept_cache = jax.tree_util.tree_map(
+        lambda a: a.reshape(batch, copies, *a.shape[1:])[jnp.arange(batch), copy], cache)
+    return _Verified(jnp.take_along_axis(tree_tokens, path[:, 1:], axis=1), jnp.where(active, k_max, 0),
+                     jnp.asarray(k_max, jnp.int32), kept_cache, k, next_token, features,
+                     _move_into_chain_slots(out.cache, s.target_cache.lengths, path), saw_nan)
 
 
 def _speculative_loop(target_params, drafter_params, state: SpecState, *, target_config: ModelConfig,
@@ -477,7 +497,7 @@ def _speculative_loop(target_params, drafter_params, state: SpecState, *, target
         key, draft_key, accept_key = jax.random.split(s.key, 3)
         active = ~s.done
         batch = active.shape[0]
-        cycle = _tree_cycle if window.branches > 1 else _chain_cycle
+        cycle = _tree_cycle if window.is_tree else _chain_cycle
         drafts, window_len, steps, drafter_cache, k, next_token, verify_features, target_cache, saw_nan = cycle(
             target_params, drafter_params, s, draft_key, accept_key, target_config=target_config, drafter=drafter,
             sampling=sampling, window=window)

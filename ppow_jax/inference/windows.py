@@ -25,11 +25,12 @@ draft loop, so learned policies (PPOW's, LTD's) plug in as further kinds.
   verify pass of two positions costs much more than a decode step (a CPU), an unpromising first
   draft makes the cycle a plain decode step, so a weak drafter does not slow decoding down.
 
-A fixed window may also branch (`branches` > 1, greedy only): the engine then drafts a tree of
-that many chains of K_max drafts sharing the pending token, each starting from one of the
-drafter's top `branches` first drafts (the first chain is the one a single chain would draft),
-verifies the whole tree in one target pass under a tree attention mask, and keeps the chain with
-the most accepted drafts.
+A fixed window may also branch (greedy only): with `branches` = (b_1, .., b_K) (missing depths
+branch once) the engine drafts a tree of depth K_max in which every draft at depth d - 1 (the
+pending token at depth 0) has the drafter's top b_d next drafts as children, so (4,) is four
+chains, each from one of the top four first drafts. The whole tree is verified in one target pass
+under a tree attention mask, and the deepest accepted path is kept. Its first path is the chain a
+single chain would draft.
 
 Every policy except `cost` proposes the first draft. The engine verifies at the smallest of its
 static widths that holds the longest proposed window, so a policy that stops early also saves
@@ -50,7 +51,7 @@ POLICIES = ("fixed", "confidence", "divergence", "adaptive", "cost")
 CALIBRATED = ("adaptive", "cost")  # the policies that read a trained drafter's acceptance model
 CALIBRATION_FEATURES = 3  # top log-prob, entropy, step
 MAX_WINDOW = 32
-MAX_BRANCHES = 16
+MAX_TREE_TOKENS = 1024  # a tree's verify pass, pending token included
 
 
 def normalised_entropy(logprobs: jax.Array) -> jax.Array:
@@ -81,18 +82,26 @@ class WindowPolicy:
     # step, both in decode steps (`ppow_jax.inference.costs.CycleCosts`)
     verify_costs: tuple[float, ...] = ()
     draft_cost: float = 0.0
-    branches: int = 1  # first-draft branches of a tree (fixed window, greedy); 1: a single chain
+    # children per draft at depths 1..k_max (fixed window, greedy); missing depths: 1; all 1: a chain
+    branches: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.kind not in POLICIES:
             raise InputError(f"unknown window policy {self.kind!r}; choose one of {', '.join(POLICIES)}")
         if isinstance(self.k_max, bool) or not isinstance(self.k_max, int) or not 1 <= self.k_max <= MAX_WINDOW:
             raise InputError(f"k_max must be an integer in [1, {MAX_WINDOW}], got {self.k_max}")
-        if isinstance(self.branches, bool) or not isinstance(self.branches, int) or not 1 <= self.branches <= MAX_BRANCHES:
-            raise InputError(f"branches must be an integer in [1, {MAX_BRANCHES}], got {self.branches}")
-        if self.branches > 1 and self.kind != "fixed":
-            raise InputError(f"a tree of {self.branches} branches drafts every chain to k_max: it needs the fixed "
-                             f"window, not {self.kind!r}")
+        branches = (self.branches,) if isinstance(self.branches, int) else tuple(self.branches)
+        if (len(branches) > self.k_max
+                or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in branches)):
+            raise InputError(f"branches must be at most k_max = {self.k_max} counts of at least 1 (children per "
+                             f"draft at each depth), got {self.branches!r}")
+        object.__setattr__(self, "branches", branches + (1,) * (self.k_max - len(branches)))  # frozen: normalised once
+        if self.is_tree and self.kind != "fixed":
+            raise InputError(f"a tree ({', '.join(map(str, branches))} branches) drafts every path to k_max: it needs "
+                             f"the fixed window, not {self.kind!r}")
+        if self.tree_tokens > MAX_TREE_TOKENS:
+            raise InputError(f"a tree of branches {branches} and depth {self.k_max} verifies {self.tree_tokens} tokens "
+                             f"per cycle, more than {MAX_TREE_TOKENS}")
         if not 0.0 <= self.threshold <= 1.0:
             raise InputError(f"window threshold must be in [0, 1], got {self.threshold}")
         if self.kind in CALIBRATED and len(self.calibration) != CALIBRATION_FEATURES + 1:
@@ -107,11 +116,24 @@ class WindowPolicy:
                 raise InputError(f"cycle costs must be finite, verify costs positive and the drafter step's "
                                  f"non-negative, got verify {self.verify_costs}, drafter step {self.draft_cost}")
 
+    @property
+    def is_tree(self) -> bool:
+        return any(b > 1 for b in self.branches)
+
+    @property
+    def tree_tokens(self) -> int:
+        """Tokens of one verify pass over the tree (the chain's k_max + 1 without branches)."""
+        total, level = 1, 1
+        for b in self.branches:
+            level *= b
+            total += level
+        return total
+
     def check_sampling(self, greedy: bool) -> None:
         """Refuses what this window cannot decode losslessly: a tree under sampling."""
-        if self.branches > 1 and not greedy:
-            raise InputError(f"tree drafting ({self.branches} branches) is greedy only: lossless sampling over "
-                             "several drafted chains is not implemented; use --branches 1 or temperature 0")
+        if self.is_tree and not greedy:
+            raise InputError(f"tree drafting (branches {self.branches}) is greedy only: lossless sampling over "
+                             "several drafted paths is not implemented; use --branches 1 or temperature 0")
 
     @property
     def needs_costs(self) -> bool:
