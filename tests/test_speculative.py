@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 from scipy import stats
 
 from conftest import tiny_config, tiny_params
-from ppow_jax.drafters.eagle import Eagle3Drafter
+from ppow_jax.drafters.eagle import Eagle3Drafter, to_target_vocabulary
 from ppow_jax.drafters.lm import LMDrafter, self_speculative
 from ppow_jax.errors import InputError
 from ppow_jax.inference.autoregressive import AutoregressiveDecoder
@@ -80,6 +80,15 @@ def test_batch_sizes_and_eos_inside_a_window(batch, autoregressive_reference):
         assert result.tokens == expected
         forced = decoder.generate(prompts, 24, window=WindowPolicy("fixed", 5), ignore_eos=True)
         assert all(len(row) == 24 for row in forced.tokens)
+
+
+def test_draft_vocabulary_values_land_on_their_target_ids():
+    d2t = jnp.asarray([7, 2, 30, 11], jnp.int32)
+    values = jax.random.normal(jax.random.key(0), (2, 3, 4))
+    full = np.asarray(to_target_vocabulary(values, d2t, 32))
+    expected = np.full((2, 3, 32), -np.inf, np.float32)
+    expected[..., np.asarray(d2t)] = np.asarray(values)
+    np.testing.assert_array_equal(full, expected)
 
 
 def test_tree_layout_by_hand():

@@ -49,7 +49,7 @@ import optax
 from jax.sharding import Mesh
 
 from ppow_jax import multihost, sharding
-from ppow_jax.drafters.eagle import Eagle3Drafter, layer_output, layer_qkv
+from ppow_jax.drafters.eagle import Eagle3Drafter, layer_output, layer_qkv, to_target_vocabulary
 from ppow_jax.errors import InputError
 from ppow_jax.inference.costs import measure_cycle_costs
 from ppow_jax.inference.sampling import SamplingParams
@@ -360,8 +360,7 @@ def verify_with_target(target_config: ModelConfig, target_params: dict, target: 
     if acceptance == "greedy":
         accepted, _ = accept_greedy(draft_ids, proposed, logits)
     else:
-        full = jnp.full((windows, window, target_config.vocab_size), -jnp.inf, jnp.float32)
-        full = full.at[..., d2t].set(draft_logprobs.reshape(windows, window, -1))
+        full = to_target_vocabulary(draft_logprobs.reshape(windows, window, -1), d2t, target_config.vocab_size)
         accepted, _ = accept_sampling(key, draft_ids, proposed, full, logits, SamplingParams(temperature=1.0))
     logprobs = jax.nn.log_softmax(logits[:, :window], axis=-1)
     gap = jnp.sum(jnp.max(logprobs, axis=-1) - jnp.take_along_axis(logprobs, draft_ids[..., None], axis=-1)[..., 0], -1)
