@@ -80,6 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.eval_window = 5
     config.train.eval_stride = 8
     config.train.max_seconds = 0.0  # training-time budget in seconds (0: none); the run exports when it is spent
+    # Wall-clock budget of this run in seconds, data waits and probes included (0: none), for a leased machine.
+    config.train.max_wall_seconds = 0.0
     config.train.mesh = ""  # e.g. "data=8" on a pod slice; default one device (several hosts: data over all)
     # Several hosts (launch/tpu_pod.sh): one process per host, started alike; enabled=True calls
     # jax.distributed.initialize, which finds the rest on Cloud TPU, SLURM, Open MPI and Kubernetes.

@@ -16,10 +16,11 @@ def write_atomically(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_array_record(path: pathlib.Path, records: Iterable[bytes]) -> None:
-    """An ArrayRecord shard (one record per group, for random access), renamed into place when complete."""
+def write_array_record(path: pathlib.Path, records: Iterable[bytes], options: str = "group_size:1") -> None:
+    """An ArrayRecord shard (by default one record per group, for random access, with ArrayRecord's default
+    compression, zstd), renamed into place when complete. Readers detect the compression by themselves."""
     tmp = path.with_name(path.name + ".tmp")
-    writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1")
+    writer = array_record_module.ArrayRecordWriter(str(tmp), options)
     for record in records:
         writer.write(record)
     writer.close()

@@ -9,9 +9,9 @@
     rollouts, rewards and PPO on the same feature cache.
 Both checkpoint (train state, data-iterator state, RNG) every `train.checkpoint_every` steps,
 keeping the last `train.keep_checkpoints`; a rerun resumes from the latest one exactly. A run ends
-after `train.steps` steps or `train.max_seconds` of training time, whichever comes first, and
-exports the drafter, with the calibration of its adaptive window, to `WORKDIR/drafter` for
-`python -m ppow_jax.eval --drafter`. Metrics go to TensorBoard logs in `WORKDIR/logs`,
+after `train.steps` steps, `train.max_seconds` of training time or `train.max_wall_seconds` of this
+run's wall clock, whichever comes first, and exports the drafter, with the calibration of its
+adaptive window, to `WORKDIR/drafter` for `python -m ppow_jax.eval --drafter`. Metrics go to TensorBoard logs in `WORKDIR/logs`,
 `WORKDIR/metrics.jsonl` and a console progress bar.
 """
 
@@ -168,7 +168,7 @@ def check_loop_settings(config) -> None:
     for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "batch_size"):
         if name in tc and not (isinstance(tc[name], int) and tc[name] >= 1):
             raise InputError(f"train.{name} must be an integer >= 1, got {tc[name]!r}")
-    for name in ("eval_every", "max_seconds"):
+    for name in ("eval_every", "max_seconds", "max_wall_seconds"):
         if tc.get(name, 0) < 0:
             raise InputError(f"train.{name} must be >= 0 (0: off), got {tc[name]!r}")
     read_ahead = config.data.read_ahead
@@ -265,7 +265,7 @@ class LoopOutcome:
     state: Any
     metrics: dict  # the last step's metrics, on the host
     train_seconds: float
-    finished: bool  # train.steps or train.max_seconds reached: the caller exports the drafter
+    finished: bool  # train.steps or a time budget reached: the caller exports the drafter
 
 
 def train_loop(config, *, state, update: Callable, iterator, checkpointer, train_seconds: float, metrics_log: MetricsLog,
@@ -274,7 +274,9 @@ def train_loop(config, *, state, update: Callable, iterator, checkpointer, train
                stop_at: Optional[int], checkpoint_meta: Optional[dict] = None,
                step_tokens: Optional[Callable[[dict], Any]] = None) -> LoopOutcome:
     """The loop both stages share: `state, metrics = update(state, batch)` until `train.steps`, the
-    time budget `train.max_seconds` (update time only) or `stop_at`; metrics every `train.log_every`
+    time budgets `train.max_seconds` (update time, summed over resumes) and `train.max_wall_seconds`
+    (this run's wall clock from the loop's start: data waits, probes and checkpoints included; for
+    leased machines) or `stop_at`; metrics every `train.log_every`
     steps (with tokens/s when `step_tokens(metrics)` counts a step's trained tokens), a checkpoint every
     `train.checkpoint_every`, the dev `probe(state)` every `train.eval_every`."""
     import jax
@@ -285,12 +287,14 @@ def train_loop(config, *, state, update: Callable, iterator, checkpointer, train
 
     tc = config.train
     start_step = int(state.step)
+    loop_start = time.perf_counter()  # train.max_wall_seconds counts from here, the first probe included
     if probe and start_step == 0:
         metrics_log.write(0, probe(state))
     bar = tqdm(total=tc.steps, initial=start_step, desc=str(config.get("stage", "kd")), unit=unit,
                disable=not (progress and multihost.is_primary()))
     end_step = tc.steps if stop_at is None else min(stop_at, tc.steps)
     metrics, out_of_time = {}, False
+    budgeted = bool(tc.get("max_seconds", 0) or tc.get("max_wall_seconds", 0))
     window_tokens, window_start = [], time.perf_counter()
     for step in range(start_step, end_step):
         try:
@@ -305,8 +309,11 @@ def train_loop(config, *, state, update: Callable, iterator, checkpointer, train
         if step_tokens:  # device scalars over the global batch, read at the next log
             window_tokens.append(step_tokens(metrics))
         done = step + 1
+        wall_seconds = time.perf_counter() - loop_start
+        spent = ((tc.get("max_seconds", 0) and train_seconds >= tc.max_seconds)
+                 or (tc.get("max_wall_seconds", 0) and wall_seconds >= tc.max_wall_seconds))
         # Each host's clock differs: all follow the primary's, so all stop after the same step.
-        out_of_time = bool(tc.get("max_seconds", 0)) and multihost.agree(train_seconds >= tc.max_seconds)
+        out_of_time = budgeted and multihost.agree(bool(spent))
         if done % tc.log_every == 0 or done == tc.steps or out_of_time:
             metrics = multihost.to_host(metrics)
             logged = scalars(metrics)
@@ -314,6 +321,7 @@ def train_loop(config, *, state, update: Callable, iterator, checkpointer, train
                 raise FloatingPointError(f"loss is {logged['loss']} at {unit} {done}; last good checkpoint: "
                                          f"{checkpointer.latest_step()}")
             logged["train_seconds"] = train_seconds
+            logged["wall_seconds"] = wall_seconds
             if step_tokens:
                 tokens = float(sum(multihost.to_host(window_tokens)))
                 logged["tokens_per_s"] = tokens / (time.perf_counter() - window_start)
@@ -327,7 +335,9 @@ def train_loop(config, *, state, update: Callable, iterator, checkpointer, train
             metrics_log.write(done, probe(state))
         bar.update(1)
         if out_of_time:
-            multihost.log(f"training-time budget of {tc.max_seconds} s reached at {unit} {done}")
+            multihost.log(f"time budget reached at {unit} {done}: {train_seconds:.0f} s of updates "
+                          f"(train.max_seconds {tc.get('max_seconds', 0)}), {wall_seconds:.0f} s of wall clock "
+                          f"(train.max_wall_seconds {tc.get('max_wall_seconds', 0)})")
             break
     bar.close()
     metrics_log.close()

@@ -574,6 +574,20 @@ def test_resumed_run_equals_an_uninterrupted_one(distilled, tiny_target, tmp_pat
     jax.tree_util.tree_map(np.testing.assert_array_equal, p1, p2)
 
 
+def test_a_wall_clock_budget_ends_the_run_with_an_export(distilled, tiny_target, tmp_path):
+    # A leased machine's run must end by a deadline: train.max_wall_seconds counts data waits and probes
+    # too. Spent after the first step (its compile alone outlasts 1 ms), the run checkpoints, exports
+    # and logs both clocks there.
+    config, _, _ = distilled
+    config = config.copy_and_resolve_references()
+    config.train.max_wall_seconds = 1e-3
+    _train(config, tiny_target, tmp_path / "run", 40)
+    (row,) = _history(tmp_path / "run")
+    assert row["step"] == 1 and row["wall_seconds"] >= row["train_seconds"] > 0
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+    assert json.loads((tmp_path / "run" / "drafter" / "drafter.json").read_text())["train_steps"] == 1
+
+
 def test_corrupt_or_missing_checkpoints_give_clear_errors(distilled, tiny_target, tmp_path):
     from ppow_jax.training.checkpoints import Checkpointer
 
@@ -623,6 +637,7 @@ def _abstract_state(config, target):
     (["--config", "configs/tiny_kd.py", "--config.train.log_every=0"], "train.log_every must be an integer >= 1"),
     (["--config", "configs/tiny_kd.py", "--config.train.checkpoint_every=-2"], "train.checkpoint_every"),
     (["--config", "configs/tiny_kd.py", "--config.train.eval_every=-1"], "train.eval_every must be >= 0"),
+    (["--config", "configs/tiny_kd.py", "--config.train.max_wall_seconds=-5"], "train.max_wall_seconds must be >= 0"),
     (["--config", "configs/tiny_kd.py", "--config.data.read_ahead=0"], "data.read_ahead must be an integer >= 1"),
     (["--config", "configs/tiny_kd.py", "--config.distributed.enabled=True", "--config.distributed.num_processes=2",
       "--config.distributed.process_id=2"], "distributed.process_id 2 is not in [0, 2)"),

@@ -27,6 +27,7 @@ from typing import Callable, Optional, Sequence
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
@@ -42,6 +43,10 @@ from ppow_jax.models.config import ModelConfig
 
 MANIFEST = "manifest.json"
 FIELDS = ("tokens", "loss_mask", "features", "target_hidden")
+# Uncompressed: bfloat16 activations barely compress (ArrayRecord's default, zstd level 3, saves 20% of
+# SmolLM2's), and without it a training sequence is written 5x and read 4x faster (BENCHMARKS.md,
+# "Feature shards"); every step reads its batch, so the read bounds an accelerator's steps per second.
+SHARD_OPTIONS = "group_size:1,uncompressed"
 
 
 def encode_example(example: dict[str, np.ndarray]) -> bytes:
@@ -124,7 +129,7 @@ def build_feature_cache(target_config: ModelConfig, target_params: llama.Params,
                 encode_example({"tokens": row_tokens, "loss_mask": mask,
                                 "features": features[row].astype(ml_dtypes.bfloat16),
                                 "target_hidden": hidden[row].astype(ml_dtypes.bfloat16)})
-                for row, (row_tokens, mask, _) in enumerate(examples)))
+                for row, (row_tokens, mask, _) in enumerate(examples)), options=SHARD_OPTIONS)
             listing.add({"file": name, "first": first, "examples": count,
                          "records": _records_digest(distilled, first, first + count),
                          "loss_tokens": int(sum(int(e[1].sum()) for e in examples))})
@@ -242,7 +247,9 @@ def _teacher_forced(params, tokens, config: ModelConfig, feature_layers: tuple[i
                         hidden_layers=feature_layers + (config.num_layers - 1,), logits_at="last")
     # The final-normed hidden is recomputed from the last layer's output (forward returns logits only).
     final = llama.rms_norm(out.hidden_states[-1], params["final_norm"], config.rms_norm_eps)
-    return concat_features(out.hidden_states[:-1]), final
+    # Cast to the cache's bfloat16 on the device: half the bytes to copy to the host (an accelerator's
+    # transfer is most of a batch's time there) and no host-side conversion.
+    return concat_features(out.hidden_states[:-1]).astype(jnp.bfloat16), final.astype(jnp.bfloat16)
 
 
 def feature_shards(cache_dir: str | pathlib.Path) -> list[pathlib.Path]:
