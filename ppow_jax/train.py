@@ -89,6 +89,7 @@ def feature_cache(config, target, progress: bool, split: str = "train") -> pathl
         raise InputError(f"{distill_dir} holds the responses of {answered_by!r}, not of this config's target "
                          f"{str(config.target)!r}: point data.{'cache_dir' if split == 'train' else 'dev_cache_dir'} "
                          "at a distillation of this target (python -m ppow_jax.distill with this config)")
+    started = time.perf_counter()
     manifest = build_feature_cache(target.config, target.params, distill_dir, directory,
                                    feature_layers=tuple(config.drafter.feature_layers), seq_len=data.seq_len,
                                    batch_size=data.feature_batch_size, pad_token_id=target.tokenizer.pad_token_id or 0,
@@ -96,7 +97,7 @@ def feature_cache(config, target, progress: bool, split: str = "train") -> pathl
                                    share=ProcessShare(jax.process_index(), jax.process_count(), multihost.gather_ints))
     loss_tokens = sum(s["loss_tokens"] for s in manifest["shards"])
     multihost.log(f"feature cache {directory} ({split}): {sum(s['examples'] for s in manifest['shards'])} sequences, "
-        f"{loss_tokens} response tokens")
+                  f"{loss_tokens} response tokens (built or checked in {time.perf_counter() - started:.1f} s)")
     return directory
 
 

@@ -17,7 +17,8 @@ from ppow_jax.data.distill import read_manifest
 from ppow_jax.drafters.store import load_drafter
 
 SCRIPT = REPO_ROOT / "launch" / "gpu_train.sh"
-TINY = ("--config.data.max_prompts=8 --config.data.dev_prompts=2 --config.data.max_new_tokens=12 "
+# Over two lines, as a shell user may write it: every line is read.
+TINY = ("--config.data.max_prompts=8 --config.data.dev_prompts=2 --config.data.max_new_tokens=12\n"
         "--config.data.max_prompt_tokens=96 --config.data.seq_len=128 --config.data.batch_size=8 "
         "--config.data.feature_batch_size=4 --config.drafter.intermediate_size=64 --config.drafter.draft_vocab_size=512 "
         "--config.train.batch_size=4 --config.train.unroll_steps=2 --config.train.checkpoint_every=5 "
