@@ -108,8 +108,11 @@ answered() {  # CACHE: the number of responses a self-distilled cache lists
 }
 
 install_wheels() {  # the packages the machine's image lacks, into the site folder the target also sits in
+  local listed
+  listed=$(cd "$wheels" && ls -- *.whl)
+  [ -f "$root/site/.wheels" ] && [ "$(cat "$root/site/.wheels")" = "$listed" ] && return 0  # a call before did it
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$root/site" \
-    "$wheels"/*.whl
+    "$wheels"/*.whl && echo "$listed" > "$root/site/.wheels"
 }
 
 check_imports() {
@@ -157,7 +160,14 @@ part)  # on the GPU machine
   ;;
 run)
   budget=${BUDGET_S:-540}
-  [[ $budget =~ ^[0-9]+$ ]] && [ "$budget" -ge 120 ] || { say "BUDGET_S must be whole seconds, at least 120: $budget"; exit 2; }
+  probe_steps=${PROBE_STEPS:-60}
+  for setting in "BUDGET_S=$budget" "DISTILL_S=${DISTILL_S:-1}" "PROBE_STEPS=$probe_steps" "PACK_S=${PACK_S:-30}" \
+      "MAX_STEPS=${MAX_STEPS:-1}" "EVAL_LIMIT=${EVAL_LIMIT:-5}"; do
+    [[ ${setting#*=} =~ ^[0-9]+$ ]] || { echo "error: ${setting%%=*} must be a whole number, not '${setting#*=}'"; exit 2; }
+  done
+  distill_s=${DISTILL_S:-$((budget * 28 / 100))}
+  [ "$budget" -ge 120 ] && [ "$distill_s" -ge 1 ] && [ "$probe_steps" -ge 4 ] \
+    || { echo "error: BUDGET_S must be at least 120, DISTILL_S at least 1 and PROBE_STEPS at least 4"; exit 2; }
   deadline=$((SECONDS + budget))
   mkdir -p "$out"
   exec > >(tee "$out/run.log") 2>&1
@@ -173,11 +183,10 @@ run)
   trap on_exit EXIT
   caches=(--config.data.cache_dir="$runs/distill" --config.data.dev_cache_dir="$runs/distill-dev"
           --config.data.features_dir="$runs/features" --config.data.dev_features_dir="$runs/features-dev")
-  read -ra overrides -d '' <<< "${OVERRIDES:-}"  # all lines of it
+  overrides_text=${OVERRIDES:-}
+  read -ra overrides -d '' <<< "${overrides_text//$'\r'/}"  # all lines of it
 
   # The distillation resumes, so a try that ends before any training batch is finished is followed by another.
-  distill_s=${DISTILL_S:-$((budget * 28 / 100))}
-  [[ $distill_s =~ ^[0-9]+$ ]] && [ "$distill_s" -ge 1 ] || { say "DISTILL_S must be whole seconds, at least 1"; exit 2; }
   for try in 1 2 3; do
     limit=$(( distill_s < deadline - SECONDS - 120 ? distill_s : deadline - SECONDS - 120 ))
     [ "$limit" -ge 1 ] || break
@@ -185,7 +194,7 @@ run)
     timeout --signal=INT --kill-after=30 "$limit" python3 -m ppow_jax.distill --config "$config" "${caches[@]}" \
       "${overrides[@]}"
     status=$?
-    case $status in 0) ;; 124|130|137) say "distillation stopped at its time limit" ;;
+    case $status in 0) break ;; 124|130|137) say "distillation stopped at its time limit" ;;
       *) say "distillation failed (status $status)"; exit 1 ;; esac
     [ "$(answered distill)" -gt 0 ] && [ "$(answered distill-dev)" -gt 0 ] && break
   done
@@ -193,8 +202,6 @@ run)
   [ "$(answered distill)" -gt 0 ] || { say "no training response in time: raise BUDGET_S"; exit 1; }
   pack_distillation
 
-  probe_steps=${PROBE_STEPS:-60}
-  [[ $probe_steps =~ ^[0-9]+$ ]] && [ "$probe_steps" -ge 4 ] || { say "PROBE_STEPS must be a whole number >= 4"; exit 2; }
   say "feature caches and a $probe_steps-step timing run"
   started=$SECONDS
   timeout --kill-after=10 "$(left)" python3 -m ppow_jax.train --config "$config" "${caches[@]}" \

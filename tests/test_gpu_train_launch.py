@@ -97,6 +97,15 @@ def test_the_gpu_training_script_runs_its_stages_on_a_cpu(tmp_path, smollm2, smo
     assert 1 <= answered <= 8
 
 
+@pytest.mark.parametrize("setting", [{"BUDGET_S": "461.5"}, {"BUDGET_S": "60"}, {"PROBE_STEPS": "many"},
+                                     {"DISTILL_S": "0"}])
+def test_the_run_stage_refuses_bad_sizes_before_any_work(tmp_path, setting):
+    result = _script("run", {"GPU_ROOT": str(tmp_path / "root"), "STAGE_DIR": str(tmp_path), "OUT": str(tmp_path),
+                             **setting})
+    assert result.returncode == 2 and result.stdout.startswith("error: "), result.stdout + result.stderr
+    assert not (tmp_path / "run.log").exists()
+
+
 def test_the_run_stage_needs_the_target_first(tmp_path):
     result = _script("run", {"GPU_ROOT": str(tmp_path / "root"), "STAGE_DIR": str(tmp_path), "OUT": str(tmp_path)})
     assert result.returncode == 2 and "carry the pieces with the part calls first" in result.stdout
