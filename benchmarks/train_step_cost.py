@@ -11,18 +11,18 @@ machine's backend, so the memory figures are the CPU compiler's, a guide to a GP
 
 from __future__ import annotations
 
-import functools
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
+from ppow_jax import multihost
 from ppow_jax.cli import run_config_entry_point
 from ppow_jax.drafters.eagle import Eagle3Drafter
 from ppow_jax.train import optimizer_config
-from ppow_jax.training.kd import KDTrainer, _train_step
+from ppow_jax.training.kd import KDTrainer
 from ppow_jax.weights.registry import load_model
 
 
@@ -35,14 +35,13 @@ def run(config) -> int:
                         unroll_steps=tc.unroll_steps, loss_positions=tc.loss_positions)
     state = trainer.init_state(jax.random.key(0))
     d, batch_size, seq = target.config.hidden_size, tc.batch_size, data.seq_len
-    batch = {"tokens": jnp.zeros((batch_size, seq), jnp.int32), "loss_mask": jnp.ones((batch_size, seq), jnp.uint8),
-             "features": jnp.zeros((batch_size, seq, len(config.drafter.feature_layers) * d), jnp.bfloat16),
-             "target_hidden": jnp.zeros((batch_size, seq, d), jnp.bfloat16)}
-    step = jax.jit(functools.partial(_train_step, drafter=drafter, optimizer=trainer.optimizer,
-                                     unroll_steps=tc.unroll_steps, loss_positions=tc.loss_positions,
-                                     schedule=trainer.schedule))
+    batch = {"tokens": np.zeros((batch_size, seq), np.int32), "loss_mask": np.ones((batch_size, seq), np.uint8),
+             "features": np.zeros((batch_size, seq, len(config.drafter.feature_layers) * d), ml_dtypes.bfloat16),
+             "target_hidden": np.zeros((batch_size, seq, d), ml_dtypes.bfloat16)}
+    step = trainer.jitted_step(state, batch)  # the program training runs, with its shardings
     started = time.perf_counter()
-    compiled = step.lower(state, batch, trainer.target).compile()
+    with jax.set_mesh(trainer.mesh):
+        compiled = step.lower(state, multihost.local_to_global(batch, trainer.mesh), trainer.target).compile()
     compile_s = time.perf_counter() - started
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -11,8 +11,8 @@ Both checkpoint (train state, data-iterator state, RNG) every `train.checkpoint_
 keeping the last `train.keep_checkpoints`; a rerun resumes from the latest one exactly. A run ends
 after `train.steps` steps, `train.max_seconds` of training time or `train.max_wall_seconds` of this
 run's wall clock, whichever comes first, and exports the drafter, with the calibration of its
-adaptive window, to `WORKDIR/drafter` for `python -m ppow_jax.eval --drafter`. Metrics go to TensorBoard logs in `WORKDIR/logs`,
-`WORKDIR/metrics.jsonl` and a console progress bar.
+adaptive window, to `WORKDIR/drafter` for `python -m ppow_jax.eval --drafter`. Metrics go to
+TensorBoard logs in `WORKDIR/logs`, `WORKDIR/metrics.jsonl` and a console progress bar.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from ppow_jax.models.config import ModelConfig
 MANIFEST = "manifest.json"
 FIELDS = ("tokens", "loss_mask", "features", "target_hidden")
 # Uncompressed: bfloat16 activations barely compress (ArrayRecord's default, zstd level 3, saves 20% of
-# SmolLM2's), and without it a training sequence is written 5x and read 4x faster (BENCHMARKS.md,
+# SmolLM2's), and without it a training sequence is written and read about 4x faster (BENCHMARKS.md,
 # "Feature shards"); every step reads its batch, so the read bounds an accelerator's steps per second.
 SHARD_OPTIONS = "group_size:1,uncompressed"
 
@@ -126,9 +126,8 @@ def build_feature_cache(target_config: ModelConfig, target_params: llama.Params,
             features, hidden = forward(tokens)
             name = f"records-{first:07d}.array_record"  # named by its first record: unique at any batch size
             write_array_record(out_dir / name, (
-                encode_example({"tokens": row_tokens, "loss_mask": mask,
-                                "features": features[row].astype(ml_dtypes.bfloat16),
-                                "target_hidden": hidden[row].astype(ml_dtypes.bfloat16)})
+                encode_example({"tokens": row_tokens, "loss_mask": mask, "features": features[row],
+                                "target_hidden": hidden[row]})  # bfloat16 from the device
                 for row, (row_tokens, mask, _) in enumerate(examples)), options=SHARD_OPTIONS)
             listing.add({"file": name, "first": first, "examples": count,
                          "records": _records_digest(distilled, first, first + count),

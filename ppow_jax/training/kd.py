@@ -173,7 +173,9 @@ class KDTrainer:
     def state_shardings(self, state: TrainState) -> TrainState:
         return jax.tree_util.tree_map(lambda x: x.sharding, state)
 
-    def step(self, state: TrainState, batch: dict[str, np.ndarray]) -> tuple[TrainState, dict]:
+    def jitted_step(self, state: TrainState, batch: dict[str, np.ndarray]):
+        """The sharded, jitted step `(state, global batch, self.target) -> (state, metrics)`, built on first use
+        for the shapes of `state` and `batch` (this process's rows)."""
         if self._step_fn is None:
             state_sh = self.state_shardings(state)
             replicated = sharding.replicated(self.mesh)
@@ -183,9 +185,13 @@ class KDTrainer:
             self._step_fn = jax.jit(fn, in_shardings=(state_sh, multihost.global_batch_shardings(self.mesh, batch),
                                                       self.target_shardings),
                                     out_shardings=(state_sh, replicated), donate_argnums=(0,))
+        return self._step_fn
+
+    def step(self, state: TrainState, batch: dict[str, np.ndarray]) -> tuple[TrainState, dict]:
+        step_fn = self.jitted_step(state, batch)
         batch = multihost.local_to_global(batch, self.mesh)
         with jax.set_mesh(self.mesh):
-            return self._step_fn(state, batch, self.target)
+            return step_fn(state, batch, self.target)
 
     def drafter_params(self, state: TrainState) -> dict:
         return {**state.params, "d2t": self.target.d2t}
