@@ -43,6 +43,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.max_new_tokens = 256
     config.data.temperature = 0.0  # the target's greedy answers
     config.data.top_p = 1.0
+    # Who answers the training prompts: "target" (self-distillation) or "reference" (the records' own
+    # answers: Alpaca outputs, GSM8K answers, the rest of web texts; no generation, ShareGPT has none).
+    # The dev split is always the target's. A reference cache needs its own data.cache_dir.
+    config.data.responses = "target"
     config.data.batch_size = 32
     config.data.seq_len = 384  # training sequences: prompt + response, the last seq_len tokens, right-padded
     config.data.num_epochs = 0  # 0: repeat until train.steps

@@ -4,6 +4,8 @@ Reads the prompts of `config.data.folders` under the data root (eval prompts rem
 and caches the target's responses as ArrayRecord shards: first the `config.data.dev_prompts`
 held-out ones in `config.data.dev_cache_dir` (training measures drafters on them), then the
 training ones in `config.data.cache_dir`. Resumable: rerun the same command after an interruption.
+With `--config.data.responses=reference` the training cache holds the data's own answers instead,
+written in seconds (`ppow_jax.data.distill`); the dev split is still the target's.
 
 With `--config.distributed.enabled=True` (one process per host, as `launch/tpu_pod.sh` starts it),
 the hosts share the work: each answers every N-th batch on its own devices into the shared caches.
@@ -11,6 +13,7 @@ the hosts share the work: each answers every N-th batch on its own devices into 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import sys
@@ -26,11 +29,13 @@ def data_root(config) -> pathlib.Path:
 
 def run(config) -> int:
     from ppow_jax import multihost
-    from ppow_jax.data.distill import check_sizes
+    from ppow_jax.data.distill import check_responses, check_sizes
     from ppow_jax.weights.registry import load_model
 
+    # Before the target is loaded:
     check_sizes(batch_size=config.data.batch_size, max_prompts=config.data.max_prompts,
-                dev_prompts=config.data.get("dev_prompts", 0))  # before the target is loaded
+                dev_prompts=config.data.get("dev_prompts", 0))
+    check_responses(config.data.get("responses", "target"))
     multihost.initialize(config.get("distributed") or {})
     target = load_model(config.target, param_dtype=config.param_dtype)
     run_distillation(config, target)
@@ -60,17 +65,23 @@ def run_distillation(config, target, progress: bool = True) -> None:
     settings = DistillSettings(model=str(config.target), max_prompt_tokens=config.data.max_prompt_tokens,
                                max_new_tokens=config.data.max_new_tokens, temperature=config.data.temperature,
                                top_p=config.data.top_p, seed=config.seed)
+    # The dev split measures drafters on the target's own answers, whatever the training data is.
+    split_settings = {"dev": settings,
+                      "train": dataclasses.replace(settings, responses=config.data.get("responses", "target"))}
     source_caps = config.data.source_caps.to_dict() if "source_caps" in config.data else {}
     share = ProcessShare(jax.process_index(), jax.process_count(), multihost.gather_ints)
     for split, cache_dir in splits:
-        manifest = self_distill(decoder, target.tokenizer, prompts, cache_dir, settings,
+        manifest = self_distill(decoder, target.tokenizer, prompts, cache_dir, split_settings[split],
                                 batch_size=config.data.batch_size, max_prompts=config.data.max_prompts,
                                 dev_prompts=dev_prompts, split=split, source_caps=source_caps, progress=progress,
                                 share=share)
         tokens = sum(s["response_tokens"] for s in manifest["shards"])
         answered = sum(len(s["keys"]) for s in manifest["shards"])
-        multihost.log(f"{cache_dir} ({split}): {answered} responses, {tokens} response tokens; "
-                      f"{len(manifest['skipped_too_long'])} prompts over {config.data.max_prompt_tokens} tokens skipped")
+        no_reference = len(manifest.get("skipped_no_reference", []))
+        multihost.log(f"{cache_dir} ({split}, {split_settings[split].responses}'s responses): {answered} responses, "
+                      f"{tokens} response tokens; {len(manifest['skipped_too_long'])} prompts over "
+                      f"{config.data.max_prompt_tokens} tokens skipped"
+                      + (f"; {no_reference} prompts without a reference answer skipped" if no_reference else ""))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

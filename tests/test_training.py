@@ -124,6 +124,64 @@ def test_self_distillation_resumes_and_pins_settings(distilled, tiny_target, sha
     assert (pathlib.Path(config.data.cache_dir) / "manifest.json").read_text() == manifest
 
 
+def test_readers_keep_the_records_own_answers_as_references(shared_data_root):
+    prompts, _ = sources.read_training_prompts(shared_data_root, ALL_FOLDERS)
+    by_source = collections.defaultdict(list)
+    for prompt in prompts:
+        by_source[prompt.source].append(prompt)
+    gsm8k = json.loads((shared_data_root / "train/gsm8k_train/train.jsonl").read_text().splitlines()[0])
+    first = by_source["gsm8k_train"][0]
+    assert first.text == gsm8k["question"]
+    # Calculator annotations go; the worked answer stays.
+    assert first.reference == gsm8k["answer"].replace("<<48/2=24>>", "").replace("<<48+24=72>>", "")
+    assert not any("<<" in p.reference for p in by_source["gsm8k_train"])
+    alpaca = json.loads((shared_data_root / "train/alpaca_cleaned_1k/alpaca_data_cleaned_1000.json").read_text())
+    assert by_source["alpaca_cleaned_1k"][0].reference == alpaca[0]["output"].strip()
+    # A web text: the prompt holds its opening words, the reference the rest.
+    text = json.loads((shared_data_root / "train/c4_demo/c4_demo.jsonl").read_text().splitlines()[0])["text"]
+    c4 = by_source["c4_demo"][0]
+    assert " ".join(text.split()) == c4.messages[-1]["content"].split("\n\n", 1)[1] + " " + c4.reference
+    assert not any(p.reference for p in by_source["sharegpt"])  # the files carry no replies
+    assert all(p.reference for p in by_source["alpaca_seed_tasks"] + by_source["wiki_demo"])
+
+
+def test_a_reference_cache_holds_the_records_answers_and_the_dev_split_stays_the_targets(
+        tiny_target, shared_data_root, tmp_path):
+    from ppow_jax.distill import run_distillation
+
+    config = load_config("tiny_kd")
+    config.data.folders = ("alpaca_seed_tasks", "gsm8k_train", "sharegpt")
+    config.data.cache_dir, config.data.dev_cache_dir = str(tmp_path / "reference"), str(tmp_path / "dev")
+    config.data.max_prompts, config.data.dev_prompts, config.data.max_new_tokens = 24, 4, 40
+    config.data.responses = "reference"
+    run_distillation(config, tiny_target, progress=False)
+    manifest = read_manifest(tmp_path / "reference")
+    assert manifest["settings"]["responses"] == "reference"
+    assert read_manifest(tmp_path / "dev")["settings"]["responses"] == "target"
+    prompts, _ = sources.read_training_prompts(shared_data_root, config.data.folders)
+    by_key = {p.key: p for p in prompts}
+    records = read_records(shard_paths(tmp_path / "reference"))
+    skipped = manifest["skipped_no_reference"]
+    assert skipped and all(key.startswith("sharegpt/") for key in skipped)
+    assert len(records) + len(skipped) + len(manifest["skipped_too_long"]) == 24
+    tok = tiny_target.tokenizer
+    eos = tok.eos_token_ids[0]
+    for record in records:
+        prompt = by_key[record["key"]]
+        assert record["prompt"] == distill_module.encode_prompt(tok, prompt)
+        whole = tok.encode(prompt.reference) + [eos]
+        assert record["response"] == whole[:40] and record["eos"] == (len(whole) <= 40)
+    assert {r["eos"] for r in records} == {True, False}  # some answers fit in 40 tokens, some are cut
+    # A target cache is never extended with reference answers, nor the other way round.
+    target_settings = DistillSettings(**{**manifest["settings"], "responses": "target"})
+    decoder = tiny_distillation(tiny_target, shared_data_root)[1]
+    with pytest.raises(InputError, match="settings"):
+        self_distill(decoder, tok, prompts, tmp_path / "reference", target_settings, batch_size=4, progress=False)
+    with pytest.raises(InputError, match="data.responses must be one of target, reference, got 'teacher'"):
+        self_distill(None, tok, prompts, tmp_path / "other", dataclasses.replace(target_settings, responses="teacher"),
+                     batch_size=4, progress=False)
+
+
 class _ThreadGather:
     """`ProcessShare.gather` for processes simulated as threads of this one."""
 
@@ -677,6 +735,16 @@ def test_config_files_that_give_no_config_are_errors(tmp_path, capsys):
     assert train.main(["--config", str(failing)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "sibling_config.py" in err and "Traceback" not in err
+
+
+def test_the_distill_cli_refuses_an_unknown_response_source_before_loading_the_target(capsys, monkeypatch):
+    from ppow_jax import distill
+
+    monkeypatch.chdir(REPO_ROOT)
+    # The target named here does not exist: the refusal must come first.
+    assert distill.main(["--config", "configs/tiny_kd.py", "--config.target=/no/such/model",
+                         "--config.data.responses=teacher"]) == 2
+    assert "data.responses must be one of target, reference, got 'teacher'" in capsys.readouterr().err
 
 
 def test_distillation_refuses_bad_sizes_before_any_work(tmp_path):

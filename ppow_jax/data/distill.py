@@ -13,6 +13,12 @@ process (a host of a pod) answers every N-th planned batch (`process_share` says
 cache and its manifest, and how an error on one reaches all).
 
 A record is JSON: {"key", "prompt": [ids], "response": [ids], "eos": bool}.
+
+With `responses="reference"` the cache holds the records' own answers instead (Alpaca outputs,
+GSM8K answers, the rest of a web text), tokenised and cut like a generation, in the same format:
+no generation, so a cache of thousands of responses takes seconds. The target still labels every
+position when the features are computed; only the text it is teacher-forced on is not its own
+(EAGLE trains on fixed ShareGPT answers the same way). Prompts without a reference are skipped and listed.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from ppow_jax.inference.sampling import SamplingParams
 from ppow_jax.text.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
+RESPONSE_SOURCES = ("target", "reference")  # who answers: the target (self-distillation), or the data's own answers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,10 +56,23 @@ class DistillSettings:
     temperature: float
     top_p: float
     seed: int
+    responses: str = "target"  # one of RESPONSE_SOURCES
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
     return tokenizer.encode(tokenizer.apply_chat_template(list(prompt.messages), add_generation_prompt=True))
+
+
+def reference_response(tokenizer: Tokenizer, prompt: Prompt, max_new_tokens: int) -> tuple[list[int], bool]:
+    """The prompt's reference answer as a generation would give it -> (ids ending in EOS unless cut
+    at `max_new_tokens`, whether it ended by EOS)."""
+    ids = tokenizer.encode(prompt.reference) + [tokenizer.eos_token_ids[0]]
+    return ids[:max_new_tokens], len(ids) <= max_new_tokens
+
+
+def check_responses(responses: str) -> None:
+    if responses not in RESPONSE_SOURCES:
+        raise InputError(f"data.responses must be one of {', '.join(RESPONSE_SOURCES)}, got {responses!r}")
 
 
 def read_manifest(cache_dir: pathlib.Path) -> dict:
@@ -169,17 +189,21 @@ def check_sizes(*, batch_size: int, max_prompts: int, dev_prompts: int) -> None:
             raise InputError(f"data.{name} must be an integer >= {least}, got {value!r}")
 
 
-def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: Sequence[Prompt],
+def self_distill(decoder: Optional[AutoregressiveDecoder], tokenizer: Tokenizer, prompts: Sequence[Prompt],
                  cache_dir: str | pathlib.Path, settings: DistillSettings, *, batch_size: int,
                  max_prompts: int = 0, dev_prompts: int = 0, split: str = "train",
                  source_caps: Optional[Mapping[str, int]] = None, progress: bool = True,
                  share: ProcessShare = ProcessShare()) -> dict:
     """Answers the prompts of `split` (see `select_prompts`) into `cache_dir`, this process the
-    planned batches of its `share`.
+    planned batches of its `share`: with `decoder` (the target), or with the prompts' reference
+    answers when `settings.responses` is "reference" (no decoder needed).
 
     Returns the manifest. Prompts longer than `settings.max_prompt_tokens` are skipped and listed.
     """
     check_sizes(batch_size=batch_size, max_prompts=max_prompts, dev_prompts=dev_prompts)
+    check_responses(settings.responses)
+    if decoder is None and settings.responses == "target":
+        raise ValueError("self-distillation needs the target's decoder")
     cache_dir = pathlib.Path(cache_dir)
     # Process 0 alone plans (and writes manifest.json); the split's size is known to it only.
     split_prompts = share.on_primary(
@@ -200,9 +224,13 @@ def self_distill(decoder: AutoregressiveDecoder, tokenizer: Tokenizer, prompts: 
     try:  # from here on a failure must reach `finish`, where the other processes wait
         for batch in mine:
             ids = [encode_prompt(tokenizer, by_key[key]) for key in batch["keys"]]
-            result = decoder.generate(ids, settings.max_new_tokens, sampling, seed=settings.seed + batch["index"])
+            if settings.responses == "reference":
+                answers = [reference_response(tokenizer, by_key[key], settings.max_new_tokens) for key in batch["keys"]]
+            else:
+                result = decoder.generate(ids, settings.max_new_tokens, sampling, seed=settings.seed + batch["index"])
+                answers = list(zip(result.tokens, result.finished_by_eos))
             records = [{"key": key, "prompt": prompt, "response": out, "eos": eos}
-                       for key, prompt, out, eos in zip(batch["keys"], ids, result.tokens, result.finished_by_eos)]
+                       for key, prompt, (out, eos) in zip(batch["keys"], ids, answers)]
             name = f"shard-{batch['index']:05d}.array_record"
             write_array_record(cache_dir / name, (json.dumps(record).encode() for record in records))
             listing.add({"file": name, "keys": batch["keys"],
@@ -227,15 +255,19 @@ def _plan(tokenizer: Tokenizer, prompts: Sequence[Prompt], cache_dir: pathlib.Pa
     _fold_in_process_manifests(cache_dir)
     manifest = read_manifest(cache_dir)
     wanted = dataclasses.asdict(settings)
-    if manifest["settings"] is not None and manifest["settings"] != wanted:
-        raise InputError(f"cache {cache_dir} was made with settings {manifest['settings']}, not {wanted}; "
+    stored = manifest["settings"]
+    # A cache from before `responses` existed holds the target's answers; its settings stay as written,
+    # so the feature caches that name them stay valid.
+    if stored is not None and {"responses": "target", **stored} != wanted:
+        raise InputError(f"cache {cache_dir} was made with settings {stored}, not {wanted}; "
                          "use another cache directory")
-    manifest["settings"] = wanted
+    if stored is None:
+        manifest["settings"] = wanted
 
     order = select_prompts(prompts, settings.seed, max_prompts=max_prompts, dev_prompts=dev_prompts, split=split,
                            source_caps=source_caps)
     answered = [key for shard in manifest["shards"] for key in shard["keys"]]
-    done = set(answered) | set(manifest["skipped_too_long"])
+    done = set(answered) | set(manifest["skipped_too_long"]) | set(manifest.get("skipped_no_reference", []))
     caps = _checked_caps(source_caps)
     if split == "train" and caps:
         # A cache keeps what it has answered: a cap below a source's count in it cannot hold.
@@ -248,6 +280,9 @@ def _plan(tokenizer: Tokenizer, prompts: Sequence[Prompt], cache_dir: pathlib.Pa
     todo = []
     for prompt in order:
         if prompt.key in done:
+            continue
+        if settings.responses == "reference" and not prompt.reference:
+            manifest.setdefault("skipped_no_reference", []).append(prompt.key)
             continue
         ids = encode_prompt(tokenizer, prompt)
         if len(ids) > settings.max_prompt_tokens:

@@ -1,8 +1,10 @@
 """Training prompts: one reader per format in the data root's `train/` folder.
 
-Every reader yields `Prompt`s holding chat messages (the user turn only: drafters are trained on
-the target's own responses, so reference answers in the files are ignored). A malformed record is
-skipped and counted; a file that cannot be read at all is an error naming it.
+Every reader yields `Prompt`s holding chat messages (the user turn only) and, where the record has
+one, its reference answer. Drafters are trained on the target's own responses by default; the
+reference answers are an option that costs no generation (`data.responses="reference"`, see
+`ppow_jax.data.distill`). A malformed record is skipped and counted; a file that cannot be read at
+all is an error naming it.
 
 Contamination rule (data README): a training prompt whose text equals an eval prompt after
 whitespace normalisation is removed, and the count is reported.
@@ -14,6 +16,7 @@ import collections
 import dataclasses
 import json
 import pathlib
+import re
 from typing import Callable, Iterable, Iterator, Optional
 
 from ppow_jax.errors import InputError
@@ -29,6 +32,7 @@ class Prompt:
     source: str  # what it was read from: a `train/` folder name, or "tfds:<name>"
     messages: tuple[dict, ...]  # chat messages, ending with the user turn
     instruction: str = ""  # the bare instruction when the prompt adds an input to it (Alpaca)
+    reference: str = ""  # the record's own answer (Alpaca output, GSM8K answer, the rest of a text); "" if none
 
     @property
     def text(self) -> str:
@@ -119,18 +123,20 @@ def _instruction_with_input(instruction: str, extra: object) -> str:
 
 
 def read_alpaca(path: pathlib.Path, report: ReadReport, source: str) -> Iterator[Prompt]:
-    """[{"instruction", "input", "output"}]: instruction plus input."""
+    """[{"instruction", "input", "output"}]: instruction plus input; the output is the reference."""
     for index, record in enumerate(_load_json_array(path)):
         instruction = _nonempty_str(record.get("instruction")) if isinstance(record, dict) else None
         if instruction is None:
             report.malformed[source] += 1
             continue
         yield Prompt(source=source, key=f"{source}/{index}",
-                     messages=_user(_instruction_with_input(instruction, record.get("input"))), instruction=instruction)
+                     messages=_user(_instruction_with_input(instruction, record.get("input"))), instruction=instruction,
+                     reference=_answer(record.get("output")))
 
 
 def read_alpaca_seed_tasks(path: pathlib.Path, report: ReadReport, source: str) -> Iterator[Prompt]:
-    """JSONL {"id", "instruction", "instances": [{"input", "output"}]}: one prompt per instance."""
+    """JSONL {"id", "instruction", "instances": [{"input", "output"}]}: one prompt per instance, its output the
+    reference."""
     for number, record in _jsonl_records(path, report, source):
         instruction = _nonempty_str(record.get("instruction"))
         instances = record.get("instances")
@@ -138,30 +144,48 @@ def read_alpaca_seed_tasks(path: pathlib.Path, report: ReadReport, source: str) 
             report.malformed[source] += 1
             continue
         for i, instance in enumerate(instances):
-            extra = instance.get("input") if isinstance(instance, dict) else None
+            extra, output = (instance.get("input"), instance.get("output")) if isinstance(instance, dict) else (None, None)
             yield Prompt(source=source, key=f"{source}/{record.get('id', number)}/{i}",
-                         messages=_user(_instruction_with_input(instruction, extra)), instruction=instruction)
+                         messages=_user(_instruction_with_input(instruction, extra)), instruction=instruction,
+                         reference=_answer(output))
+
+
+def _answer(value) -> str:
+    return value.strip() if isinstance(value, str) else ""
 
 
 def _one_field_prompts(path: pathlib.Path, report: ReadReport, source: str, field: str,
-                       to_messages: Callable[[str], tuple[dict, ...]]) -> Iterator[Prompt]:
-    """JSONL records whose one wanted field is a non-empty string, turned into a conversation."""
+                       to_prompt: Callable[[str, dict], tuple[tuple[dict, ...], str]]) -> Iterator[Prompt]:
+    """JSONL records whose one wanted field is a non-empty string, turned into a conversation and a
+    reference by `to_prompt(value, record)`."""
     for number, record in _jsonl_records(path, report, source):
         value = _nonempty_str(record.get(field))
         if value is None:
             report.malformed[source] += 1
             continue
-        yield Prompt(source=source, key=f"{source}/{number}", messages=to_messages(value))
+        messages, reference = to_prompt(value, record)
+        yield Prompt(source=source, key=f"{source}/{number}", messages=messages, reference=reference)
+
+
+# GSM8K's calculator annotations ("48/2 = <<48/2=24>>24"): tool calls, not text a model writes.
+_CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
+
+
+def _question_and_answer(question: str, record: dict) -> tuple[tuple[dict, ...], str]:
+    return _user(question), _CALCULATOR_ANNOTATION.sub("", _answer(record.get("answer")))
 
 
 def read_gsm8k(path: pathlib.Path, report: ReadReport, source: str) -> Iterator[Prompt]:
-    """JSONL {"question", "answer"}: the question."""
-    return _one_field_prompts(path, report, source, "question", _user)
+    """JSONL {"question", "answer"}: the question; the answer, without calculator annotations, is the
+    reference."""
+    return _one_field_prompts(path, report, source, "question", _question_and_answer)
 
 
-def _continue_text(text: str) -> tuple[dict, ...]:
+def _continue_text(text: str, _record: Optional[dict] = None) -> tuple[tuple[dict, ...], str]:
+    """A request to continue the text's opening words; the rest of the text is the reference."""
     words = text.split()
-    return _user("Continue the following text.\n\n" + " ".join(words[:PLAIN_TEXT_PREFIX_WORDS]))
+    return (_user("Continue the following text.\n\n" + " ".join(words[:PLAIN_TEXT_PREFIX_WORDS])),
+            " ".join(words[PLAIN_TEXT_PREFIX_WORDS:]))
 
 
 def read_text_jsonl(path: pathlib.Path, report: ReadReport, source: str) -> Iterator[Prompt]:
@@ -177,7 +201,8 @@ def read_text_lines(path: pathlib.Path, report: ReadReport, source: str) -> Iter
         raise InputError(f"{path}: cannot be read ({err})") from None
     for number, line in enumerate(lines, start=1):
         if line.strip():
-            yield Prompt(source=source, key=f"{source}/{number}", messages=_continue_text(line))
+            messages, reference = _continue_text(line)
+            yield Prompt(source=source, key=f"{source}/{number}", messages=messages, reference=reference)
 
 
 Reader = Callable[[pathlib.Path, ReadReport, str], Iterator[Prompt]]
