@@ -226,6 +226,14 @@ def optimizer_config(tc):
                        weight_decay=tc.weight_decay, grad_clip=tc.grad_clip)
 
 
+def training_responses(config) -> str:
+    """Who answered the training cache `config.data.cache_dir`: "target" (also for a cache from before
+    the setting, or none yet) or "reference" (the records' own answers, not the target's continuations)."""
+    from ppow_jax.data.distill import read_manifest
+
+    return (read_manifest(pathlib.Path(config.data.cache_dir))["settings"] or {}).get("responses", "target")
+
+
 def export_drafter(config, target, drafter, params, features_dir: pathlib.Path, extra: dict) -> pathlib.Path:
     """Fits the adaptive window's calibration on greedy windows of the training data, then saves the drafter
     (every process fits it on host copies of the parameters; the primary saves)."""
@@ -243,6 +251,8 @@ def export_drafter(config, target, drafter, params, features_dir: pathlib.Path, 
     batches = itertools.islice(iter(feature_dataset(feature_shards(features_dir), batch_size=cc.batch_size,
                                                     seed=config.seed + 1)), cc.batches)
     try:
+        if training_responses(config) != "target":  # its greedy windows would be checked against another text
+            raise NothingToCalibrate("the training responses are the data's own answers, not the target's")
         calibration = fit_window_calibration(drafter, params, frozen, batches, cc.window)
     except NothingToCalibrate as reason:  # a drafter that is barely trained still serves fixed windows
         multihost.log(f"warning: no adaptive-window calibration ({reason}); the drafter is exported for fixed "
@@ -460,9 +470,9 @@ def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optiona
         raise InputError("PPOW fine-tunes a trained drafter: set init_from to a drafter directory "
                          "(python -m ppow_jax.train --config configs/smollm2_135m_kd.py exports one)")
     pc, tc = config.ppow, config.train
-    if pc.verifier == "cache" and config.data.temperature != 0:
-        raise InputError("ppow.verifier='cache' needs the target's greedy responses (data.temperature=0); "
-                         "use ppow.verifier='target'")
+    if pc.verifier == "cache" and (config.data.temperature != 0 or training_responses(config) != "target"):
+        raise InputError("ppow.verifier='cache' needs the target's greedy responses (data.temperature=0, "
+                         "data.responses='target'); use ppow.verifier='target'")
     settings_from_config(pc, gamma=pc.gamma if pc.gamma > 0 else 1.0)  # its checks, before any work
     mesh = training_mesh(tc.mesh)
     rows = multihost.batch_rows(mesh, pc.sequences_per_iteration)  # this process's share of every batch

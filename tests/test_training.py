@@ -140,13 +140,16 @@ def test_readers_keep_the_records_own_answers_as_references(shared_data_root):
     # A web text: the prompt holds its opening words, the reference the rest.
     text = json.loads((shared_data_root / "train/c4_demo/c4_demo.jsonl").read_text().splitlines()[0])["text"]
     c4 = by_source["c4_demo"][0]
-    assert " ".join(text.split()) == c4.messages[-1]["content"].split("\n\n", 1)[1] + " " + c4.reference
+    assert " ".join(text.split()) == c4.messages[-1]["content"].split("\n\n", 1)[1] + " " + " ".join(c4.reference.split())
+    assert text.rstrip().endswith(c4.reference)  # as written, line breaks kept
+    wiki = by_source["wiki_demo"][0]
+    assert "\n" not in wiki.reference or wiki.reference in (shared_data_root / "train/wiki_demo/wiki_demo.txt").read_text()
     assert not any(p.reference for p in by_source["sharegpt"])  # the files carry no replies
     assert all(p.reference for p in by_source["alpaca_seed_tasks"] + by_source["wiki_demo"])
 
 
 def test_a_reference_cache_holds_the_records_answers_and_the_dev_split_stays_the_targets(
-        tiny_target, shared_data_root, tmp_path):
+        distilled, tiny_target, shared_data_root, tmp_path):
     from ppow_jax.distill import run_distillation
 
     config = load_config("tiny_kd")
@@ -165,11 +168,12 @@ def test_a_reference_cache_holds_the_records_answers_and_the_dev_split_stays_the
     assert skipped and all(key.startswith("sharegpt/") for key in skipped)
     assert len(records) + len(skipped) + len(manifest["skipped_too_long"]) == 24
     tok = tiny_target.tokenizer
-    eos = tok.eos_token_ids[0]
+    eos = distill_module.turn_end_token(tok)
+    assert tok.decode([eos], skip_special_tokens=False) == "<|im_end|>"  # what ends SmolLM2's chat turns
     for record in records:
         prompt = by_key[record["key"]]
         assert record["prompt"] == distill_module.encode_prompt(tok, prompt)
-        whole = tok.encode(prompt.reference) + [eos]
+        whole = tok.encode(prompt.reference) + [eos]  # SmolLM2 adds no BOS
         assert record["response"] == whole[:40] and record["eos"] == (len(whole) <= 40)
     assert {r["eos"] for r in records} == {True, False}  # some answers fit in 40 tokens, some are cut
     # A target cache is never extended with reference answers, nor the other way round.
@@ -177,6 +181,37 @@ def test_a_reference_cache_holds_the_records_answers_and_the_dev_split_stays_the
     decoder = tiny_distillation(tiny_target, shared_data_root)[1]
     with pytest.raises(InputError, match="settings"):
         self_distill(decoder, tok, prompts, tmp_path / "reference", target_settings, batch_size=4, progress=False)
+    with pytest.raises(InputError, match="settings"):
+        self_distill(None, tok, prompts, distilled[0].data.cache_dir, dataclasses.replace(target_settings, **{
+            k: v for k, v in read_manifest(pathlib.Path(distilled[0].data.cache_dir))["settings"].items() if k != "responses"},
+            responses="reference"), batch_size=4, max_prompts=16, progress=False)
+    # A cache from before `responses` existed is the target's: extended as such, its settings left as written.
+    old = tmp_path / "old-target-cache"
+    shutil.copytree(distilled[0].data.cache_dir, old)
+    old_manifest = json.loads((old / "manifest.json").read_text())
+    del old_manifest["settings"]["responses"]
+    (old / "manifest.json").write_text(json.dumps(old_manifest))
+    self_distill(decoder, tok, prompts, old, DistillSettings(**old_manifest["settings"]), batch_size=4, max_prompts=16,
+                 dev_prompts=distilled[0].data.dev_prompts, progress=False)
+    assert read_manifest(old)["settings"] == old_manifest["settings"]
+    # Resumed with more prompts: the cache grows, nothing is answered or skipped twice.
+    config.data.max_prompts = 40
+    run_distillation(config, tiny_target, progress=False)
+    grown = read_manifest(tmp_path / "reference")
+    keys = [k for shard in grown["shards"] for k in shard["keys"]]
+    assert keys[:len(records)] == [r["key"] for r in records] and len(keys) > len(records)
+    assert len(set(keys)) == len(keys) and len(set(grown["skipped_no_reference"])) == len(grown["skipped_no_reference"])
+    assert len(keys) + len(grown["skipped_no_reference"]) + len(grown["skipped_too_long"]) == 40
+    # PPOW's cache verifier and the adaptive window's calibration need the target's own answers.
+    from ppow_jax.train import run_ppow_training, run_training
+    config.workdir, config.train.steps = str(tmp_path / "kd"), 2
+    run_training(config, tiny_target, progress=False)
+    described = json.loads((tmp_path / "kd" / "drafter" / "drafter.json").read_text())
+    assert "data's own answers" in described["window_calibration_skipped"] and "window_calibration" not in described
+    ppow = load_config("tiny_ppow")
+    ppow.data.cache_dir, ppow.init_from, ppow.workdir = config.data.cache_dir, str(tmp_path / "kd" / "drafter"), str(tmp_path / "p")
+    with pytest.raises(InputError, match="ppow.verifier='cache' needs the target's greedy responses"):
+        run_ppow_training(ppow, tiny_target, progress=False)
     with pytest.raises(InputError, match="data.responses must be one of target, reference, got 'teacher'"):
         self_distill(None, tok, prompts, tmp_path / "other", dataclasses.replace(target_settings, responses="teacher"),
                      batch_size=4, progress=False)

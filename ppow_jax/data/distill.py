@@ -63,10 +63,20 @@ def encode_prompt(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
     return tokenizer.encode(tokenizer.apply_chat_template(list(prompt.messages), add_generation_prompt=True))
 
 
-def reference_response(tokenizer: Tokenizer, prompt: Prompt, max_new_tokens: int) -> tuple[list[int], bool]:
-    """The prompt's reference answer as a generation would give it -> (ids ending in EOS unless cut
-    at `max_new_tokens`, whether it ended by EOS)."""
-    ids = tokenizer.encode(prompt.reference) + [tokenizer.eos_token_ids[0]]
+def turn_end_token(tokenizer: Tokenizer) -> int:
+    """The stop token the chat template closes an assistant turn with (SmolLM2: <|im_end|>), which is
+    what ends the target's answers; the first stop token if the template writes none."""
+    turn = tokenizer.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant", "content": "."}],
+                                         add_generation_prompt=False)
+    ends = [i for i in tokenizer.encode(turn) if i in tokenizer.eos_token_ids]
+    return ends[-1] if ends else tokenizer.eos_token_ids[0]
+
+
+def reference_response(tokenizer: Tokenizer, prompt: Prompt, max_new_tokens: int, turn_end: int) -> tuple[list[int], bool]:
+    """The prompt's reference answer as a generation would give it -> (ids ending in `turn_end`
+    unless cut at `max_new_tokens`, whether it ended so)."""
+    # Tokenised as a continuation: no BOS, even for a tokenizer that adds one to a whole text.
+    ids = tokenizer.backend.encode(prompt.reference, add_special_tokens=False).ids + [turn_end]
     return ids[:max_new_tokens], len(ids) <= max_new_tokens
 
 
@@ -214,6 +224,7 @@ def self_distill(decoder: Optional[AutoregressiveDecoder], tokenizer: Tokenizer,
     planned = _planned(manifest)
 
     by_key = {prompt.key: prompt for prompt in prompts}
+    turn_end = turn_end_token(tokenizer) if settings.responses == "reference" else None
     mine = planned[share.index::share.count]
     sampling = SamplingParams(temperature=settings.temperature, top_p=settings.top_p)
     bar = share.progress_bar(total=split_prompts, to_do=sum(len(b["keys"]) for b in planned),
@@ -225,7 +236,8 @@ def self_distill(decoder: Optional[AutoregressiveDecoder], tokenizer: Tokenizer,
         for batch in mine:
             ids = [encode_prompt(tokenizer, by_key[key]) for key in batch["keys"]]
             if settings.responses == "reference":
-                answers = [reference_response(tokenizer, by_key[key], settings.max_new_tokens) for key in batch["keys"]]
+                answers = [reference_response(tokenizer, by_key[key], settings.max_new_tokens, turn_end)
+                           for key in batch["keys"]]
             else:
                 result = decoder.generate(ids, settings.max_new_tokens, sampling, seed=settings.seed + batch["index"])
                 answers = list(zip(result.tokens, result.finished_by_eos))

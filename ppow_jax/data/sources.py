@@ -182,10 +182,11 @@ def read_gsm8k(path: pathlib.Path, report: ReadReport, source: str) -> Iterator[
 
 
 def _continue_text(text: str, _record: Optional[dict] = None) -> tuple[tuple[dict, ...], str]:
-    """A request to continue the text's opening words; the rest of the text is the reference."""
-    words = text.split()
-    return (_user("Continue the following text.\n\n" + " ".join(words[:PLAIN_TEXT_PREFIX_WORDS])),
-            " ".join(words[PLAIN_TEXT_PREFIX_WORDS:]))
+    """A request to continue the text's opening words; the rest of the text, as written, is the reference."""
+    words = list(re.finditer(r"\S+", text))
+    rest = text[words[PLAIN_TEXT_PREFIX_WORDS].start():].rstrip() if len(words) > PLAIN_TEXT_PREFIX_WORDS else ""
+    return (_user("Continue the following text.\n\n" + " ".join(w.group() for w in words[:PLAIN_TEXT_PREFIX_WORDS])),
+            rest)
 
 
 def read_text_jsonl(path: pathlib.Path, report: ReadReport, source: str) -> Iterator[Prompt]:
