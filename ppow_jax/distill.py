@@ -78,7 +78,8 @@ def run_distillation(config, target, progress: bool = True) -> None:
         tokens = sum(s["response_tokens"] for s in manifest["shards"])
         answered = sum(len(s["keys"]) for s in manifest["shards"])
         no_reference = len(manifest.get("skipped_no_reference", []))
-        multihost.log(f"{cache_dir} ({split}, {split_settings[split].responses}'s responses): {answered} responses, "
+        own_answers = " (the records' own answers)" if split_settings[split].responses == "reference" else ""
+        multihost.log(f"{cache_dir} ({split}): {answered} responses{own_answers}, "
                       f"{tokens} response tokens; {len(manifest['skipped_too_long'])} prompts over "
                       f"{config.data.max_prompt_tokens} tokens skipped"
                       + (f"; {no_reference} prompts without a reference answer skipped" if no_reference else ""))

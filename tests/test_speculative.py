@@ -346,15 +346,16 @@ def test_cycle_costs_are_measured_for_every_kind_of_drafter(drafter_name):
 
 
 def test_looped_time_ratios_cancel_what_a_program_costs_once_per_launch():
-    """Calls of 5 and 15 ms inside programs that each cost 20 ms to launch: 3x, not the 1.7x of whole programs."""
+    """Calls of 20 and 60 ms inside programs that each cost 80 ms to launch: 3x, not the 1.7x of whole
+    programs. (Sleeps long enough that a loaded machine's millisecond of oversleep stays noise.)"""
     def looped(per_call):
         def program(x, n):
-            time.sleep(0.02 + n * per_call)
+            time.sleep(0.08 + n * per_call)
             return x
         return program
 
     x = jnp.zeros(())
-    ratios = interleaved_time_ratios({"short": (looped(0.005), (x,)), "long": (looped(0.015), (x,))},
+    ratios = interleaved_time_ratios({"short": (looped(0.02), (x,)), "long": (looped(0.06), (x,))},
                                      reference="short", repeats=5, loop_steps=2)
     assert ratios["short"] == 1.0 and 2.5 < ratios["long"] < 3.5
     with pytest.raises(ValueError, match="loop_steps"):
