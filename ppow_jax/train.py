@@ -71,7 +71,7 @@ def feature_cache(config, target, progress: bool, split: str = "train") -> pathl
     import jax
 
     from ppow_jax import multihost
-    from ppow_jax.data.distill import read_manifest
+    from ppow_jax.data.distill import cache_settings
     from ppow_jax.data.features import build_feature_cache
     from ppow_jax.data.process_share import ProcessShare
     from ppow_jax.errors import InputError
@@ -84,7 +84,7 @@ def feature_cache(config, target, progress: bool, split: str = "train") -> pathl
     directory = pathlib.Path(directory or pathlib.Path(config.workdir) / ("features" if split == "train" else "features-dev"))
     # The drafter learns the target from its own responses: another model's (a wrong cache_dir) would
     # train it on text this target does not write, with no other sign.
-    answered_by = (read_manifest(pathlib.Path(distill_dir))["settings"] or {}).get("model")
+    answered_by = cache_settings(distill_dir).get("model")
     if answered_by is not None and answered_by != str(config.target):
         raise InputError(f"{distill_dir} holds the responses of {answered_by!r}, not of this config's target "
                          f"{str(config.target)!r}: point data.{'cache_dir' if split == 'train' else 'dev_cache_dir'} "
@@ -229,9 +229,9 @@ def optimizer_config(tc):
 def training_responses(config) -> str:
     """Who answered the training cache `config.data.cache_dir`: "target" (also for a cache from before
     the setting, or none yet) or "reference" (the records' own answers, not the target's continuations)."""
-    from ppow_jax.data.distill import read_manifest
+    from ppow_jax.data.distill import cache_settings
 
-    return (read_manifest(pathlib.Path(config.data.cache_dir))["settings"] or {}).get("responses", "target")
+    return cache_settings(config.data.cache_dir).get("responses", "target")
 
 
 def export_drafter(config, target, drafter, params, features_dir: pathlib.Path, extra: dict) -> pathlib.Path:

@@ -75,8 +75,7 @@ def turn_end_token(tokenizer: Tokenizer) -> int:
 def reference_response(tokenizer: Tokenizer, prompt: Prompt, max_new_tokens: int, turn_end: int) -> tuple[list[int], bool]:
     """The prompt's reference answer as a generation would give it -> (ids ending in `turn_end`
     unless cut at `max_new_tokens`, whether it ended so)."""
-    # Tokenised as a continuation: no BOS, even for a tokenizer that adds one to a whole text.
-    ids = tokenizer.backend.encode(prompt.reference, add_special_tokens=False).ids + [turn_end]
+    ids = tokenizer.encode(prompt.reference, add_bos=False) + [turn_end]
     return ids[:max_new_tokens], len(ids) <= max_new_tokens
 
 
@@ -93,6 +92,11 @@ def read_manifest(cache_dir: pathlib.Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise InputError(f"{path} is corrupt ({err}); delete the cache directory to regenerate it") from None
+
+
+def cache_settings(cache_dir: str | pathlib.Path) -> dict:
+    """The settings a cache was made under (`DistillSettings` as a dict; {} for no cache yet)."""
+    return read_manifest(pathlib.Path(cache_dir))["settings"] or {}
 
 
 def _shard_index(shard: dict) -> int:

@@ -113,14 +113,15 @@ class Tokenizer:
     def backend(self) -> tokenizers.Tokenizer:
         return self._backend
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of `text`; special-token strings in it (e.g. `<|im_start|>`) become single ids.
 
         BOS is prepended only when the checkpoint asks for it and the text does not already begin
-        with it (a chat template that writes BOS itself would otherwise get two).
+        with it (a chat template that writes BOS itself would otherwise get two); `add_bos=False`
+        for a text that continues another (a response after its prompt) never gets one.
         """
         ids = self._backend.encode(text, add_special_tokens=False).ids
-        if self.add_bos and not (self._bos_token and text.startswith(self._bos_token)):
+        if add_bos and self.add_bos and not (self._bos_token and text.startswith(self._bos_token)):
             ids = [self.bos_token_id] + ids
         return ids
 
