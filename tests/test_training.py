@@ -256,7 +256,7 @@ def _as_two_threads(run) -> list[Optional[BaseException]]:
 
 
 class _StoppedDecoder:
-    def generate(self, *args, **kwargs):
+    def generate_continuously(self, *args, **kwargs):
         raise RuntimeError("process 0 stopped")
 
 
@@ -296,7 +296,7 @@ def test_a_shared_distillation_that_fails_on_one_process_resumes_into_the_uninte
 
 
 class _InterruptedDecoder:
-    def generate(self, *args, **kwargs):
+    def generate_continuously(self, *args, **kwargs):
         raise KeyboardInterrupt
 
 

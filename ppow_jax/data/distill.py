@@ -1,16 +1,21 @@
 """Self-distillation: the target answers the training prompts; the answers are cached on disk.
 
 Drafters learn to predict the target, so they are trained on the target's own responses (EAGLE and
-Medusa do the same). Generation is batched and written as ArrayRecord shards, one per batch, each
+Medusa do the same). The answers are written as ArrayRecord shards, one per planned batch, each
 renamed into place only when complete; `manifest.json` lists the finished shards. A rerun after an
 interruption skips the prompts already answered, and refuses to mix settings (model, budget,
 sampling) with a cache made under different ones.
 
 The batches are planned before any is answered, and the plan is kept in the manifest: batch i is
-shard i, generated with seed `seed + i`. A run that is interrupted and rerun with the same settings
-and sizes writes the shards an uninterrupted one writes, however many processes share it: each
-process (a host of a pod) answers every N-th planned batch (`process_share` says how they share the
-cache and its manifest, and how an error on one reaches all).
+shard i. Generation does not wait batch by batch: the prompts stream through `batch_size` rows
+(continuous batching, `AutoregressiveDecoder.generate_continuously`), and shard i is written once
+its last prompt is answered. Prompt j of batch i samples with the key fold_in(key(seed + i), j),
+whichever prompts share the rows. A run that is interrupted and rerun with the same settings and
+sizes writes the shards an uninterrupted one writes, however many processes share it: each process
+(a host of a pod) answers every N-th planned batch (`process_share` says how they share the cache
+and its manifest, and how an error on one reaches all). One caveat: prompts are prefilled in groups
+padded to the longest of the group, and which prompts form a group depends on where a run starts,
+so an answer can differ in the last bits of its logits, and rarely by a token where two are all but tied.
 
 A record is JSON: {"key", "prompt": [ids], "response": [ids], "eos": bool}.
 
@@ -29,7 +34,7 @@ import json
 import pathlib
 import random
 import re
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 from array_record.python import array_record_module
 
@@ -38,7 +43,7 @@ from ppow_jax.data.process_share import (ProcessShare, ShardListing, fold_in_pro
 from ppow_jax.data.sources import Prompt
 from ppow_jax.errors import InputError
 from ppow_jax.files import write_array_record
-from ppow_jax.inference.autoregressive import AutoregressiveDecoder
+from ppow_jax.inference.autoregressive import AutoregressiveDecoder, Request
 from ppow_jax.inference.sampling import SamplingParams
 from ppow_jax.text.tokenizer import Tokenizer
 
@@ -237,27 +242,52 @@ def self_distill(decoder: Optional[AutoregressiveDecoder], tokenizer: Tokenizer,
     listing = ShardListing(cache_dir, share, manifest, order=_shard_index, finish=_without_answered_plans)
     problem: Optional[BaseException] = None
     try:  # from here on a failure must reach `finish`, where the other processes wait
-        for batch in mine:
-            ids = [encode_prompt(tokenizer, by_key[key]) for key in batch["keys"]]
-            if settings.responses == "reference":
-                answers = [reference_response(tokenizer, by_key[key], settings.max_new_tokens, turn_end)
-                           for key in batch["keys"]]
-            else:
-                result = decoder.generate(ids, settings.max_new_tokens, sampling, seed=settings.seed + batch["index"])
-                answers = list(zip(result.tokens, result.finished_by_eos))
-            records = [{"key": key, "prompt": prompt, "response": out, "eos": eos}
-                       for key, prompt, (out, eos) in zip(batch["keys"], ids, answers)]
+        prompt_ids = {key: encode_prompt(tokenizer, by_key[key]) for batch in mine for key in batch["keys"]}
+        if settings.responses == "reference":
+            answered = ((batch, [reference_response(tokenizer, by_key[key], settings.max_new_tokens, turn_end)
+                                 for key in batch["keys"]]) for batch in mine)
+        else:
+            answered = _generated_batches(decoder, mine, prompt_ids, settings, sampling, slots=batch_size,
+                                          on_answer=lambda: bar.update(1))
+        for batch, answers in answered:
+            records = [{"key": key, "prompt": prompt_ids[key], "response": out, "eos": eos}
+                       for key, (out, eos) in zip(batch["keys"], answers)]
             name = f"shard-{batch['index']:05d}.array_record"
             write_array_record(cache_dir / name, (json.dumps(record).encode() for record in records))
             listing.add({"file": name, "keys": batch["keys"],
                          "response_tokens": sum(len(r["response"]) for r in records)})
-            bar.update(len(batch["keys"]))
+            if settings.responses == "reference":
+                bar.update(len(batch["keys"]))
             bar.set_postfix(tokens=sum(s["response_tokens"] for s in listing.listed()))
     except BaseException as err:  # noqa: BLE001 (raised by `finish`, once every process knows)
         problem = err
     bar.close()
     share.finish(problem, lambda: _fold_in_process_manifests(cache_dir), cache_dir)
     return read_manifest(cache_dir)
+
+
+def _generated_batches(decoder: AutoregressiveDecoder, batches: Sequence[dict], prompt_ids: Mapping[str, list[int]],
+                       settings: DistillSettings, sampling: SamplingParams, *, slots: int,
+                       on_answer) -> Iterator[tuple[dict, list[tuple[list[int], bool]]]]:
+    """(batch, [(response, ended by EOS)] in key order) for each planned batch, as its last prompt is
+    answered; all prompts stream through `slots` rows in plan order."""
+    requests = (Request((batch["index"], row), prompt_ids[key], seed=settings.seed + batch["index"], stream=row)
+                for batch in batches for row, key in enumerate(batch["keys"]))
+    by_index = {batch["index"]: batch for batch in batches}
+    answers: dict[int, list] = {batch["index"]: [None] * len(batch["keys"]) for batch in batches}
+    missing = {batch["index"]: len(batch["keys"]) for batch in batches}
+    # Rows sized for the longest prompt here, not the setting's limit: attention reads every slot.
+    longest = max((len(prompt_ids[key]) for batch in batches for key in batch["keys"]), default=1)
+    for answer in decoder.generate_continuously(requests, settings.max_new_tokens, sampling, max_prompt_len=longest,
+                                                slots=slots):
+        index, row = answer.request.id
+        answers[index][row] = (answer.tokens, answer.finished_by_eos)
+        missing[index] -= 1
+        on_answer()
+        if not missing[index]:
+            yield by_index[index], answers.pop(index)
+    if answers:
+        raise RuntimeError(f"the decoder never answered every prompt of planned batches {sorted(answers)}")
 
 
 def _plan(tokenizer: Tokenizer, prompts: Sequence[Prompt], cache_dir: pathlib.Path, settings: DistillSettings, *,
