@@ -206,9 +206,10 @@ class AutoregressiveDecoder:
 
         The decode loop hands control back once `refill` busy rows (default a sixteenth of the slots,
         at least 1) are done; their answers are yielded and that many new prompts are prefilled
-        together into them. Small groups keep rows busiest: on a 2-core CPU, 32 slots, refill 1-2 kept
-        91-93% of row-steps useful and refill 4 89% (BENCHMARKS.md, "Continuous batching"). One compiled decode loop serves the whole stream, and one prefill per prompt-length
-        bucket. Every prompt must have at most `max_prompt_len` tokens.
+        together into them. Small groups keep rows busiest: on a 2-core CPU with 32 slots, refill 1-2
+        kept 91-93% of row-steps useful and refill 4 89% (BENCHMARKS.md, "Continuous batching"). One
+        compiled decode loop serves the whole stream, and one prefill per prompt-length bucket. Every
+        prompt must have at most `max_prompt_len` tokens.
         """
         if slots < 1:
             raise InputError(f"slots must be >= 1, got {slots}")
