@@ -18,9 +18,9 @@
 # imports the training stack, so that a missing package shows while there is lease left to fix it.
 # `run` keeps its piece the same way, then, within BUDGET_S seconds of its start:
 #   1. the target answers the dev prompts, then the training prompts for at most DISTILL_S seconds
-#      (default 28% of the budget): the config's 8,766 in a seeded shuffle, answered in batches of
-#      similar prompt length (sorted within windows of 16 batches); a stopped distillation keeps
-#      every batch it finished;
+#      (default 28% of the budget): the config's 8,766 in a seeded shuffle, planned in batches of
+#      similar prompt length (sorted within windows of 16 batches) and streamed through the rows
+#      (continuous batching); a stopped distillation keeps every batch it finished;
 #   2. a PROBE_STEPS-step run builds the feature caches and measures a training step, the compile
 #      and what a run costs around its loop (loading, the first and last dev probe, the export);
 #   3. the real run: train.steps from those figures and the time left, so that the learning rate
