@@ -277,7 +277,7 @@ def _generated_batches(decoder: AutoregressiveDecoder, batches: Sequence[dict], 
     answers: dict[int, list] = {batch["index"]: [None] * len(batch["keys"]) for batch in batches}
     missing = {batch["index"]: len(batch["keys"]) for batch in batches}
     # Rows sized for the longest prompt here, not the setting's limit: attention reads every slot.
-    longest = max((len(prompt_ids[key]) for batch in batches for key in batch["keys"]), default=1)
+    longest = max(map(len, prompt_ids.values()), default=1)
     for answer in decoder.generate_continuously(requests, settings.max_new_tokens, sampling, max_prompt_len=longest,
                                                 slots=slots):
         index, row = answer.request.id

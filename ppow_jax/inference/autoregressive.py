@@ -247,14 +247,13 @@ class AutoregressiveDecoder:
                 return
             until_done = len(free) + (busy if exhausted else min(refill, busy))
             state = self.decode(state, sampling, max_new_tokens, ignore_eos=ignore_eos, until_done=until_done)
-            done, saw_nan = jax.device_get((state.done, state.saw_nan))
+            done, saw_nan, generated, counts = jax.device_get(
+                (state.done, state.saw_nan, state.tokens, state.num_generated))  # one transfer per round
             if bad := [occupants[row].id for row in np.flatnonzero(saw_nan) if occupants[row] is not None]:
                 raise FloatingPointError(f"the model produced NaN logits for requests {bad}; no token was sampled "
                                          "from them")
-            finished = [row for row in np.flatnonzero(done) if occupants[row] is not None]
-            rows = _rows(state)
-            for row in finished:
-                tokens = rows[row]
+            for row in [row for row in np.flatnonzero(done) if occupants[row] is not None]:
+                tokens = generated[row, :counts[row]].tolist()
                 eos = bool(tokens) and tokens[-1] in self._eos_set and not ignore_eos
                 yield Answer(occupants[row], tokens, eos)
                 occupants[row] = None
@@ -402,7 +401,5 @@ def _admit_rows(state: DecodeState, slots: jax.Array, next_logits: jax.Array, ca
         budget=put(state.budget, budgets),
         done=put(state.done, jnp.zeros((rows,), bool)), next_logits=put(state.next_logits, next_logits),
         saw_nan=put(state.saw_nan, jnp.zeros((rows,), bool)),
-        cache=llama.KVCache(k=tuple(put(old, new) for old, new in zip(state.cache.k, cache.k)),
-                            v=tuple(put(old, new) for old, new in zip(state.cache.v, cache.v)),
-                            lengths=put(state.cache.lengths, cache.lengths)),
+        cache=jax.tree.map(put, state.cache, cache),
         key=state.key.at[slots].set(keys, mode="drop"))
