@@ -62,8 +62,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 4  # the global batch: with several hosts each loads its share
-    # The committed drafter (checkpoints/smollm2-135m-instruct/kd): 1,800 steps, 3.6 epochs of the
-    # 2,048-prompt distillation, 80 minutes on a 2-core CPU; on a GPU raise steps and unroll_steps.
+    # These defaults give the first stage of the committed drafter (checkpoints/smollm2-135m-instruct/kd):
+    # 1,800 steps, 3.6 epochs of the 2,048-prompt distillation, 80 minutes on a 2-core CPU; its second
+    # stage continues on the 4,096-prompt distillation (README). On a GPU raise steps and unroll_steps.
     config.train.steps = 1800
     config.train.unroll_steps = 3  # training-time test: drafter steps fed its own hidden state (EAGLE-3: 5)
     config.train.loss_positions = 1024  # response positions per batch that get the head and the loss (0: all)
