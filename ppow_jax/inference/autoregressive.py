@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import time
 from typing import Callable, Hashable, Iterable, Iterator, Optional, Sequence
 
@@ -220,7 +221,7 @@ class AutoregressiveDecoder:
         refill = min(-(-(refill or max(1, slots // 16)) // per_device) * per_device, slots)
         if max_prompt_len < 1:
             raise InputError(f"max_prompt_len must be >= 1, got {max_prompt_len}")
-        pad_prompts(self.config, [[0] * max_prompt_len], max_new_tokens, self.pad_token_id)  # checks the sizes
+        _check_fits(self.config, max_prompt_len, max_new_tokens)
         # Every row must fit the longest prompt and its answer. Rounded up to a multiple of 16 rather than
         # a power of two: attention reads every slot of every row at every step.
         cache_len = max(bucket(max_prompt_len), -(-(max_prompt_len + max_new_tokens) // MIN_BUCKET) * MIN_BUCKET)
@@ -231,12 +232,9 @@ class AutoregressiveDecoder:
         while True:
             free = [row for row, request in enumerate(occupants) if request is None]
             while free and not exhausted:
-                group = []
-                for request in pending:
-                    group.append(request)
-                    if len(group) == min(refill, len(free)):
-                        break
-                exhausted = len(group) < min(refill, len(free))
+                wanted = min(refill, len(free))
+                group = list(itertools.islice(pending, wanted))
+                exhausted = len(group) < wanted
                 if group:
                     rows, free = free[:len(group)], free[len(group):]
                     state = self._admit(state, rows, group, refill, max_new_tokens)
@@ -323,16 +321,11 @@ def pad_prompts(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_t
     """
     if not prompts:
         raise InputError("no prompts given")
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     lengths = np.array([len(p) for p in prompts], np.int32)
     if (lengths == 0).any():
         raise InputError(f"prompt {int(np.argmin(lengths))} is empty (no tokens)")
-    limit = config.max_position_embeddings
     longest = int(lengths.max())
-    if longest + max_new_tokens > limit:
-        raise InputError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's "
-                         f"context window of {limit} tokens")
+    _check_fits(config, longest, max_new_tokens)
     for p in prompts:
         bad = [t for t in p if not 0 <= t < config.vocab_size]
         if bad:
@@ -344,6 +337,16 @@ def pad_prompts(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_t
     # Padding positions past the cache are dropped on write, so the cache needs only the real tokens.
     cache_len = bucket(longest + max_new_tokens + extra_cache)
     return tokens, lengths, cache_len
+
+
+def _check_fits(config: ModelConfig, prompt_len: int, max_new_tokens: int) -> None:
+    """Refuses a budget under one token, or a prompt and budget over the model's context window."""
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    limit = config.max_position_embeddings
+    if prompt_len + max_new_tokens > limit:
+        raise InputError(f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds the model's "
+                         f"context window of {limit} tokens")
 
 
 def _rows(state: DecodeState) -> list[list[int]]:
