@@ -365,6 +365,38 @@ def test_kl_term_pulls_the_policy_to_the_target():
     assert float(after) < 0.8 * float(before)
 
 
+def test_context_anchor_pulls_the_teacher_forced_drafts_to_the_target_where_masked():
+    params, drafter, dparams, frozen, tokens, features = _toy_policy(7)
+    window, anchors = 2, jnp.full((2, 2), 5, jnp.int32)
+    target = jax.nn.log_softmax(jnp.arange(40.0) / 4)
+    mask = jnp.zeros((2, 12), bool).at[:, 6:].set(True)
+    data = ppow.Rollout(tokens=tokens, features=features, anchors=anchors, drafts=jnp.zeros((2, 2, window), jnp.int32),
+                        old_logprobs=jnp.zeros((2, 2, window)), advantages=jnp.zeros((2, 2)),
+                        policy_mask=jnp.zeros((2, 2, window), bool), target_logprobs=jnp.zeros((2, 2, window, 40)),
+                        kl_mask=jnp.zeros((2, 2, window), bool),
+                        context_target_logprobs=jnp.broadcast_to(target, (2, 12, 40)), context_mask=mask)
+    settings = ppow.PPOWSettings(group_size=2, window=window, anchors_per_sequence=1, epochs=1, minibatches=1,
+                                 kl_beta=0.0, kl_direction="forward", context_kl_beta=1.0)
+
+    def context_kl(trainable):
+        context = ppow.context_pass(drafter, {**trainable, "d2t": dparams["d2t"]}, params["embed"], tokens, features)
+        q = jax.nn.log_softmax(drafter.draft_logits({**trainable, "d2t": dparams["d2t"]}, context.hidden), axis=-1)
+        return np.asarray(ppow.kl_divergence("forward", q, target))  # [2, 12]
+
+    trainable = {k: v for k, v in dparams.items() if k != "d2t"}
+    before = context_kl(trainable)
+    loss, metrics = ppow.ppo_loss(trainable, dparams["d2t"], params["embed"], data, drafter=drafter, settings=settings)
+    # With no policy term and no window anchor the loss is the masked positions' mean KL, by hand.
+    assert float(loss) == pytest.approx(before[:, 6:].mean(), rel=1e-5)
+    assert float(metrics["context_kl"]) == pytest.approx(before[:, 6:].mean(), rel=1e-5)
+    optimizer = optax.adam(1e-2)
+    state, _ = _updated(_fresh_state(dparams, optimizer), data, frozen, drafter, settings, optimizer, 5)
+    after = context_kl(state.params)
+    assert after[:, 6:].mean() < 0.8 * before[:, 6:].mean()
+    with pytest.raises(InputError, match="context_kl_beta"):
+        ppow.PPOWSettings(context_kl_beta=-1.0)
+
+
 # ----- end to end -----
 
 def _ppow(kd_run, distilled, tiny_target, workdir, steps, stop_at=None, **overrides):
@@ -442,9 +474,12 @@ def test_the_update_starts_from_the_rollout_policy(kd_run, distilled, tiny_targe
 
 
 def test_target_verifier_with_sampling_acceptance_trains(kd_run, distilled, tiny_target, tmp_path):
+    # With ADAW off, the context anchor is what needs the target's distribution at every position.
     metrics = _ppow(kd_run, distilled, tiny_target, tmp_path / "run", 2, ppow__verifier="target",
-                    ppow__acceptance="sampling", ppow__adaw=False, ppow__proximity_reward=False)
+                    ppow__acceptance="sampling", ppow__adaw=False, ppow__proximity_reward=False,
+                    ppow__context_kl_beta=0.5)
     assert np.isfinite(metrics["loss"]) and 0 <= metrics["accepted"] <= 4
+    assert metrics["context_kl"] > 0
 
 
 def test_ppow_needs_a_drafter_to_start_from(kd_run, distilled, tiny_target, tmp_path):

@@ -10,6 +10,9 @@ environment. One iteration is two jitted functions:
      accepted length k; rewards and group-normalised advantages.
   2. `update`: PPO's clipped surrogate on the drafts' log-probabilities plus β·KL(Q‖P) anchored to
      the target, `epochs` × `minibatches` (minibatches split by sequence) in one `lax.scan`.
+     Optionally (`context_kl_beta`) the same anchor also at every response position of the
+     sequences, on the teacher-forced first draft: the windows reach a few dozen positions per
+     sequence, the context pass that the update already runs covers all of them.
 
 Verification, two ways (`verifier`):
   - "cache": when the data are the target's own greedy responses (self-distillation at T = 0), the
@@ -86,6 +89,9 @@ class PPOWSettings:
     verifier: str = "cache"
     acceptance: str = "greedy"
     rollout_temperature: float = 1.0  # τ: windows are sampled from Q^(1/τ) (see the module docstring)
+    # Weight of a second anchor at every response position of the sequences, on the drafter's
+    # teacher-forced first draft (the token-level loss's step 0); 0: the windows' anchor only.
+    context_kl_beta: float = 0.0
 
     def __post_init__(self):
         for name in ("group_size", "window", "anchors_per_sequence", "epochs", "minibatches"):
@@ -115,6 +121,8 @@ class PPOWSettings:
             raise InputError(f"ppow.rollout_temperature must be a positive number, got {self.rollout_temperature}")
         if not self.clip_epsilon > 0 or self.kl_beta < 0:
             raise InputError(f"ppow.clip_epsilon must be > 0 and ppow.kl_beta >= 0, got {self.clip_epsilon}, {self.kl_beta}")
+        if not self.context_kl_beta >= 0 or not math.isfinite(self.context_kl_beta):
+            raise InputError(f"ppow.context_kl_beta must be a number >= 0, got {self.context_kl_beta}")
 
 
 # ----- rewards -----
@@ -398,6 +406,10 @@ class Rollout:
     policy_mask: jax.Array  # [B, W, K] drafts that get the PPO term: valid anchor, j <= k
     target_logprobs: jax.Array  # [B, W, K, N]
     kl_mask: jax.Array  # [B, W, K] valid anchor and P known
+    # The context anchor's (context_kl_beta > 0): P at every position [B, L, N], and the positions
+    # that predict a response token [B, L].
+    context_target_logprobs: Optional[jax.Array] = None
+    context_mask: Optional[jax.Array] = None
 
 
 def tempered(logprobs: jax.Array, temperature: float) -> jax.Array:
@@ -416,8 +428,10 @@ def rollout(params: dict, target: PPOWTarget, batch: Batch, key: jax.Array, targ
 
     valid = valid_anchors(batch["loss_mask"], s.window)
     scores = None
-    if s.adaw:
+    p = None
+    if s.adaw or s.context_kl_beta > 0:
         p = target_draft_logprobs(batch["target_hidden"], target.constants.head_rows)  # [B, L, N]
+    if s.adaw:
         q = jax.nn.log_softmax(drafter.draft_logits(params, context.hidden), axis=-1)
         scores = standardised(window_sums(criticality(p, q), s.window) / s.window, valid)
     chosen, chosen_valid = sample_anchors(anchor_key, anchor_priorities(valid, scores, s.priority_temperature,
@@ -459,12 +473,27 @@ def rollout(params: dict, target: PPOWTarget, batch: Batch, key: jax.Array, targ
                "anchors": jnp.sum(chosen_valid)}
     return Rollout(tokens=batch["tokens"], features=batch["features"], anchors=anchors, drafts=drafts,
                    old_logprobs=old_logprobs, advantages=advantages, policy_mask=policy_mask,
-                   target_logprobs=verified.target_logprobs, kl_mask=kl_mask), metrics
+                   target_logprobs=verified.target_logprobs, kl_mask=kl_mask,
+                   context_target_logprobs=p if s.context_kl_beta > 0 else None,
+                   context_mask=batch["loss_mask"].astype(bool) if s.context_kl_beta > 0 else None), metrics
+
+
+def kl_divergence(direction: str, draft_logprobs: jax.Array, target_logprobs: jax.Array) -> jax.Array:
+    """KL(Q‖P) ("reverse") or KL(P‖Q) ("forward") over the last axis."""
+    if direction == "reverse":
+        return jnp.sum(jnp.exp(draft_logprobs) * (draft_logprobs - target_logprobs), axis=-1)
+    return jnp.sum(jnp.exp(target_logprobs) * (target_logprobs - draft_logprobs), axis=-1)
+
+
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    weight = mask.astype(jnp.float32)
+    return jnp.sum(values * weight) / jnp.maximum(weight.sum(), 1.0)
 
 
 def ppo_loss(trainable: dict, d2t: jax.Array, embed: jax.Array, data: Rollout, *, drafter: Eagle3Drafter,
              settings: PPOWSettings) -> tuple[jax.Array, dict]:
-    """Clipped surrogate on the drafts' log-probs + β·KL to the target, masked means -> (loss, metrics)."""
+    """Clipped surrogate on the drafts' log-probs + β·KL to the target on the windows (+ the context
+    anchor's β_c·KL at every response position), masked means -> (loss, metrics)."""
     params = {**trainable, "d2t": d2t}
     context = context_pass(drafter, params, embed, data.tokens, data.features)
     _, logprobs = draft_windows(drafter, params, embed, context, data.anchors, settings.window, forced=data.drafts)
@@ -473,19 +502,18 @@ def ppo_loss(trainable: dict, d2t: jax.Array, embed: jax.Array, data: Rollout, *
     advantage = data.advantages[..., None]
     eps = settings.clip_epsilon
     surrogate = jnp.minimum(ratio * advantage, jnp.clip(ratio, 1.0 - eps, 1.0 + eps) * advantage)
-    policy_weight = data.policy_mask.astype(jnp.float32)
-    policy_count = jnp.maximum(policy_weight.sum(), 1.0)
-    policy_loss = -jnp.sum(surrogate * policy_weight) / policy_count
-    if settings.kl_direction == "reverse":  # KL(Q‖P) [B, W, K]
-        kl = jnp.sum(jnp.exp(logprobs) * (logprobs - data.target_logprobs), axis=-1)
-    else:  # KL(P‖Q)
-        kl = jnp.sum(jnp.exp(data.target_logprobs) * (data.target_logprobs - logprobs), axis=-1)
-    kl_weight = data.kl_mask.astype(jnp.float32)
-    kl_to_target = jnp.sum(kl * kl_weight) / jnp.maximum(kl_weight.sum(), 1.0)
+    policy_loss = -masked_mean(surrogate, data.policy_mask)
+    kl_to_target = masked_mean(kl_divergence(settings.kl_direction, logprobs, data.target_logprobs), data.kl_mask)
     loss = policy_loss + settings.kl_beta * kl_to_target
-    return loss, {"loss": loss, "policy_loss": policy_loss, "kl_to_target": kl_to_target,
-                  "clip_fraction": jnp.sum((jnp.abs(ratio - 1.0) > eps) * policy_weight) / policy_count,
-                  "approx_kl": jnp.sum((data.old_logprobs - new) * policy_weight) / policy_count}
+    extra = {}
+    if settings.context_kl_beta > 0:
+        context_logprobs = jax.nn.log_softmax(drafter.draft_logits(params, context.hidden), axis=-1)  # [B, L, N]
+        extra["context_kl"] = masked_mean(
+            kl_divergence(settings.kl_direction, context_logprobs, data.context_target_logprobs), data.context_mask)
+        loss = loss + settings.context_kl_beta * extra["context_kl"]
+    return loss, {"loss": loss, "policy_loss": policy_loss, "kl_to_target": kl_to_target, **extra,
+                  "clip_fraction": masked_mean(jnp.abs(ratio - 1.0) > eps, data.policy_mask),
+                  "approx_kl": masked_mean(data.old_logprobs - new, data.policy_mask)}
 
 
 def ppo_update(state: TrainState, data: Rollout, target: PPOWTarget, key: jax.Array, *, drafter: Eagle3Drafter,
@@ -676,4 +704,5 @@ def settings_from_config(ppow: Any, gamma: float) -> PPOWSettings:
                         proximity_epsilon=ppow.proximity_epsilon, adaw=ppow.adaw,
                         priority_temperature=ppow.priority_temperature, priority_floor=ppow.priority_floor,
                         verifier=ppow.verifier, acceptance=ppow.acceptance,
-                        rollout_temperature=ppow.get("rollout_temperature", 1.0))
+                        rollout_temperature=ppow.get("rollout_temperature", 1.0),
+                        context_kl_beta=ppow.get("context_kl_beta", 0.0))
