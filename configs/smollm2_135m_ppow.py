@@ -33,8 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
     # "reverse": KL(Q‖P) as METHOD.md states it; "forward": KL(P‖Q). On the dev split the reverse
     # anchor lowered greedy acceptance, the forward one held it (BENCHMARKS.md, PPOW).
     config.ppow.kl_direction = "forward"
-    # The same anchor at every response position (teacher-forced first draft), weighted apart; 0: the
-    # windows' positions only, as METHOD.md states it (BENCHMARKS.md, PPOW, seventh round).
+    # The same anchor (same direction), with its own weight, at every response position on the
+    # teacher-forced first draft; 0: the windows' positions only, as METHOD.md states it. β_c = 1 did
+    # not help here (BENCHMARKS.md, PPOW, seventh round).
     config.ppow.context_kl_beta = 0.0
     # Windows are sampled from the drafter at this temperature τ; 1 is the paper's. The deployed
     # greedy drafter is judged on its argmax, which a lower τ approaches (BENCHMARKS.md, PPOW).

@@ -406,10 +406,9 @@ class Rollout:
     policy_mask: jax.Array  # [B, W, K] drafts that get the PPO term: valid anchor, j <= k
     target_logprobs: jax.Array  # [B, W, K, N]
     kl_mask: jax.Array  # [B, W, K] valid anchor and P known
-    # The context anchor's (context_kl_beta > 0): P at every position [B, L, N], and the positions
-    # that predict a response token [B, L].
-    context_target_logprobs: Optional[jax.Array] = None
-    context_mask: Optional[jax.Array] = None
+    # Only for the context anchor (context_kl_beta > 0), else None:
+    context_target_logprobs: Optional[jax.Array] = None  # [B, L, N] P at every position
+    context_kl_mask: Optional[jax.Array] = None  # [B, L] positions that predict a response token
 
 
 def tempered(logprobs: jax.Array, temperature: float) -> jax.Array:
@@ -427,9 +426,10 @@ def rollout(params: dict, target: PPOWTarget, batch: Batch, key: jax.Array, targ
     context = context_pass(drafter, params, embed, batch["tokens"], batch["features"])
 
     valid = valid_anchors(batch["loss_mask"], s.window)
+    context_anchor = s.context_kl_beta > 0
     scores = None
     p = None
-    if s.adaw or s.context_kl_beta > 0:
+    if s.adaw or context_anchor:
         p = target_draft_logprobs(batch["target_hidden"], target.constants.head_rows)  # [B, L, N]
     if s.adaw:
         q = jax.nn.log_softmax(drafter.draft_logits(params, context.hidden), axis=-1)
@@ -474,8 +474,8 @@ def rollout(params: dict, target: PPOWTarget, batch: Batch, key: jax.Array, targ
     return Rollout(tokens=batch["tokens"], features=batch["features"], anchors=anchors, drafts=drafts,
                    old_logprobs=old_logprobs, advantages=advantages, policy_mask=policy_mask,
                    target_logprobs=verified.target_logprobs, kl_mask=kl_mask,
-                   context_target_logprobs=p if s.context_kl_beta > 0 else None,
-                   context_mask=batch["loss_mask"].astype(bool) if s.context_kl_beta > 0 else None), metrics
+                   context_target_logprobs=p if context_anchor else None,
+                   context_kl_mask=batch["loss_mask"].astype(bool) if context_anchor else None), metrics
 
 
 def kl_divergence(direction: str, draft_logprobs: jax.Array, target_logprobs: jax.Array) -> jax.Array:
@@ -486,6 +486,7 @@ def kl_divergence(direction: str, draft_logprobs: jax.Array, target_logprobs: ja
 
 
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of `values` where `mask` is set, over all axes; 0 when the mask is empty."""
     weight = mask.astype(jnp.float32)
     return jnp.sum(values * weight) / jnp.maximum(weight.sum(), 1.0)
 
@@ -505,13 +506,13 @@ def ppo_loss(trainable: dict, d2t: jax.Array, embed: jax.Array, data: Rollout, *
     policy_loss = -masked_mean(surrogate, data.policy_mask)
     kl_to_target = masked_mean(kl_divergence(settings.kl_direction, logprobs, data.target_logprobs), data.kl_mask)
     loss = policy_loss + settings.kl_beta * kl_to_target
-    extra = {}
+    context_kl = jnp.zeros(())  # reported as 0 when the context anchor is off, as window_score without ADAW
     if settings.context_kl_beta > 0:
         context_logprobs = jax.nn.log_softmax(drafter.draft_logits(params, context.hidden), axis=-1)  # [B, L, N]
-        extra["context_kl"] = masked_mean(
-            kl_divergence(settings.kl_direction, context_logprobs, data.context_target_logprobs), data.context_mask)
-        loss = loss + settings.context_kl_beta * extra["context_kl"]
-    return loss, {"loss": loss, "policy_loss": policy_loss, "kl_to_target": kl_to_target, **extra,
+        context_kl = masked_mean(kl_divergence(settings.kl_direction, context_logprobs, data.context_target_logprobs),
+                                 data.context_kl_mask)
+        loss = loss + settings.context_kl_beta * context_kl
+    return loss, {"loss": loss, "policy_loss": policy_loss, "kl_to_target": kl_to_target, "context_kl": context_kl,
                   "clip_fraction": masked_mean(jnp.abs(ratio - 1.0) > eps, data.policy_mask),
                   "approx_kl": masked_mean(data.old_logprobs - new, data.policy_mask)}
 
