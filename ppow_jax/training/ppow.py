@@ -461,15 +461,14 @@ def rollout(params: dict, target: PPOWTarget, batch: Batch, key: jax.Array, targ
     policy_mask = anchor_valid[..., None] & (offsets <= k[..., None])
     kl_mask = anchor_valid[..., None] & verified.target_known
 
-    weight = anchor_valid.astype(jnp.float32)
-    count = jnp.maximum(weight.sum(), 1.0)
-    metrics = {"reward": jnp.sum(rewards * weight) / count, "accepted": jnp.sum(k * weight) / count,
-               "proximity_hits": jnp.sum((proximity > 0) * weight) / count,
-               "first_rejected": jnp.sum((k == 0) * weight) / count,
+    first_rejected = anchor_valid & (k == 0)
+    metrics = {"reward": masked_mean(rewards, anchor_valid), "accepted": masked_mean(k, anchor_valid),
+               "proximity_hits": masked_mean(proximity > 0, anchor_valid),
+               "first_rejected": masked_mean(first_rejected, anchor_valid),
                "informative_groups": informative_group_fraction(grouped_rewards, chosen_valid),
-               "first_gap": jnp.sum(verified.gap * (k == 0) * weight) / jnp.maximum(jnp.sum((k == 0) * weight), 1.0),
-               "window_score": (jnp.sum(jnp.take_along_axis(scores, chosen, axis=1) * chosen_valid)
-                                / jnp.maximum(jnp.sum(chosen_valid), 1)) if scores is not None else jnp.zeros(()),
+               "first_gap": masked_mean(verified.gap, first_rejected),
+               "window_score": masked_mean(jnp.take_along_axis(scores, chosen, axis=1), chosen_valid)
+               if scores is not None else jnp.zeros(()),
                "anchors": jnp.sum(chosen_valid)}
     return Rollout(tokens=batch["tokens"], features=batch["features"], anchors=anchors, drafts=drafts,
                    old_logprobs=old_logprobs, advantages=advantages, policy_mask=policy_mask,
