@@ -1,10 +1,14 @@
-"""Greedy acceptance of exported drafters on the held-out dev split: the probe training logs
+"""Acceptance of exported drafters on the held-out dev split: the probe training logs
 (`ppow_jax.train.DevProbe`), for drafters that are already trained.
 
 Greedy windows of `train.eval_window` drafts at every `train.eval_stride`-th position of the dev
 responses, verified against the target's own greedy continuation. `accept_length` is the mean
 number of drafts accepted per window (a cycle's τ is about 1 + accept_length when the engine's K is
 the same), `first_accept` the first draft's accept rate.
+
+`--acceptance sampling`: the same windows sampled from the drafter at T = 1 (the key of `--seed`) and verified
+by the live target under lossless sampling acceptance (the T = 1 engine's); both figures are
+expectations over the acceptance coins.
 
     python benchmarks/dev_acceptance.py --config configs/smollm2_135m_ppow.py \
         --drafter "token-level=checkpoints/smollm2-135m-instruct/kd" --drafter "PPOW=runs/ppow/full/drafter"
@@ -26,14 +30,18 @@ def main() -> int:
     parser.add_argument("--config", default="configs/smollm2_135m_ppow.py",
                         help="a training config: its target, dev split and probe settings")
     parser.add_argument("--drafter", action="append", required=True, metavar="NAME=DIR")
+    parser.add_argument("--acceptance", choices=("greedy", "sampling"), default="greedy",
+                        help="greedy windows (T = 0) or windows sampled and verified at T = 1")
+    parser.add_argument("--seed", type=int, default=0, help="the draft-sampling key of --acceptance sampling")
     return run_entry_point(parser, run)
 
 
 def run(args: argparse.Namespace) -> int:
     config = load_config_file(args.config)
     target = load_model(config.target, param_dtype=config.param_dtype)
-    probe = DevProbe(config, target, progress=False)
-    print(f"dev split: {sum(len(b['tokens']) for b in probe.batches)} sequences; greedy windows of "
+    probe = DevProbe(config, target, progress=False, acceptance=args.acceptance, seed=args.seed)
+    kind = "greedy windows" if args.acceptance == "greedy" else "windows sampled and verified at T = 1"
+    print(f"dev split: {sum(len(b['tokens']) for b in probe.batches)} sequences; {kind} of "
           f"{probe.window}, every {probe.stride}th position\n")
     print("| drafter | accept length | first-draft accept rate |")
     print("|---|---|---|")

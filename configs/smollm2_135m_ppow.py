@@ -52,7 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.ppow.priority_temperature = 1.0  # on window scores standardised per sequence
     config.ppow.priority_floor = 0.2
     # "cache": greedy verification from the self-distilled data (no target forward); "target": the
-    # live target, needed for sampling acceptance.
+    # live target, needed for sampling acceptance. For a T = 1 engine: verifier="target",
+    # acceptance="sampling", rollout_temperature=1.0 (about twice the time per iteration on a CPU;
+    # BENCHMARKS.md, PPOW, eighth round).
     config.ppow.verifier = "cache"
     config.ppow.acceptance = "greedy"
 

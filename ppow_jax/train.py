@@ -104,11 +104,21 @@ def feature_cache(config, target, progress: bool, split: str = "train") -> pathl
 class DevProbe:
     """Greedy acceptance of the drafter's windows on the held-out dev split (`data.dev_prompts`):
     the learning curve both stages log every `train.eval_every` steps, comparable across runs
-    (PPOW's own reward is measured on its sampled, priority-chosen windows)."""
+    (PPOW's own reward is measured on its sampled, priority-chosen windows).
+
+    With acceptance="sampling" (benchmarks/dev_acceptance.py's --acceptance; not logged in training,
+    it needs the live target): windows sampled at T = 1 and verified by the live target under
+    lossless sampling acceptance, the T = 1 engine's; expected lengths, drafts sampled with the key of
+    `seed` (fixed, so that drafters compare on the same draws).
+    """
 
     BATCH_SIZE = 4
 
-    def __init__(self, config, target, progress: bool):
+    def __init__(self, config, target, progress: bool, acceptance: str = "greedy", seed: int = 0):
+        from ppow_jax.errors import InputError
+
+        if acceptance not in ("greedy", "sampling"):
+            raise InputError(f"dev probe acceptance must be 'greedy' or 'sampling', got {acceptance!r}")
         from ppow_jax.data.features import MANIFEST, feature_shards
         from ppow_jax.data.pipeline import feature_dataset
 
@@ -117,7 +127,8 @@ class DevProbe:
         dataset = feature_dataset(feature_shards(directory), batch_size=min(self.BATCH_SIZE, sequences), seed=0,
                                   num_epochs=1)
         self.batches = list(dataset)
-        self.target_params = target.params
+        self.target_params, self.target_config, self.acceptance = target.params, target.config, acceptance
+        self.seed = seed
         self.window, self.stride = config.train.eval_window, config.train.eval_stride
         self._records = None
 
@@ -136,14 +147,22 @@ class DevProbe:
         import jax
 
         from ppow_jax import multihost
-        from ppow_jax.training.ppow import PPOWTarget, greedy_acceptance, greedy_window_records
+        from ppow_jax.training.ppow import (PPOWTarget, greedy_acceptance, greedy_window_records, sampled_acceptance,
+                                            sampled_window_records)
 
-        if self._records is None:  # compiled once per run
-            self._records = jax.jit(functools.partial(greedy_window_records, drafter, window=self.window,
-                                                      stride=self.stride))
         params = multihost.to_host(params)  # every process measures the whole dev split on its own
         frozen = PPOWTarget.from_target(self.target_params, params["d2t"])
-        measured = greedy_acceptance(self._records, params, frozen, self.batches)
+        if self.acceptance == "sampling":
+            if self._records is None:
+                self._records = jax.jit(functools.partial(sampled_window_records, drafter, window=self.window,
+                                                          stride=self.stride, target_config=self.target_config))
+            measured = sampled_acceptance(self._records, params, frozen, self.target_params, self.batches,
+                                          jax.random.key(self.seed))
+        else:
+            if self._records is None:  # compiled once per run
+                self._records = jax.jit(functools.partial(greedy_window_records, drafter, window=self.window,
+                                                          stride=self.stride))
+            measured = greedy_acceptance(self._records, params, frozen, self.batches)
         return {f"dev/{name}": value for name, value in measured.items()}
 
 

@@ -55,6 +55,49 @@ def test_proximity_reward_only_for_close_first_rejections():
     np.testing.assert_allclose(ppow.proximity_reward(k, gap, eta=0.7, epsilon=2.0), [0.7, 0.7, 0.0, 0.0, 0.0])
 
 
+def test_expected_rewards_by_hand():
+    """The rewards' mean over k's distribution: under greedy acceptance (0/1 probabilities) R(k) itself."""
+    settings = ppow.PPOWSettings(window=3, gamma=0.1, proximity_eta=0.7, proximity_epsilon=2.0)
+    greedy = jnp.array([[[1.0, 1.0, 0.0], [0.0, 1.0, 1.0], [1.0, 1.0, 1.0]]])
+    gap = jnp.array([[9.0, 1.0, 1.0]])
+    speed, proximity = ppow.expected_rewards(greedy, gap, settings)
+    np.testing.assert_allclose(speed, ppow.speed_reward(jnp.array([[2, 0, 3]]), 0.1), rtol=1e-6)
+    np.testing.assert_allclose(proximity, [[0.0, 0.7, 0.0]], rtol=1e-6)
+    # Sampling acceptance, probabilities (0.5, 0.4, 1): P(k = 0, 1, 2, 3) = (0.5, 0.3, 0, 0.2).
+    probs = jnp.array([[[0.5, 0.4, 1.0]]])
+    np.testing.assert_allclose(ppow.accepted_length_distribution(probs), [[[0.5, 0.3, 0.0, 0.2]]], atol=1e-7)
+    speed, proximity = ppow.expected_rewards(probs, jnp.array([[1.0]]), settings)
+    np.testing.assert_allclose(speed, [[0.3 / 1.1 + 0.2 * 3 / 1.3]], rtol=1e-6)
+    np.testing.assert_allclose(proximity, [[0.5 * 0.7]], rtol=1e-6)
+    off = dataclasses.replace(settings, proximity_reward=False, cost_aware_reward=False)
+    speed, proximity = ppow.expected_rewards(probs, jnp.array([[1.0]]), off)
+    np.testing.assert_allclose(speed, [[0.3 + 0.6]], rtol=1e-6)
+    assert float(proximity.sum()) == 0.0
+
+
+def test_expected_reward_is_the_mean_over_the_engines_acceptance_coins():
+    """Lossless sampling acceptance draws k; the expected reward from min(1, p/q) is its mean."""
+    from ppow_jax.inference.sampling import SamplingParams, processed_logprobs
+    from ppow_jax.inference.speculative import accept_sampling, draft_acceptance_logprobs
+
+    rng = np.random.default_rng(0)
+    window, vocab = 4, 5
+    q = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(3, window, vocab)), jnp.float32), axis=-1)
+    target_logits = jnp.asarray(rng.normal(size=(3, window + 1, vocab)), jnp.float32)
+    drafts = jax.random.categorical(jax.random.key(1), q, axis=-1).astype(jnp.int32)
+    sampling = SamplingParams(temperature=1.0)
+    probs = jnp.exp(draft_acceptance_logprobs(drafts, q, processed_logprobs(target_logits, sampling)))
+    settings = ppow.PPOWSettings(window=window, gamma=0.1, proximity_eta=0.5, proximity_epsilon=2.0)
+    expected, _ = ppow.expected_rewards(probs, jnp.zeros(3), settings)
+    trials = 20000
+    k = jax.vmap(lambda key: accept_sampling(key, drafts, jnp.full((3,), window), q, target_logits, sampling)[0])(
+        jax.random.split(jax.random.key(2), trials))
+    rewards = np.asarray(ppow.speed_reward(k, 0.1))  # [trials, 3]
+    stderr = rewards.std(axis=0) / math.sqrt(trials)
+    assert np.all(np.abs(rewards.mean(axis=0) - np.asarray(expected)) < 4 * stderr + 1e-6)
+    assert np.all(stderr > 0)  # the coins matter for these windows
+
+
 def test_group_advantages_normalise_within_each_group():
     rewards = jnp.array([[1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0]])
     adv = ppow.group_advantages(rewards)
@@ -299,6 +342,90 @@ def test_greedy_acceptance_counts_the_verified_windows(kd_run, tiny_target):
     assert measured["accept_length"] == pytest.approx(k.mean())
     assert measured["first_accept"] == pytest.approx((k > 0).mean())
     assert 0 < measured["first_accept"] < 1
+
+
+def _plain_logprobs(target, sequence):
+    """The target's T = 1 log-probs at every position of one sequence (a plain forward)."""
+    sequence = jnp.asarray(sequence)[None]
+    logits = llama.forward(target.params, sequence, llama.init_cache(target.config, 1, sequence.shape[1]),
+                           target.config).logits[0]
+    return np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
+
+
+def test_sampling_acceptance_probabilities_by_hand(kd_run, tiny_target):
+    """Under sampling acceptance each draft's probability is min(1, p/q) of the drafted token, p from a
+    plain target forward over the prefix and the drafts before it, q the drafter's own."""
+    from ppow_jax.drafters.eagle import to_target_vocabulary
+
+    drafter, dparams = load_drafter(kd_run / "drafter", tiny_target.config)
+    frozen = _frozen(tiny_target.params, np.asarray(dparams["d2t"]))
+    batch = {k: jnp.asarray(v) for k, v in _first_batch(kd_run).items()}
+    window = 3
+    valid = ppow.valid_anchors(batch["loss_mask"], window)
+    anchors, _ = ppow.sample_anchors(jax.random.key(0), ppow.anchor_priorities(valid, None, 1.0, 1.0), 2)
+    context = ppow.context_pass(drafter, dparams, frozen.constants.embed, batch["tokens"], batch["features"])
+    drafts, logprobs = ppow.draft_windows(drafter, dparams, frozen.constants.embed, context, anchors, window,
+                                          key=jax.random.key(1))
+    live = ppow.verify_with_target(tiny_target.config, tiny_target.params, frozen, batch["tokens"], anchors, drafts,
+                                   logprobs, jax.random.key(2), "sampling")
+    full_q = np.asarray(to_target_vocabulary(logprobs, frozen.constants.d2t, tiny_target.config.vocab_size))
+    ids = np.asarray(jnp.take(frozen.constants.d2t, drafts))
+    tokens = np.asarray(batch["tokens"])
+    for b, w in itertools.product(range(anchors.shape[0]), range(anchors.shape[1])):
+        a = int(anchors[b, w])
+        p = _plain_logprobs(tiny_target, np.concatenate([tokens[b, :a + 1], ids[b, w]]))[a:a + window]
+        drafted = ids[b, w]
+        by_hand = np.minimum(1.0, np.exp(p[np.arange(window), drafted] - full_q[b, w, np.arange(window), drafted]))
+        np.testing.assert_allclose(np.asarray(live.accept_probs[b, w]), by_hand, rtol=2e-4, atol=1e-6)
+    probs = np.asarray(live.accept_probs)
+    assert 0 < probs.min() and probs.max() <= 1 and probs.mean() < 1
+
+
+def test_sampled_probe_first_draft_rate_is_one_minus_total_variation(kd_run, tiny_target):
+    """Over the drafts sampled at T = 1, the first draft's expected acceptance is Σ min(p, q) at the
+    anchor (one minus the total-variation distance): the probe's mean against the exact values."""
+    from ppow_jax.drafters.eagle import to_target_vocabulary
+
+    drafter, dparams = load_drafter(kd_run / "drafter", tiny_target.config)
+    frozen = _frozen(tiny_target.params, np.asarray(dparams["d2t"]))
+    batches = [{k: jnp.asarray(v) for k, v in _first_batch(kd_run).items()}]
+    window = 3
+    records = jax.jit(functools.partial(ppow.sampled_window_records, drafter, window=window, stride=1,
+                                        target_config=tiny_target.config))
+    measured = [ppow.sampled_acceptance(records, dparams, frozen, tiny_target.params, batches, jax.random.key(seed))
+                for seed in range(8)]
+    first = np.mean([m["first_accept"] for m in measured])
+    batch = batches[0]
+    context = ppow.context_pass(drafter, dparams, frozen.constants.embed, batch["tokens"], batch["features"])
+    q = np.exp(np.asarray(to_target_vocabulary(jax.nn.log_softmax(drafter.draft_logits(dparams, context.hidden), -1),
+                                               frozen.constants.d2t, tiny_target.config.vocab_size)))
+    valid = np.asarray(ppow.valid_anchors(batch["loss_mask"], window))
+    exact = []
+    for b in range(valid.shape[0]):
+        p = np.exp(_plain_logprobs(tiny_target, np.asarray(batch["tokens"][b])))
+        exact += [np.minimum(p[a], q[b, a]).sum() for a in np.flatnonzero(valid[b])]
+    windows = len(exact) * len(measured)
+    # Each window's first-draft probability is a draw in [0, 1] with mean m = Σ min(p, q), so its
+    # variance is at most m(1 - m): 4 standard errors.
+    mean = np.mean(exact)
+    assert abs(first - mean) < 4 * math.sqrt(mean * (1 - mean) / windows)
+    assert all(0 < run["first_accept"] <= run["accept_length"] <= window for run in measured)
+
+
+def test_dev_probe_at_t1_is_deterministic_per_seed(kd_run, distilled, tiny_target):
+    """`benchmarks/dev_acceptance.py --acceptance sampling`: the same figures for the same seed, other
+    draws for another, a first-draft rate at most the accept length; unknown acceptance is refused."""
+    from ppow_jax.train import DevProbe
+
+    config = distilled[0].copy_and_resolve_references()
+    config.workdir = str(kd_run)
+    drafter, dparams = load_drafter(kd_run / "drafter", tiny_target.config)
+    first, again = (DevProbe(config, tiny_target, False, acceptance="sampling")(drafter, dparams) for _ in range(2))
+    other = DevProbe(config, tiny_target, False, acceptance="sampling", seed=1)(drafter, dparams)
+    assert first == again and other != first
+    assert 0 < first["dev/first_accept"] <= first["dev/accept_length"] <= config.train.eval_window
+    with pytest.raises(InputError, match="acceptance"):
+        DevProbe(config, tiny_target, False, acceptance="typical")
 
 
 # ----- the PPO update -----

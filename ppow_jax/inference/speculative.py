@@ -98,6 +98,17 @@ def accept_greedy(drafts: jax.Array, window: jax.Array, target_logits: jax.Array
     return k, jnp.take_along_axis(target_choice, k[:, None], axis=1)[:, 0]
 
 
+def draft_acceptance_logprobs(drafts: jax.Array, draft_logprobs: jax.Array, target_logprobs: jax.Array) -> jax.Array:
+    """log min(1, p_i(x_i) / q_i(x_i)) [B, K]: the log-probability that lossless speculative sampling
+    accepts draft i once the drafts before it are accepted. drafts [B, K] were sampled from
+    exp(draft_logprobs) [B, K, V]; target_logprobs [B, >= K, V]. A draft with q = 0 cannot have been
+    sampled, and p = 0 rejects."""
+    k_max = drafts.shape[1]
+    p_draft = jnp.take_along_axis(target_logprobs[:, :k_max], drafts[..., None], axis=-1)[..., 0]
+    q_draft = jnp.take_along_axis(draft_logprobs, drafts[..., None], axis=-1)[..., 0]
+    return jnp.minimum(p_draft - q_draft, 0.0)
+
+
 def accept_sampling(key: jax.Array, drafts: jax.Array, window: jax.Array, draft_logprobs: jax.Array,
                     target_logits: jax.Array, sampling: SamplingParams) -> tuple[jax.Array, jax.Array]:
     """Lossless speculative sampling (Leviathan et al. 2023; Chen et al. 2023).
@@ -110,12 +121,9 @@ def accept_sampling(key: jax.Array, drafts: jax.Array, window: jax.Array, draft_
     accept_key, residual_key = jax.random.split(key)
     batch, k_max = drafts.shape
     target_logprobs = processed_logprobs(target_logits, sampling)  # the distribution plain sampling uses
-    p_draft = jnp.take_along_axis(target_logprobs[:, :k_max], drafts[..., None], axis=-1)[..., 0]
-    q_draft = jnp.take_along_axis(draft_logprobs, drafts[..., None], axis=-1)[..., 0]
     uniform = jax.random.uniform(accept_key, (batch, k_max))
     proposed = jnp.arange(k_max)[None, :] < window[:, None]
-    # u < p/q, written in log space; a draft with q = 0 cannot have been sampled, and p = 0 rejects.
-    accepted = (jnp.log(uniform) < p_draft - q_draft) & proposed
+    accepted = (jnp.log(uniform) < draft_acceptance_logprobs(drafts, draft_logprobs, target_logprobs)) & proposed
     k = _leading_true(accepted)
 
     rows = jnp.arange(batch)

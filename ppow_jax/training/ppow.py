@@ -33,8 +33,15 @@ renormalised, and its expected reward. At τ = 1 that is the sampled drafts' acc
 that drafts greedily (T = 0 serving) is judged on its argmax instead, which a lower τ approaches.
 The KL anchor always acts on Q itself.
 
-Policy-gradient terms are kept for drafts d_1..d_{k+1} only: the reward does not depend on the
-drafts after the first rejection, so their score-function terms have zero mean and add only noise.
+Rewards are expectations over the acceptance coin flips given the drafts: verification gives each
+draft's acceptance probability once the drafts before it are accepted (0 or 1 under greedy
+acceptance, min(1, p/q) under sampling acceptance), hence the distribution of k, and the window's
+reward is R's mean under it. Under greedy acceptance that is R(k) itself; under sampling acceptance
+it is the same objective without the coins' noise.
+
+Policy-gradient terms are kept for the drafts that are reached with positive probability (under
+greedy acceptance d_1..d_{k+1}): the reward does not depend on the drafts after a sure rejection,
+so their score-function terms have zero mean and add only noise.
 """
 
 from __future__ import annotations
@@ -55,8 +62,8 @@ from ppow_jax import multihost, sharding
 from ppow_jax.drafters.eagle import Eagle3Drafter, layer_output, layer_qkv, to_target_vocabulary
 from ppow_jax.errors import InputError
 from ppow_jax.inference.costs import measure_cycle_costs
-from ppow_jax.inference.sampling import SamplingParams
-from ppow_jax.inference.speculative import accept_greedy, accept_sampling
+from ppow_jax.inference.sampling import SamplingParams, processed_logprobs
+from ppow_jax.inference.speculative import accept_greedy, accept_sampling, draft_acceptance_logprobs
 from ppow_jax.inference.windows import MAX_WINDOW, calibration_features
 from ppow_jax.models import llama
 from ppow_jax.models.config import ModelConfig
@@ -171,6 +178,29 @@ def window_sums(values: jax.Array, window: int) -> jax.Array:
     csum = csum.at[:, 0].set(0)
     seq = values.shape[1]
     return csum[:, window:window + seq] - csum[:, :seq]
+
+
+def reach_probabilities(accept_probs: jax.Array) -> jax.Array:
+    """Acceptance probabilities [..., K] -> [..., K + 1]: P(k >= j) for j = 0..K."""
+    ones = jnp.ones(accept_probs.shape[:-1] + (1,), accept_probs.dtype)
+    return jnp.concatenate([ones, jnp.cumprod(accept_probs, axis=-1)], axis=-1)
+
+
+def accepted_length_distribution(accept_probs: jax.Array) -> jax.Array:
+    """Acceptance probabilities [..., K] -> [..., K + 1]: P(k = j) for j = 0..K."""
+    reach = reach_probabilities(accept_probs)
+    return reach - jnp.concatenate([reach[..., 1:], jnp.zeros_like(reach[..., :1])], axis=-1)
+
+
+def expected_rewards(accept_probs: jax.Array, gap: jax.Array, settings: "PPOWSettings") -> tuple[jax.Array, jax.Array]:
+    """The windows' mean R_speed and R_dist over their distribution of k -> (speed, proximity), [B, W] each."""
+    s = settings
+    lengths = accepted_length_distribution(accept_probs)  # [B, W, K + 1]
+    speed = jnp.sum(lengths * speed_reward(jnp.arange(s.window + 1), s.gamma, s.cost_aware_reward), axis=-1)
+    if not s.proximity_reward:
+        return speed, jnp.zeros_like(speed)
+    return speed, lengths[..., 0] * proximity_reward(jnp.zeros_like(gap, jnp.int32), gap, s.proximity_eta,
+                                                     s.proximity_epsilon)
 
 
 # ----- the drafter as a policy over windows -----
@@ -318,6 +348,9 @@ def sample_anchors(key: jax.Array, probabilities: jax.Array, count: int) -> tupl
 
 class Verification(NamedTuple):
     accepted: jax.Array  # [B, W] k
+    # [B, W, K] each draft's acceptance probability once the drafts before it are accepted (0 or 1
+    # under greedy acceptance; past the first sure rejection it does not matter)
+    accept_probs: jax.Array
     gap: jax.Array  # [B, W] Δ (target log-prob gap between its preferred and the drafted tokens)
     target_logprobs: jax.Array  # [B, W, K, N] P over the draft vocabulary at each draft position
     target_known: jax.Array  # [B, W, K] bool: where P is the target's given the drafted prefix
@@ -337,15 +370,16 @@ def verify_from_cache(batch: Batch, target: "PPOWTarget", anchors: jax.Array, dr
     batch_size, width = anchors.shape
     flat = positions.reshape(batch_size, -1)
     wanted = jnp.take_along_axis(batch["tokens"], flat + 1, axis=1).reshape(positions.shape)
-    accepted = leading_matches(jnp.take(target.constants.d2t, drafts) == wanted)
+    matches = jnp.take(target.constants.d2t, drafts) == wanted
+    accepted = leading_matches(matches)
     hidden = jnp.take_along_axis(batch["target_hidden"], flat[..., None], axis=1).reshape(*positions.shape, -1)
     target_logprobs = target_draft_logprobs(hidden, target.constants.head_rows)
     first = jax.nn.log_softmax(hidden[:, :, 0].astype(jnp.float32) @ target.head.astype(jnp.float32).T, axis=-1)
     drafted = jnp.take(target.constants.d2t, drafts[..., 0])
     gap = (jnp.take_along_axis(first, wanted[..., 0, None], axis=-1)
            - jnp.take_along_axis(first, drafted[..., None], axis=-1))[..., 0]
-    return Verification(accepted=accepted, gap=gap, target_logprobs=target_logprobs,
-                        target_known=offsets[None, None, :] <= accepted[..., None])
+    return Verification(accepted=accepted, accept_probs=matches.astype(jnp.float32), gap=gap,
+                        target_logprobs=target_logprobs, target_known=offsets[None, None, :] <= accepted[..., None])
 
 
 def verify_with_target(target_config: ModelConfig, target_params: dict, target: "PPOWTarget", tokens: jax.Array,
@@ -367,14 +401,18 @@ def verify_with_target(target_config: ModelConfig, target_params: dict, target: 
     proposed = jnp.full((windows,), window, jnp.int32)
     if acceptance == "greedy":
         accepted, _ = accept_greedy(draft_ids, proposed, logits)
+        accept_probs = (draft_ids == jnp.argmax(logits[:, :window], axis=-1)).astype(jnp.float32)
     else:
         full = to_target_vocabulary(draft_logprobs.reshape(windows, window, -1), d2t, target_config.vocab_size)
-        accepted, _ = accept_sampling(key, draft_ids, proposed, full, logits, SamplingParams(temperature=1.0))
+        sampling = SamplingParams(temperature=1.0)
+        accepted, _ = accept_sampling(key, draft_ids, proposed, full, logits, sampling)
+        accept_probs = jnp.exp(draft_acceptance_logprobs(draft_ids, full, processed_logprobs(logits, sampling)))
     logprobs = jax.nn.log_softmax(logits[:, :window], axis=-1)
     gap = jnp.sum(jnp.max(logprobs, axis=-1) - jnp.take_along_axis(logprobs, draft_ids[..., None], axis=-1)[..., 0], -1)
     target_logprobs = jax.nn.log_softmax(jnp.take(logits[:, :window], d2t, axis=-1), axis=-1)
     shape = anchors.shape
-    return Verification(accepted=accepted.reshape(shape), gap=gap.reshape(shape),
+    return Verification(accepted=accepted.reshape(shape), accept_probs=accept_probs.reshape(*shape, window),
+                        gap=gap.reshape(shape),
                         target_logprobs=target_logprobs.reshape(*shape, window, -1),
                         target_known=jnp.ones((*shape, window), bool))
 
@@ -450,21 +488,24 @@ def rollout(params: dict, target: PPOWTarget, batch: Batch, key: jax.Array, targ
                                       policy_logprobs, verify_key, s.acceptance)
 
     k = verified.accepted
-    speed = speed_reward(k, s.gamma, s.cost_aware_reward)
-    proximity = proximity_reward(k, verified.gap, s.proximity_eta, s.proximity_epsilon) if s.proximity_reward \
-        else jnp.zeros_like(speed)
+    speed, proximity = expected_rewards(verified.accept_probs, verified.gap, s)
     rewards = speed + proximity
     batch_size = anchors.shape[0]
     grouped_rewards = rewards.reshape(batch_size, s.anchors_per_sequence, s.group_size)
     advantages = jnp.where(anchor_valid, group_advantages(grouped_rewards).reshape(anchors.shape), 0.0)
-    offsets = jnp.arange(s.window)[None, None, :]
-    policy_mask = anchor_valid[..., None] & (offsets <= k[..., None])
+    reach = reach_probabilities(verified.accept_probs)  # [B, W, K + 1]
+    policy_mask = anchor_valid[..., None] & (reach[..., :-1] > 0)
     kl_mask = anchor_valid[..., None] & verified.target_known
 
     first_rejected = anchor_valid & (k == 0)
-    metrics = {"reward": masked_mean(rewards, anchor_valid), "accepted": masked_mean(k, anchor_valid),
-               "proximity_hits": masked_mean(proximity > 0, anchor_valid),
-               "first_rejected": masked_mean(first_rejected, anchor_valid),
+    # In expectation over the acceptance coins, as the rewards (the same as the sampled k's under greedy acceptance).
+    first_rejection = 1.0 - verified.accept_probs[..., 0]
+    proximity_hit = first_rejection * (verified.gap < s.proximity_epsilon) if s.proximity_reward \
+        else jnp.zeros_like(first_rejection)
+    metrics = {"reward": masked_mean(rewards, anchor_valid),
+               "accepted": masked_mean(jnp.sum(reach[..., 1:], axis=-1), anchor_valid),
+               "proximity_hits": masked_mean(proximity_hit, anchor_valid),
+               "first_rejected": masked_mean(first_rejection, anchor_valid),
                "informative_groups": informative_group_fraction(grouped_rewards, chosen_valid),
                "first_gap": masked_mean(verified.gap, first_rejected),
                "window_score": masked_mean(jnp.take_along_axis(scores, chosen, axis=1), chosen_valid)
@@ -617,20 +658,26 @@ def measure_cost_ratio(drafter: Eagle3Drafter, drafter_params: dict, target_conf
     return costs.draft / costs.verify[window]
 
 
+def strided_anchors(loss_mask: jax.Array, window: int, stride: int) -> tuple[jax.Array, jax.Array]:
+    """Every `stride`-th position as an anchor -> (anchors [B, W], valid [B, W]); anchors too close to
+    the end (invalid) are clamped."""
+    batch_size, seq = loss_mask.shape
+    positions = jnp.arange(0, seq, stride, dtype=jnp.int32)
+    anchors = jnp.broadcast_to(jnp.minimum(positions, seq - window - 1), (batch_size, len(positions)))
+    return anchors, valid_anchors(loss_mask, window)[:, positions]
+
+
 def greedy_window_records(drafter: Eagle3Drafter, params: dict, target: PPOWTarget, batch: Batch,
                           window: int, stride: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Greedy windows at every `stride`-th position as anchor, verified from the cache -> (features
     [B, W, K, 3] of each draft for the confidence model, accepted [B, W, K] whether it was accepted,
     reached [B, W, K] whether the anchor is valid and every draft before it was accepted)."""
     context = context_pass(drafter, params, target.constants.embed, batch["tokens"], batch["features"])
-    batch_size, seq = batch["tokens"].shape
-    positions = jnp.arange(0, seq, stride, dtype=jnp.int32)
-    # Anchors too close to the end (invalid, masked below) are clamped.
-    anchors = jnp.broadcast_to(jnp.minimum(positions, seq - window - 1), (batch_size, len(positions)))
+    anchors, valid = strided_anchors(batch["loss_mask"], window, stride)
     drafts, logprobs = draft_windows(drafter, params, target.constants.embed, context, anchors, window)
     verified = verify_from_cache(batch, target, anchors, drafts, window)
     offsets = jnp.arange(window)
-    valid = valid_anchors(batch["loss_mask"], window)[:, positions, None]
+    valid = valid[..., None]
     accepted = offsets < verified.accepted[..., None]
     reached = (offsets <= verified.accepted[..., None]) & valid
     features = calibration_features(logprobs, jnp.broadcast_to(offsets, logprobs.shape[:-1]))
@@ -650,6 +697,40 @@ def greedy_acceptance(records, params: dict, target: PPOWTarget, batches) -> dic
         first_accepted += int((accepted[..., 0] & valid).sum())
     if not windows:
         raise InputError("no valid windows to measure greedy acceptance on: the sequences are too short")
+    return {"accept_length": accepted_drafts / windows, "first_accept": first_accepted / windows}
+
+
+def sampled_window_records(drafter: Eagle3Drafter, params: dict, target: PPOWTarget, target_params: dict,
+                           batch: Batch, key: jax.Array, *, target_config: ModelConfig, window: int,
+                           stride: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Windows sampled from the drafter at T = 1 at every `stride`-th position, verified by the live
+    target under lossless sampling acceptance (T = 1) -> (accept_probs [B, W, K]: each draft's
+    acceptance probability once the drafts before it are accepted, valid [B, W])."""
+    draft_key, verify_key = jax.random.split(key)
+    context = context_pass(drafter, params, target.constants.embed, batch["tokens"], batch["features"])
+    anchors, valid = strided_anchors(batch["loss_mask"], window, stride)
+    drafts, logprobs = draft_windows(drafter, params, target.constants.embed, context, anchors, window,
+                                     key=draft_key)
+    verified = verify_with_target(target_config, target_params, target, batch["tokens"], anchors, drafts, logprobs,
+                                  verify_key, "sampling")
+    return verified.accept_probs, valid
+
+
+def sampled_acceptance(records, params: dict, target: PPOWTarget, target_params: dict, batches,
+                       key: jax.Array) -> dict[str, float]:
+    """The T = 1 counterpart of `greedy_acceptance`: mean accepted length per sampled window and the
+    first draft's accept rate, both in expectation over the acceptance coins (the drafts are sampled
+    with `key`, so the figure is deterministic for given weights). `records` is
+    `sampled_window_records` with the drafter, target config, window and stride bound, jitted."""
+    windows, accepted_drafts, first_accepted = 0, 0.0, 0.0
+    for batch, batch_key in zip(batches, jax.random.split(key, len(batches))):
+        accept_probs, valid = jax.device_get(records(params, target, target_params, batch, batch_key))
+        reach = np.cumprod(accept_probs.astype(np.float64), axis=-1)
+        windows += int(valid.sum())
+        accepted_drafts += float(reach.sum(axis=-1)[valid].sum())
+        first_accepted += float(accept_probs[..., 0][valid].sum())
+    if not windows:
+        raise InputError("no valid windows to measure sampled acceptance on: the sequences are too short")
     return {"accept_length": accepted_drafts / windows, "first_accept": first_accepted / windows}
 
 
