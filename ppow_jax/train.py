@@ -102,7 +102,7 @@ def feature_cache(config, target, progress: bool, split: str = "train") -> pathl
 
 
 class DevProbe:
-    """Greedy acceptance of the drafter's windows on the held-out dev split (`data.dev_prompts`):
+    """Acceptance of the drafter's greedy windows on the held-out dev split (`data.dev_prompts`):
     the learning curve both stages log every `train.eval_every` steps, comparable across runs
     (PPOW's own reward is measured on its sampled, priority-chosen windows).
 
@@ -115,12 +115,12 @@ class DevProbe:
     BATCH_SIZE = 4
 
     def __init__(self, config, target, progress: bool, acceptance: str = "greedy", seed: int = 0):
+        from ppow_jax.data.features import MANIFEST, feature_shards
+        from ppow_jax.data.pipeline import feature_dataset
         from ppow_jax.errors import InputError
 
         if acceptance not in ("greedy", "sampling"):
             raise InputError(f"dev probe acceptance must be 'greedy' or 'sampling', got {acceptance!r}")
-        from ppow_jax.data.features import MANIFEST, feature_shards
-        from ppow_jax.data.pipeline import feature_dataset
 
         directory = feature_cache(config, target, progress, split="dev")
         sequences = sum(s["examples"] for s in json.loads((directory / MANIFEST).read_text())["shards"])

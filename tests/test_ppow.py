@@ -61,8 +61,9 @@ def test_expected_rewards_by_hand():
     greedy = jnp.array([[[1.0, 1.0, 0.0], [0.0, 1.0, 1.0], [1.0, 1.0, 1.0]]])
     gap = jnp.array([[9.0, 1.0, 1.0]])
     speed, proximity = ppow.expected_rewards(greedy, gap, settings)
-    np.testing.assert_allclose(speed, ppow.speed_reward(jnp.array([[2, 0, 3]]), 0.1), rtol=1e-6)
-    np.testing.assert_allclose(proximity, [[0.0, 0.7, 0.0]], rtol=1e-6)
+    k = jnp.array([[2, 0, 3]])
+    np.testing.assert_array_equal(speed, ppow.speed_reward(k, 0.1))
+    np.testing.assert_array_equal(proximity, ppow.proximity_reward(k, gap, eta=0.7, epsilon=2.0))
     # Sampling acceptance, probabilities (0.5, 0.4, 1): P(k = 0, 1, 2, 3) = (0.5, 0.3, 0, 0.2).
     probs = jnp.array([[[0.5, 0.4, 1.0]]])
     np.testing.assert_allclose(ppow.accepted_length_distribution(probs), [[[0.5, 0.3, 0.0, 0.2]]], atol=1e-7)
@@ -288,9 +289,20 @@ def test_target_verification_equals_plain_forwards_and_the_cache(kd_run, tiny_ta
         assert int(live.accepted[b, w]) == expected_k, (b, w)
     # The self-distilled data are the tiny target's greedy answers: the cache verifies identically.
     np.testing.assert_array_equal(cached.accepted, live.accepted)
+    # Both give 0/1 acceptance probabilities whose leading ones are k, the same where the prefix matched,
+    # and so the rewards and policy mask the rollout had before it took them in expectation: R(k), j <= k.
+    for verified in (live, cached):
+        np.testing.assert_array_equal(ppow.leading_matches(verified.accept_probs > 0), verified.accepted)
+        settings = ppow.PPOWSettings(window=window, gamma=0.1)
+        speed, proximity = ppow.expected_rewards(verified.accept_probs, verified.gap, settings)
+        np.testing.assert_array_equal(speed, ppow.speed_reward(verified.accepted, 0.1))
+        np.testing.assert_array_equal(proximity, ppow.proximity_reward(verified.accepted, verified.gap, 1.0, 2.0))
+        np.testing.assert_array_equal(ppow.reach_probabilities(verified.accept_probs)[..., :-1] > 0,
+                                      np.arange(window) <= np.asarray(verified.accepted)[..., None])
+    known = np.asarray(cached.target_known)
+    np.testing.assert_array_equal(np.asarray(cached.accept_probs)[known], np.asarray(live.accept_probs)[known])
     assert 0 < float(jnp.mean(live.accepted)) < window  # both accepted and rejected drafts occur
     # Where the drafted prefix matched, the cached target distribution is the live one.
-    known = np.asarray(cached.target_known)
     np.testing.assert_allclose(np.asarray(cached.target_logprobs)[known], np.asarray(live.target_logprobs)[known],
                                atol=0.05)  # bf16-cached hidden states
 
@@ -409,7 +421,6 @@ def test_sampled_probe_first_draft_rate_is_one_minus_total_variation(kd_run, tin
     # variance is at most m(1 - m): 4 standard errors.
     mean = np.mean(exact)
     assert abs(first - mean) < 4 * math.sqrt(mean * (1 - mean) / windows)
-    assert all(0 < run["first_accept"] <= run["accept_length"] <= window for run in measured)
 
 
 def test_dev_probe_at_t1_is_deterministic_per_seed(kd_run, distilled, tiny_target):
@@ -423,7 +434,12 @@ def test_dev_probe_at_t1_is_deterministic_per_seed(kd_run, distilled, tiny_targe
     first, again = (DevProbe(config, tiny_target, False, acceptance="sampling")(drafter, dparams) for _ in range(2))
     other = DevProbe(config, tiny_target, False, acceptance="sampling", seed=1)(drafter, dparams)
     assert first == again and other != first
-    assert 0 < first["dev/first_accept"] <= first["dev/accept_length"] <= config.train.eval_window
+    probe = DevProbe(config, tiny_target, False, acceptance="sampling")
+    records = jax.jit(functools.partial(ppow.sampled_window_records, drafter, window=config.train.eval_window,
+                                        stride=config.train.eval_stride, target_config=tiny_target.config))
+    direct = ppow.sampled_acceptance(records, dparams, _frozen(tiny_target.params, np.asarray(dparams["d2t"])),
+                                     tiny_target.params, probe.batches, jax.random.key(0))
+    assert first == {f"dev/{name}": value for name, value in direct.items()}
     with pytest.raises(InputError, match="acceptance"):
         DevProbe(config, tiny_target, False, acceptance="typical")
 

@@ -7,7 +7,8 @@ environment. One iteration is two jitted functions:
      pass over each (its hidden states and keys/values at every position); A anchors per sequence,
      drawn uniformly or with ADAW priority; at each anchor G windows of K drafts sampled from the
      drafter (at `rollout_temperature`, 1 by default), all B·A·G windows at once in one `lax.scan`; verification gives each window's
-     accepted length k; rewards and group-normalised advantages.
+     accepted length k and each draft's acceptance probability; rewards (their expectation over k)
+     and group-normalised advantages.
   2. `update`: PPO's clipped surrogate on the drafts' log-probabilities plus β·KL(Q‖P) anchored to
      the target, `epochs` × `minibatches` (minibatches split by sequence) in one `lax.scan`.
      Optionally (`context_kl_beta`) the same anchor also at every response position of the
@@ -38,6 +39,11 @@ draft's acceptance probability once the drafts before it are accepted (0 or 1 un
 acceptance, min(1, p/q) under sampling acceptance), hence the distribution of k, and the window's
 reward is R's mean under it. Under greedy acceptance that is R(k) itself; under sampling acceptance
 it is the same objective without the coins' noise.
+
+Under sampling acceptance the acceptance probabilities depend on Q itself (min(1, p/q)); the
+score-function update, as METHOD.md's, treats the reward as given and leaves that dependence out.
+Group normalisation then scales any spread of a group's expected rewards, however small, to unit
+size, as it does a spread of sampled k.
 
 Policy-gradient terms are kept for the drafts that are reached with positive probability (under
 greedy acceptance d_1..d_{k+1}): the reward does not depend on the drafts after a sure rejection,
@@ -441,7 +447,7 @@ class Rollout:
     drafts: jax.Array  # [B, W, K] draft ids
     old_logprobs: jax.Array  # [B, W, K] their log-probs under the rollout policy
     advantages: jax.Array  # [B, W]
-    policy_mask: jax.Array  # [B, W, K] drafts that get the PPO term: valid anchor, j <= k
+    policy_mask: jax.Array  # [B, W, K] drafts that get the PPO term: valid anchor, reached with probability > 0
     target_logprobs: jax.Array  # [B, W, K, N]
     kl_mask: jax.Array  # [B, W, K] valid anchor and P known
     # Only for the context anchor (context_kl_beta > 0), else None:
@@ -487,7 +493,6 @@ def rollout(params: dict, target: PPOWTarget, batch: Batch, key: jax.Array, targ
         verified = verify_with_target(target_config, target_params, target, batch["tokens"], anchors, drafts,
                                       policy_logprobs, verify_key, s.acceptance)
 
-    k = verified.accepted
     speed, proximity = expected_rewards(verified.accept_probs, verified.gap, s)
     rewards = speed + proximity
     batch_size = anchors.shape[0]
@@ -497,17 +502,15 @@ def rollout(params: dict, target: PPOWTarget, batch: Batch, key: jax.Array, targ
     policy_mask = anchor_valid[..., None] & (reach[..., :-1] > 0)
     kl_mask = anchor_valid[..., None] & verified.target_known
 
-    first_rejected = anchor_valid & (k == 0)
-    # In expectation over the acceptance coins, as the rewards (the same as the sampled k's under greedy acceptance).
+    # In expectation over the acceptance coins, as the rewards (the sampled k's figures under greedy acceptance).
     first_rejection = 1.0 - verified.accept_probs[..., 0]
-    proximity_hit = first_rejection * (verified.gap < s.proximity_epsilon) if s.proximity_reward \
-        else jnp.zeros_like(first_rejection)
+    proximity_hit = jnp.where(proximity > 0, first_rejection, 0.0)
     metrics = {"reward": masked_mean(rewards, anchor_valid),
                "accepted": masked_mean(jnp.sum(reach[..., 1:], axis=-1), anchor_valid),
                "proximity_hits": masked_mean(proximity_hit, anchor_valid),
                "first_rejected": masked_mean(first_rejection, anchor_valid),
                "informative_groups": informative_group_fraction(grouped_rewards, chosen_valid),
-               "first_gap": masked_mean(verified.gap, first_rejected),
+               "first_gap": masked_mean(verified.gap, first_rejection * anchor_valid),
                "window_score": masked_mean(jnp.take_along_axis(scores, chosen, axis=1), chosen_valid)
                if scores is not None else jnp.zeros(()),
                "anchors": jnp.sum(chosen_valid)}
