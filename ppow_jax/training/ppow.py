@@ -68,7 +68,7 @@ from ppow_jax import multihost, sharding
 from ppow_jax.drafters.eagle import Eagle3Drafter, layer_output, layer_qkv, to_target_vocabulary
 from ppow_jax.errors import InputError
 from ppow_jax.inference.costs import measure_cycle_costs
-from ppow_jax.inference.sampling import SamplingParams, processed_logprobs
+from ppow_jax.inference.sampling import SamplingParams
 from ppow_jax.inference.speculative import accept_greedy, accept_sampling, draft_acceptance_logprobs
 from ppow_jax.inference.windows import MAX_WINDOW, calibration_features
 from ppow_jax.models import llama
@@ -405,15 +405,15 @@ def verify_with_target(target_config: ModelConfig, target_params: dict, target: 
     logits = llama.forward(target_params, jnp.concatenate([last_verified, draft_ids], axis=1), cache,
                            target_config).logits  # [BW, K + 1, V]
     proposed = jnp.full((windows,), window, jnp.int32)
+    # The target's T = 1 distribution at each draft: sampling acceptance's p, and the gap Δ.
+    logprobs = jax.nn.log_softmax(logits[:, :window].astype(jnp.float32), axis=-1)
     if acceptance == "greedy":
         accepted, _ = accept_greedy(draft_ids, proposed, logits)
         accept_probs = (draft_ids == jnp.argmax(logits[:, :window], axis=-1)).astype(jnp.float32)
     else:
         full = to_target_vocabulary(draft_logprobs.reshape(windows, window, -1), d2t, target_config.vocab_size)
-        sampling = SamplingParams(temperature=1.0)
-        accepted, _ = accept_sampling(key, draft_ids, proposed, full, logits, sampling)
-        accept_probs = jnp.exp(draft_acceptance_logprobs(draft_ids, full, processed_logprobs(logits, sampling)))
-    logprobs = jax.nn.log_softmax(logits[:, :window], axis=-1)
+        accepted, _ = accept_sampling(key, draft_ids, proposed, full, logits, SamplingParams(temperature=1.0))
+        accept_probs = jnp.exp(draft_acceptance_logprobs(draft_ids, full, logprobs))
     gap = jnp.sum(jnp.max(logprobs, axis=-1) - jnp.take_along_axis(logprobs, draft_ids[..., None], axis=-1)[..., 0], -1)
     target_logprobs = jax.nn.log_softmax(jnp.take(logits[:, :window], d2t, axis=-1), axis=-1)
     shape = anchors.shape
@@ -529,7 +529,8 @@ def kl_divergence(direction: str, draft_logprobs: jax.Array, target_logprobs: ja
 
 
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean of `values` where `mask` is set, over all axes; 0 when the mask is empty."""
+    """Mean of `values` where `mask` is set (or weighted by it, for a float mask), over all axes; 0 when
+    the mask is empty. The denominator is at least 1, which only matters for weights summing below 1."""
     weight = mask.astype(jnp.float32)
     return jnp.sum(values * weight) / jnp.maximum(weight.sum(), 1.0)
 
