@@ -57,6 +57,10 @@ def get_config() -> ml_collections.ConfigDict:
     # BENCHMARKS.md, PPOW, eighth round).
     config.ppow.verifier = "cache"
     config.ppow.acceptance = "greedy"
+    # "sampled": METHOD.md's G sampled windows per anchor and PPO; "exact" (cache verifier only): the
+    # expectation of the same objective in closed form along the data, at every anchor, one gradient
+    # step per batch (BENCHMARKS.md, PPOW, ninth round).
+    config.ppow.estimator = "sampled"
 
     config.train.steps = 300  # iterations
     config.train.learning_rate = 3e-5  # 1e-4 lowered dev greedy acceptance within 20 iterations (BENCHMARKS.md)

@@ -161,6 +161,10 @@ def test_settings_reject_bad_combinations():
     for weight in (-1.0, float("inf")):
         with pytest.raises(InputError, match="context_kl_beta"):
             ppow.PPOWSettings(context_kl_beta=weight)
+    with pytest.raises(InputError, match="estimator"):
+        ppow.PPOWSettings(estimator="analytic")
+    with pytest.raises(InputError, match="needs ppow.verifier='cache'"):
+        ppow.PPOWSettings(estimator="exact", verifier="target")
 
 
 # ----- the window chain is the engine's drafting path -----
@@ -354,6 +358,110 @@ def test_greedy_acceptance_counts_the_verified_windows(kd_run, tiny_target):
     assert measured["accept_length"] == pytest.approx(k.mean())
     assert measured["first_accept"] == pytest.approx((k > 0).mean())
     assert 0 < measured["first_accept"] < 1
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_exact_estimator_is_the_mean_over_sampled_windows(kd_run, tiny_target, temperature):
+    """At each anchor, the closed form's P(k >= j), near-miss probability and reward mean and spread
+    equal those of 2,400 windows sampled from the drafter at τ and verified from the cache, as the
+    rollout does (within 4 standard errors)."""
+    drafter, dparams = load_drafter(kd_run / "drafter", tiny_target.config)
+    # A confident drafter (its head scaled), whose greedy windows are written into the data below, so
+    # that windows are accepted often and at every depth: the identity holds for any data.
+    dparams = {**dparams, "lm_head": dparams["lm_head"] * 8.0}
+    frozen = _frozen(tiny_target.params, np.asarray(dparams["d2t"]))
+    batch = {k: jnp.asarray(v) for k, v in _first_batch(kd_run, size=2).items()}
+    window, gamma, epsilon = 4, 0.1, 8.5  # ε near the tiny target's median first-token gap
+    valid = np.asarray(ppow.valid_anchors(batch["loss_mask"], window))
+    anchors = np.stack([np.flatnonzero(ok)[0] + np.array([0, 6, 12]) for ok in valid])  # more than K apart
+    assert valid[np.arange(len(valid))[:, None], anchors].all()
+    embed = frozen.constants.embed
+    for column in range(anchors.shape[1]):  # left to right: each window sees the ones before it
+        context = ppow.context_pass(drafter, dparams, embed, batch["tokens"], batch["features"])
+        greedy, _ = ppow.draft_windows(drafter, dparams, embed, context, jnp.asarray(anchors[:, column:column + 1]),
+                                       window)
+        for b in range(anchors.shape[0]):
+            a = int(anchors[b, column])
+            batch["tokens"] = batch["tokens"].at[b, a + 1:a + 1 + window].set(frozen.constants.d2t[greedy[b, 0]])
+    settings = ppow.PPOWSettings(window=window, gamma=gamma, rollout_temperature=temperature, estimator="exact",
+                                 proximity_epsilon=epsilon)
+    windows = ppow.exact_windows(dparams, frozen, batch, drafter=drafter, settings=settings)
+    accept_probs, near_miss = windows.accept_probs, windows.near_miss
+    mean, spread = ppow.reward_moments(accept_probs, near_miss, settings)
+
+    context = ppow.context_pass(drafter, dparams, embed, batch["tokens"], batch["features"])
+    chunk, chunks = 400, 6  # samples per anchor and call (the cache verifier's gap spans the full vocabulary)
+    repeated = jnp.asarray(np.repeat(anchors, chunk, axis=1), jnp.int32)
+    accepted, gaps = [], []
+    for c in range(chunks):
+        drafts, _ = ppow.draft_windows(drafter, dparams, embed, context, repeated, window,
+                                       key=jax.random.key(c), temperature=temperature)
+        verified = ppow.verify_from_cache(batch, frozen, repeated, drafts, window)
+        accepted.append(np.asarray(verified.accepted).reshape(*anchors.shape, chunk))
+        gaps.append(np.asarray(verified.gap).reshape(*anchors.shape, chunk))
+    k, gap = np.concatenate(accepted, -1), np.concatenate(gaps, -1)
+    samples = k.shape[-1]
+    near = (k == 0) & (gap < epsilon)
+    rewards = np.asarray(ppow.speed_reward(jnp.asarray(k), gamma)) + settings.proximity_eta * near
+    rows = np.arange(anchors.shape[0])[:, None]
+
+    def close(sampled, exact):
+        error = np.sqrt(np.maximum(exact * (1 - exact), 1e-4) / samples)  # a Bernoulli frequency's
+        assert np.all(np.abs(sampled.mean(-1) - exact) <= 4 * error + 1e-4), (sampled.mean(-1), exact)
+
+    reach = np.asarray(ppow.reach_probabilities(accept_probs))[rows, anchors]
+    for j in range(1, window + 1):
+        close(k >= j, reach[..., j])
+    close(near, np.asarray(near_miss)[rows, anchors])
+    exact_mean, exact_spread = np.asarray(mean)[rows, anchors], np.asarray(spread)[rows, anchors]
+    for moment, exact in ((rewards, exact_mean), (rewards ** 2, exact_spread ** 2 + exact_mean ** 2)):
+        error = moment.std(-1) / np.sqrt(samples)
+        assert np.all(np.abs(moment.mean(-1) - exact) <= 4 * error + 1e-4), (moment.mean(-1), exact)
+    # Not vacuous: whole windows are accepted, and both kinds of first rejection occur.
+    assert reach[..., window].max() > 0.05 and 0.05 < near.mean() < 0.95, (reach, near.mean())
+
+
+def _exact_case(kd_run, tiny_target, **overrides):
+    drafter, dparams = load_drafter(kd_run / "drafter", tiny_target.config)
+    frozen = _frozen(tiny_target.params, np.asarray(dparams["d2t"]))
+    batch = {k: jnp.asarray(v) for k, v in _first_batch(kd_run).items()}
+    settings = ppow.PPOWSettings(**{**dict(window=4, gamma=0.1, estimator="exact", proximity_epsilon=8.5), **overrides})
+    trainable = {k: v for k, v in dparams.items() if k != "d2t"}
+    loss = functools.partial(ppow.exact_loss, target=frozen, batch=batch, drafter=drafter, settings=settings)
+    return trainable, loss, functools.partial(ppow.exact_windows, target=frozen, batch=batch, drafter=drafter,
+                                              settings=settings), batch, dparams["d2t"]
+
+
+@pytest.mark.parametrize("adaw", [False, True])
+def test_exact_policy_term_ascends_the_expected_reward(kd_run, tiny_target, adaw):
+    """Without the KL term, a small step against the exact loss's gradient raises the anchors'
+    weighted mean reward on the batch (each anchor's term is ∇μ times a positive weight)."""
+    trainable, loss, _, _, _ = _exact_case(kd_run, tiny_target, kl_beta=0.0, adaw=adaw)
+    (_, before), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
+    norm = float(optax.tree.norm(grads))
+    stepped = jax.tree_util.tree_map(lambda w, g: w - 1e-3 / norm * g, trainable, grads)
+    _, after = loss(stepped)
+    assert float(after["reward"]) > float(before["reward"]) + 1e-5, (before["reward"], after["reward"])
+
+
+def test_exact_kl_term_weights_each_window_draft_by_its_reach(kd_run, tiny_target):
+    """β·E[KL]: at each valid anchor a (uniform weights without ADAW), draft j+1's KL(P_{a+j} ‖ Q_j)
+    counts with P(k >= j), as the sampled estimator's mask j <= k does; checked by a plain loop."""
+    trainable, loss, windows_of, batch, d2t = _exact_case(kd_run, tiny_target, adaw=False, kl_direction="forward")
+    _, metrics = loss(trainable)
+    windows = windows_of({**trainable, "d2t": d2t})
+    q, p = np.asarray(windows.logprobs, np.float64), np.asarray(windows.target_logprobs, np.float64)
+    reach = np.asarray(ppow.reach_probabilities(windows.accept_probs), np.float64)
+    valid = np.asarray(ppow.valid_anchors(batch["loss_mask"], 4))
+    total = weight = 0.0
+    for b in range(valid.shape[0]):
+        anchors = np.flatnonzero(valid[b])
+        for a in anchors:
+            for j in range(4):
+                kl = np.sum(np.exp(p[b, a + j]) * (p[b, a + j] - q[j, b, a + j]))
+                total += reach[b, a, j] * kl / len(anchors)
+                weight += reach[b, a, j] / len(anchors)
+    assert float(metrics["kl_to_target"]) == pytest.approx(total / weight, rel=1e-4)
 
 
 def _plain_logprobs(target, sequence):
@@ -630,6 +738,24 @@ def test_resumed_ppow_run_equals_an_uninterrupted_one(kd_run, distilled, tiny_ta
     _ppow(kd_run, distilled, tiny_target, tmp_path / "resumed", 10)
     straight, resumed = _history(tmp_path / "straight"), _history(tmp_path / "resumed")
     assert [h["step"] for h in resumed] == [h["step"] for h in straight]
+    for a, b in zip(straight, resumed):
+        assert a["reward"] == b["reward"] and a["loss"] == b["loss"], (a, b)
+
+
+def test_exact_estimator_run_raises_the_expected_reward_and_resumes_exactly(kd_run, distilled, tiny_target, tmp_path):
+    exact = dict(ppow__estimator="exact", ppow__proximity_epsilon=8.5, train__log_every=1, train__eval_every=0)
+    _ppow(kd_run, distilled, tiny_target, tmp_path / "run", 30, train__learning_rate=3e-3, **exact)
+    history = _history(tmp_path / "run")
+    # Every valid anchor of the batch in expectation, so the reward is that of all windows drafted at
+    # τ = 1 from these sequences. Measured: mean over the first / last 10 iterations 0.496 -> 0.620.
+    reward = [np.mean([h["reward"] for h in part]) for part in (history[:10], history[-10:])]
+    assert reward[1] > reward[0] + 0.05, reward
+    assert {"accepted", "kl_to_target", "first_rejected", "proximity_hits", "grad_norm"} <= set(history[-1])
+    _ppow(kd_run, distilled, tiny_target, tmp_path / "straight", 6, **exact)
+    _ppow(kd_run, distilled, tiny_target, tmp_path / "resumed", 6, stop_at=3, **exact)
+    _ppow(kd_run, distilled, tiny_target, tmp_path / "resumed", 6, **exact)
+    straight, resumed = _history(tmp_path / "straight"), _history(tmp_path / "resumed")
+    assert [h["step"] for h in resumed] == [h["step"] for h in straight] == list(range(1, 7))
     for a, b in zip(straight, resumed):
         assert a["reward"] == b["reward"] and a["loss"] == b["loss"], (a, b)
 

@@ -1,7 +1,8 @@
 """PPOW: window-level RL fine-tuning of an EAGLE-3 drafter (METHOD.md §3).
 
 The drafter is the policy, a window of K drafts is the action, the target's verification is the
-environment. One iteration is two jitted functions:
+environment. One iteration is two jitted functions (with `estimator="exact"`, one gradient step on
+the same objective's expectation in closed form instead: see its section below):
 
   1. `rollout`: B sequences from the target-feature cache; the drafter's teacher-forced context
      pass over each (its hidden states and keys/values at every position); A anchors per sequence,
@@ -65,7 +66,7 @@ import optax
 from jax.sharding import Mesh
 
 from ppow_jax import multihost, sharding
-from ppow_jax.drafters.eagle import Eagle3Drafter, layer_output, layer_qkv, to_target_vocabulary
+from ppow_jax.drafters.eagle import Eagle3Drafter, layer_output, layer_qkv, to_target_vocabulary, unrolled_hidden
 from ppow_jax.errors import InputError
 from ppow_jax.inference.costs import measure_cycle_costs
 from ppow_jax.inference.sampling import SamplingParams
@@ -78,6 +79,7 @@ from ppow_jax.training.kd import TargetConstants, TrainState, on_mesh, output_he
 Batch = dict[str, jax.Array]
 VERIFIERS = ("cache", "target")
 ACCEPTANCE = ("greedy", "sampling")
+ESTIMATORS = ("sampled", "exact")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +107,9 @@ class PPOWSettings:
     # Weight of a second anchor at every response position of the sequences, on the drafter's
     # teacher-forced first draft (the token-level loss's step 0); 0: the windows' anchor only.
     context_kl_beta: float = 0.0
+    # "sampled": G windows per anchor and PPO (METHOD.md); "exact": the same objective's expectation
+    # over anchors, windows and acceptance in closed form (cache verifier only; see `exact_loss`).
+    estimator: str = "sampled"
 
     def __post_init__(self):
         for name in ("group_size", "window", "anchors_per_sequence", "epochs", "minibatches"):
@@ -136,6 +141,11 @@ class PPOWSettings:
             raise InputError(f"ppow.clip_epsilon must be > 0 and ppow.kl_beta >= 0, got {self.clip_epsilon}, {self.kl_beta}")
         if not self.context_kl_beta >= 0 or not math.isfinite(self.context_kl_beta):
             raise InputError(f"ppow.context_kl_beta must be a number >= 0, got {self.context_kl_beta}")
+        if self.estimator not in ESTIMATORS:
+            raise InputError(f"ppow.estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.estimator == "exact" and self.verifier != "cache":
+            raise InputError("ppow.estimator='exact' follows the self-distilled data, the path greedy acceptance "
+                             "takes; it needs ppow.verifier='cache'")
 
 
 # ----- rewards -----
@@ -585,6 +595,147 @@ def ppo_update(state: TrainState, data: Rollout, target: PPOWTarget, key: jax.Ar
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
+# ----- the exact estimator: the rollout's expectation in closed form -----
+#
+# Under greedy acceptance from the cache, a window is accepted up to draft j exactly when drafts
+# 1..j are the data's next tokens, and the drafter's distribution for draft j+1 on that path is the
+# "training-time test" forward's step j (`unrolled_hidden`, pinned to `draft_windows` by the tests).
+# So what the sampled estimator averages over G windows per anchor has closed forms: P(k >= j) is a
+# product of the policy's probabilities of the data's tokens, and the near-miss probability is a
+# sum over the draft vocabulary. The policy term is then the G -> ∞ limit of the sampled one: group
+# normalisation becomes E[(R - μ)/σ · ∇log π] = ∇μ/σ, with μ and σ the window reward's mean and
+# spread at the anchor, divided, as `ppo_loss`'s mean over reached drafts, by the expected number of
+# reached drafts. It has no rollout noise and reaches every valid anchor of every sequence. ADAW's
+# priorities weight the anchors (the distribution of one draw; the sampled estimator's A distinct
+# draws include anchors somewhat more evenly). PPO's ratio and clipping guard the reuse of stale
+# samples; with no samples each batch takes one plain gradient step (G, A, epochs, minibatches and
+# clip_epsilon are unused).
+
+def to_draft_ids(token_ids: jax.Array, d2t: jax.Array, vocab_size: int) -> jax.Array:
+    """Target ids [...] -> draft ids [...], -1 outside the draft vocabulary."""
+    t2d = jnp.full((vocab_size,), -1, jnp.int32).at[d2t].set(jnp.arange(d2t.shape[0], dtype=jnp.int32))
+    return jnp.take(t2d, token_ids)
+
+
+def per_anchor(steps: jax.Array) -> jax.Array:
+    """[K, B, L] values of unrolled step j at position i -> [B, L, K]: step j of the window anchored
+    at a sits at position a + j (positions past the end read 0)."""
+    return jnp.stack([jnp.pad(steps[j, :, j:], ((0, 0), (0, j))) for j in range(steps.shape[0])], axis=-1)
+
+
+def path_acceptance(policy_logprobs: jax.Array, following: jax.Array) -> jax.Array:
+    """The policy's unrolled log-probs [K, B, L, N] and the draft ids of the data's next tokens
+    x_{i+1} [B, L] (-1 outside the draft vocabulary) -> [B, L, K]: at anchor a, the probability that
+    draft j+1 is x_{a+j+1} (greedy acceptance) once drafts 1..j were."""
+    chosen = jnp.take_along_axis(policy_logprobs, jnp.maximum(following, 0)[None, ..., None], axis=-1)[..., 0]
+    return per_anchor(jnp.where(following[None] >= 0, jnp.exp(chosen), 0.0))
+
+
+def near_miss_probability(first_policy_logprobs: jax.Array, target_logits: jax.Array, preferred_logit: jax.Array,
+                          following: jax.Array, epsilon: float) -> jax.Array:
+    """P(k = 0 and Δ < ε) at every anchor [B, L]: the first draft x ~ Q_τ is not the target's
+    y = x_{a+1} and Δ = log p(y) - log p(x) < ε, the cache verifier's gap. The softmax's normaliser
+    cancels in Δ, so it reads the target's logits over the draft vocabulary [B, L, N] and y's
+    logit [B, L] (y may lie outside the draft vocabulary; `following` holds its draft id or -1)."""
+    near = (preferred_logit[..., None] - target_logits) < epsilon
+    not_preferred = jnp.arange(target_logits.shape[-1]) != following[..., None]
+    return jnp.sum(jnp.exp(first_policy_logprobs) * (near & not_preferred), axis=-1)
+
+
+def reward_moments(accept_probs: jax.Array, near_miss: jax.Array, settings: PPOWSettings) -> tuple[jax.Array, jax.Array]:
+    """A window's reward R = R_speed(k) + R_dist over its distribution -> (mean μ, spread σ), [B, L] each.
+    R takes R_speed(k) with P(k) for k >= 1, η with the near-miss probability, 0 otherwise."""
+    s = settings
+    lengths = accepted_length_distribution(accept_probs)  # [..., K + 1]
+    values = speed_reward(jnp.arange(s.window + 1), s.gamma, s.cost_aware_reward)  # R_speed(0) = 0
+    eta = s.proximity_eta if s.proximity_reward else 0.0
+    mean = jnp.sum(lengths * values, axis=-1) + eta * near_miss
+    variance = (jnp.sum(lengths[..., 1:] * (values[1:] - mean[..., None]) ** 2, axis=-1)
+                + near_miss * (eta - mean) ** 2 + (lengths[..., 0] - near_miss) * mean ** 2)
+    return mean, jnp.sqrt(jnp.maximum(variance, 0.0))
+
+
+class ExactWindows(NamedTuple):
+    """Every anchor's windows in closed form (`exact_windows`)."""
+
+    logprobs: jax.Array  # [K, B, L, N] the drafter's unrolled log-probs (Q itself, not tempered)
+    accept_probs: jax.Array  # [B, L, K] along the data path, under the policy Q_τ
+    near_miss: jax.Array  # [B, L] P(k = 0 and Δ < ε); 0 when the proximity reward is off
+    target_logprobs: jax.Array  # [B, L, N] P over the draft vocabulary, renormalised
+
+
+def exact_windows(params: dict, target: PPOWTarget, batch: Batch, *, drafter: Eagle3Drafter,
+                  settings: PPOWSettings) -> ExactWindows:
+    s = settings
+    embed, d2t, tokens = target.constants.embed, target.constants.d2t, batch["tokens"]
+    hidden = unrolled_hidden(drafter, params, embed, tokens, batch["features"], s.window)  # [K, B, L, D]
+    logprobs = jax.nn.log_softmax(drafter.draft_logits(params, hidden), axis=-1)
+    policy = tempered(logprobs, s.rollout_temperature)
+    next_tokens = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))  # x_{i+1} at position i
+    following = to_draft_ids(next_tokens, d2t, target.head.shape[0])
+    target_hidden = batch["target_hidden"].astype(jnp.float32)
+    target_logits = target_hidden @ target.constants.head_rows.astype(jnp.float32).T  # [B, L, N]
+    near_miss = jnp.zeros(tokens.shape)
+    if s.proximity_reward:
+        preferred = jnp.einsum("bld,bld->bl", target_hidden, jnp.take(target.head, next_tokens, axis=0).astype(jnp.float32))
+        near_miss = near_miss_probability(policy[0], target_logits, preferred, following, s.proximity_epsilon)
+    return ExactWindows(logprobs=logprobs, accept_probs=path_acceptance(policy, following), near_miss=near_miss,
+                        target_logprobs=jax.nn.log_softmax(target_logits, axis=-1))
+
+
+def exact_loss(trainable: dict, target: PPOWTarget, batch: Batch, *, drafter: Eagle3Drafter,
+               settings: PPOWSettings, eps: float = 1e-6) -> tuple[jax.Array, dict]:
+    """-(the sampled estimator's policy term in expectation) + β·E[KL to the target on the windows'
+    verified positions] (+ the context anchor) -> (loss, metrics). See the section comment."""
+    s = settings
+    windows = exact_windows({**trainable, "d2t": target.constants.d2t}, target, batch, drafter=drafter, settings=s)
+    logprobs, p = windows.logprobs, windows.target_logprobs
+    mean, spread = reward_moments(windows.accept_probs, windows.near_miss, s)
+    # P(k >= j), j = 0..K: j <= K - 1 are the drafts reached, where P is known and the policy term acts.
+    reach = reach_probabilities(windows.accept_probs)
+    reached = jax.lax.stop_gradient(reach[..., :-1])  # [B, L, K]
+
+    # The anchors' sampling distribution (uniform, or ADAW's priorities) as weights; each row sums to 1.
+    valid = valid_anchors(batch["loss_mask"], s.window)
+    scores = None
+    if s.adaw:
+        scores = standardised(window_sums(criticality(p, logprobs[0]), s.window) / s.window, valid)
+    weights = jax.lax.stop_gradient(anchor_priorities(valid, scores, s.priority_temperature, s.priority_floor))
+    drafts_per_window = jnp.maximum(masked_mean(jnp.sum(reached, axis=-1), weights), eps)
+    # μ minus itself held constant: the gradient ∇μ/σ, and the value 0, as the sampled surrogate's at ratio 1
+    # (μ/σ itself would be huge where σ is nearly 0, and say nothing).
+    advantage = (mean - jax.lax.stop_gradient(mean)) / (jax.lax.stop_gradient(spread) + eps)
+    policy_loss = -masked_mean(advantage, weights) / drafts_per_window
+
+    kl = per_anchor(kl_divergence(s.kl_direction, logprobs, p[None]))  # [B, L, K]
+    kl_weights = weights[..., None] * reached
+    kl_to_target = jnp.sum(kl * kl_weights) / jnp.maximum(jnp.sum(kl_weights), eps)
+    loss = policy_loss + s.kl_beta * kl_to_target
+    context_kl = jnp.zeros(())
+    if s.context_kl_beta > 0:
+        context_kl = masked_mean(kl_divergence(s.kl_direction, logprobs[0], p), batch["loss_mask"].astype(bool))
+        loss = loss + s.context_kl_beta * context_kl
+    return loss, {"loss": loss, "policy_loss": policy_loss, "kl_to_target": kl_to_target, "context_kl": context_kl,
+                  "reward": masked_mean(mean, weights),
+                  "accepted": masked_mean(jnp.sum(reach[..., 1:], axis=-1), weights),
+                  "first_rejected": masked_mean(1.0 - windows.accept_probs[..., 0], weights),
+                  "proximity_hits": masked_mean(windows.near_miss, weights),
+                  "window_score": masked_mean(scores, weights) if scores is not None else jnp.zeros(()),
+                  "anchors": jnp.sum(valid)}
+
+
+def exact_update(state: TrainState, batch: Batch, target: PPOWTarget, *, drafter: Eagle3Drafter,
+                 settings: PPOWSettings, optimizer: optax.GradientTransformation,
+                 schedule: optax.Schedule) -> tuple[TrainState, dict]:
+    """One gradient step on `exact_loss` for a batch of sequences."""
+    grad_fn = jax.value_and_grad(functools.partial(exact_loss, drafter=drafter, settings=settings), has_aux=True)
+    (_, metrics), grads = grad_fn(state.params, target, batch)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)}
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         opt_state=opt_state), metrics
+
+
 class PPOWTrainer:
     """The sharded PPOW iteration for one drafter and target: `iteration(state, batch)`."""
 
@@ -625,24 +776,34 @@ class PPOWTrainer:
         replicated = sharding.replicated(self.mesh)
         target_params_sh = None if self.target_params is None else \
             jax.tree_util.tree_map(lambda x: x.sharding, self.target_params)
+        batch_sh = multihost.global_batch_shardings(self.mesh, batch)
+        if self.settings.estimator == "exact":
+            step = functools.partial(exact_update, drafter=self.drafter, settings=self.settings,
+                                     optimizer=self.optimizer, schedule=self.schedule)
+            self._update_fn = jax.jit(step, in_shardings=(state_sh, batch_sh, self.target_shardings),
+                                      out_shardings=(state_sh, replicated), donate_argnums=(0,))
+            return
         roll = functools.partial(rollout, drafter=self.drafter, settings=self.settings, target_config=self.target_config)
         self._rollout_fn = jax.jit(
             lambda params, target, batch, key, target_params: roll({**params, "d2t": target.constants.d2t}, target,
                                                                    batch, key, target_params),
-            in_shardings=(state_sh.params, self.target_shardings, multihost.global_batch_shardings(self.mesh, batch),
-                          replicated, target_params_sh))
+            in_shardings=(state_sh.params, self.target_shardings, batch_sh, replicated, target_params_sh))
         update = functools.partial(ppo_update, drafter=self.drafter, settings=self.settings, optimizer=self.optimizer,
                                    schedule=self.schedule)
         self._update_fn = jax.jit(update, out_shardings=(state_sh, replicated), donate_argnums=(0,))
 
     def iteration(self, state: TrainState, batch: dict[str, np.ndarray]) -> tuple[TrainState, dict]:
+        exact = self.settings.estimator == "exact"
         sequences = multihost.global_batch_shape(batch["tokens"])[0]
-        if sequences % self.settings.minibatches:
+        if not exact and sequences % self.settings.minibatches:
             raise InputError(f"{sequences} sequences per iteration do not split into "
                              f"{self.settings.minibatches} minibatches")
-        if self._rollout_fn is None:
+        if self._update_fn is None:
             self._compile(state, batch)
         batch = multihost.local_to_global(batch, self.mesh)
+        if exact:  # no samples, so no randomness: one gradient step
+            with jax.set_mesh(self.mesh):
+                return self._update_fn(state, batch, self.target)
         rollout_key, update_key, next_key = jax.random.split(jax.random.wrap_key_data(state.rng), 3)
         state = state.replace(rng=jax.random.key_data(next_key))
         with jax.set_mesh(self.mesh):
@@ -790,4 +951,4 @@ def settings_from_config(ppow: Any, gamma: float) -> PPOWSettings:
                         priority_temperature=ppow.priority_temperature, priority_floor=ppow.priority_floor,
                         verifier=ppow.verifier, acceptance=ppow.acceptance,
                         rollout_temperature=ppow.get("rollout_temperature", 1.0),
-                        context_kl_beta=ppow.get("context_kl_beta", 0.0))
+                        context_kl_beta=ppow.get("context_kl_beta", 0.0), estimator=ppow.get("estimator", "sampled"))
