@@ -774,8 +774,6 @@ class PPOWTrainer:
     def _compile(self, state: TrainState, batch: dict) -> None:
         state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
         replicated = sharding.replicated(self.mesh)
-        target_params_sh = None if self.target_params is None else \
-            jax.tree_util.tree_map(lambda x: x.sharding, self.target_params)
         batch_sh = multihost.global_batch_shardings(self.mesh, batch)
         if self.settings.estimator == "exact":
             step = functools.partial(exact_update, drafter=self.drafter, settings=self.settings,
@@ -783,6 +781,8 @@ class PPOWTrainer:
             self._update_fn = jax.jit(step, in_shardings=(state_sh, batch_sh, self.target_shardings),
                                       out_shardings=(state_sh, replicated), donate_argnums=(0,))
             return
+        target_params_sh = None if self.target_params is None else \
+            jax.tree_util.tree_map(lambda x: x.sharding, self.target_params)
         roll = functools.partial(rollout, drafter=self.drafter, settings=self.settings, target_config=self.target_config)
         self._rollout_fn = jax.jit(
             lambda params, target, batch, key, target_params: roll({**params, "d2t": target.constants.d2t}, target,
