@@ -360,11 +360,10 @@ def test_greedy_acceptance_counts_the_verified_windows(kd_run, tiny_target):
     assert 0 < measured["first_accept"] < 1
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_exact_estimator_is_the_mean_over_sampled_windows(kd_run, tiny_target, temperature):
+def test_exact_estimator_is_the_mean_over_sampled_windows(kd_run, tiny_target, temperature=0.5):
     """At each anchor, the closed form's P(k >= j), near-miss probability and reward mean and spread
-    equal those of 2,400 windows sampled from the drafter at τ and verified from the cache, as the
-    rollout does (within 4 standard errors)."""
+    equal those of 1,600 windows sampled from the drafter at τ (tempered, as the SmolLM2 config's
+    0.3) and verified from the cache, as the rollout does (within 4 standard errors)."""
     drafter, dparams = load_drafter(kd_run / "drafter", tiny_target.config)
     # A confident drafter (its head scaled), whose greedy windows are written into the data below, so
     # that windows are accepted often and at every depth: the identity holds for any data.
@@ -390,7 +389,7 @@ def test_exact_estimator_is_the_mean_over_sampled_windows(kd_run, tiny_target, t
     mean, spread = ppow.reward_moments(accept_probs, near_miss, settings)
 
     context = ppow.context_pass(drafter, dparams, embed, batch["tokens"], batch["features"])
-    chunk, chunks = 400, 6  # samples per anchor and call (the cache verifier's gap spans the full vocabulary)
+    chunk, chunks = 400, 4  # samples per anchor and call (the cache verifier's gap spans the full vocabulary)
     repeated = jnp.asarray(np.repeat(anchors, chunk, axis=1), jnp.int32)
     accepted, gaps = [], []
     for c in range(chunks):
@@ -432,8 +431,7 @@ def _exact_case(kd_run, tiny_target, **overrides):
                                               settings=settings), batch, dparams["d2t"]
 
 
-@pytest.mark.parametrize("adaw", [False, True])
-def test_exact_policy_term_ascends_the_expected_reward(kd_run, tiny_target, adaw):
+def test_exact_policy_term_ascends_the_expected_reward(kd_run, tiny_target, adaw=True):
     """Without the KL term, a small step against the exact loss's gradient raises the anchors'
     weighted mean reward on the batch (each anchor's term is ∇μ times a positive weight)."""
     trainable, loss, _, _, _ = _exact_case(kd_run, tiny_target, kl_beta=0.0, adaw=adaw)
