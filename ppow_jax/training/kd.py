@@ -130,16 +130,22 @@ def kd_loss(trainable: dict, target: TargetConstants, batch: Batch, *, drafter: 
                   "agreement": jnp.stack(agreements), "loss_tokens": counts[0]}
 
 
-def _train_step(state: TrainState, batch: Batch, target: TargetConstants, *, drafter: Eagle3Drafter,
-                optimizer: optax.GradientTransformation, unroll_steps: int, loss_positions: int,
-                schedule: optax.Schedule) -> tuple[TrainState, dict]:
-    loss_fn = functools.partial(kd_loss, drafter=drafter, unroll_steps=unroll_steps, loss_positions=loss_positions)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, target, batch)
+def gradient_step(loss_fn, state: TrainState, *args, optimizer: optax.GradientTransformation,
+                  schedule: optax.Schedule) -> tuple[TrainState, dict]:
+    """One optimiser step on `loss_fn(params, *args) -> (loss, metrics)`; metrics gain the gradient norm
+    and the learning rate."""
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, *args)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def _train_step(state: TrainState, batch: Batch, target: TargetConstants, *, drafter: Eagle3Drafter,
+                optimizer: optax.GradientTransformation, unroll_steps: int, loss_positions: int,
+                schedule: optax.Schedule) -> tuple[TrainState, dict]:
+    loss_fn = functools.partial(kd_loss, drafter=drafter, unroll_steps=unroll_steps, loss_positions=loss_positions)
+    return gradient_step(loss_fn, state, target, batch, optimizer=optimizer, schedule=schedule)
 
 
 class KDTrainer:

@@ -74,7 +74,7 @@ from ppow_jax.inference.speculative import accept_greedy, accept_sampling, draft
 from ppow_jax.inference.windows import MAX_WINDOW, calibration_features
 from ppow_jax.models import llama
 from ppow_jax.models.config import ModelConfig
-from ppow_jax.training.kd import TargetConstants, TrainState, on_mesh, output_head
+from ppow_jax.training.kd import TargetConstants, TrainState, gradient_step, on_mesh, output_head
 
 Batch = dict[str, jax.Array]
 VERIFIERS = ("cache", "target")
@@ -728,12 +728,8 @@ def exact_update(state: TrainState, batch: Batch, target: PPOWTarget, *, drafter
                  settings: PPOWSettings, optimizer: optax.GradientTransformation,
                  schedule: optax.Schedule) -> tuple[TrainState, dict]:
     """One gradient step on `exact_loss` for a batch of sequences."""
-    grad_fn = jax.value_and_grad(functools.partial(exact_loss, drafter=drafter, settings=settings), has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, target, batch)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)}
-    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         opt_state=opt_state), metrics
+    return gradient_step(functools.partial(exact_loss, drafter=drafter, settings=settings), state, target, batch,
+                         optimizer=optimizer, schedule=schedule)
 
 
 class PPOWTrainer:
