@@ -34,6 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
     # max_prompts extends the cache with the other sources only (a lower cap is refused). Only the
     # default folders can be capped from the command line.
     config.data.source_caps = ml_collections.ConfigDict({folder: 0 for folder in config.data.folders})
+    # Training prompts passed over at the start of the shuffle (under the caps), with a cache_dir of
+    # its own: 4096 takes the prompts after those the committed drafter was trained on (PPOW, tenth round).
+    config.data.skip_prompts = 0
     # Held-out prompts (the last of the seeded shuffle, never trained on): training logs the greedy
     # acceptance of drafts on their responses every train.eval_every steps. 0: no dev split.
     config.data.dev_prompts = 64

@@ -34,7 +34,7 @@ def run(config) -> int:
 
     # Before the target is loaded:
     check_sizes(batch_size=config.data.batch_size, max_prompts=config.data.max_prompts,
-                dev_prompts=config.data.get("dev_prompts", 0))
+                dev_prompts=config.data.get("dev_prompts", 0), skip_prompts=config.data.get("skip_prompts", 0))
     check_responses(config.data.get("responses", "target"))
     multihost.initialize(config.get("distributed") or {})
     target = load_model(config.target, param_dtype=config.param_dtype)
@@ -73,7 +73,8 @@ def run_distillation(config, target, progress: bool = True) -> None:
     for split, cache_dir in splits:
         manifest = self_distill(decoder, target.tokenizer, prompts, cache_dir, split_settings[split],
                                 batch_size=config.data.batch_size, max_prompts=config.data.max_prompts,
-                                dev_prompts=dev_prompts, split=split, source_caps=source_caps, progress=progress,
+                                dev_prompts=dev_prompts, split=split, source_caps=source_caps,
+                                skip_prompts=config.data.get("skip_prompts", 0), progress=progress,
                                 share=share)
         tokens = sum(s["response_tokens"] for s in manifest["shards"])
         answered = sum(len(s["keys"]) for s in manifest["shards"])

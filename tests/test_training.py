@@ -121,6 +121,10 @@ def test_self_distillation_resumes_and_pins_settings(distilled, tiny_target, sha
     with pytest.raises(InputError, match=f"gsm8k_train has {cached_gsm8k} \\(cap 1\\)"):
         self_distill(decoder, tok, both, config.data.cache_dir, same, batch_size=4, max_prompts=20,
                      dev_prompts=config.data.dev_prompts, source_caps={"gsm8k_train": 1}, progress=False)
+    # So is extending it from another place in the shuffle (data.skip_prompts).
+    with pytest.raises(InputError, match="after the first 0, not after the first 4"):
+        self_distill(decoder, tok, prompts, config.data.cache_dir, same, batch_size=4, max_prompts=20,
+                     dev_prompts=config.data.dev_prompts, skip_prompts=4, progress=False)
     assert (pathlib.Path(config.data.cache_dir) / "manifest.json").read_text() == manifest
 
 
@@ -559,6 +563,13 @@ def test_dev_split_is_held_out_and_stable(shared_data_root):
     assert len(select_prompts(prompts, 0, dev_prompts=10)) == len(prompts) - 10
     with pytest.raises(InputError, match="overlap the 10 dev prompts"):
         select_prompts(prompts, 0, max_prompts=len(prompts) - 5, dev_prompts=10)
+    # skip_prompts: the prompts after a first cache's, none of them in it or in the dev split.
+    first = select_prompts(prompts, 0, max_prompts=40, dev_prompts=10)
+    after = select_prompts(prompts, 0, max_prompts=30, dev_prompts=10, skip_prompts=40)
+    assert after == select_prompts(prompts, 0, max_prompts=70, dev_prompts=10)[40:]
+    assert not {p.key for p in after} & ({p.key for p in first} | {p.key for p in dev})
+    with pytest.raises(InputError, match="skip_prompts=40 and max_prompts"):
+        select_prompts(prompts, 0, max_prompts=len(prompts) - 45, dev_prompts=10, skip_prompts=40)
 
 
 def test_source_caps_rebalance_train_and_extend_an_uncapped_prefix(shared_data_root):

@@ -161,11 +161,16 @@ def _checked_caps(source_caps: Optional[Mapping[str, int]]) -> dict[str, int]:
 
 
 def select_prompts(prompts: Sequence[Prompt], seed: int, *, max_prompts: int = 0, dev_prompts: int = 0,
-                   split: str = "train", source_caps: Optional[Mapping[str, int]] = None) -> list[Prompt]:
+                   split: str = "train", source_caps: Optional[Mapping[str, int]] = None,
+                   skip_prompts: int = 0) -> list[Prompt]:
     """The prompts of one split, in answering order: a seeded shuffle of all prompts, whose first
     `max_prompts` (0: all but the dev split) are "train" and whose last `dev_prompts` are "dev", a
     held-out split for measuring drafters during training. Raising `max_prompts` later extends
     "train" without touching "dev"; the two never overlap.
+
+    `skip_prompts` passes over the first n prompts of "train" (after the caps): "train" is then the
+    next `max_prompts`, prompts a cache of the first n never answered, for fine-tuning a drafter on
+    data it has not seen.
 
     `source_caps` ({source: n}, 0 or absent: no cap) rebalances "train": once a source has
     contributed n prompts, its later prompts in the shuffle are passed over. The dev split is the
@@ -193,17 +198,19 @@ def select_prompts(prompts: Sequence[Prompt], seed: int, *, max_prompts: int = 0
                 taken[prompt.source] += 1
                 capped.append(prompt)
         available = capped
-    if max_prompts > len(available):
-        raise InputError(f"max_prompts={max_prompts} would overlap the {dev_prompts} dev prompts: only "
+    if skip_prompts + max_prompts > len(available) or (skip_prompts and skip_prompts >= len(available)):
+        wanted = f"skip_prompts={skip_prompts} and max_prompts={max_prompts}" if skip_prompts else f"max_prompts={max_prompts}"
+        raise InputError(f"{wanted} would overlap the {dev_prompts} dev prompts: only "
                          f"{len(available)} of {len(order)} prompts are left for training"
                          + (" under source_caps" if caps else ""))
+    available = available[skip_prompts:]
     return available[:max_prompts or len(available)]
 
 
-def check_sizes(*, batch_size: int, max_prompts: int, dev_prompts: int) -> None:
+def check_sizes(*, batch_size: int, max_prompts: int, dev_prompts: int, skip_prompts: int = 0) -> None:
     """The `config.data` sizes of a self-distillation, refused before any work when out of range."""
     for name, value, least in (("batch_size", batch_size, 1), ("max_prompts", max_prompts, 0),
-                               ("dev_prompts", dev_prompts, 0)):
+                               ("dev_prompts", dev_prompts, 0), ("skip_prompts", skip_prompts, 0)):
         if not isinstance(value, int) or value < least:
             raise InputError(f"data.{name} must be an integer >= {least}, got {value!r}")
 
@@ -211,7 +218,7 @@ def check_sizes(*, batch_size: int, max_prompts: int, dev_prompts: int) -> None:
 def self_distill(decoder: Optional[AutoregressiveDecoder], tokenizer: Tokenizer, prompts: Sequence[Prompt],
                  cache_dir: str | pathlib.Path, settings: DistillSettings, *, batch_size: int,
                  max_prompts: int = 0, dev_prompts: int = 0, split: str = "train",
-                 source_caps: Optional[Mapping[str, int]] = None, progress: bool = True,
+                 source_caps: Optional[Mapping[str, int]] = None, skip_prompts: int = 0, progress: bool = True,
                  share: ProcessShare = ProcessShare()) -> dict:
     """Answers the prompts of `split` (see `select_prompts`) into `cache_dir`, this process the
     planned batches of its `share`: with `decoder` (the target), or with the prompts' reference
@@ -219,7 +226,7 @@ def self_distill(decoder: Optional[AutoregressiveDecoder], tokenizer: Tokenizer,
 
     Returns the manifest. Prompts longer than `settings.max_prompt_tokens` are skipped and listed.
     """
-    check_sizes(batch_size=batch_size, max_prompts=max_prompts, dev_prompts=dev_prompts)
+    check_sizes(batch_size=batch_size, max_prompts=max_prompts, dev_prompts=dev_prompts, skip_prompts=skip_prompts)
     check_responses(settings.responses)
     if decoder is None and settings.responses == "target":
         raise ValueError("self-distillation needs the target's decoder")
@@ -227,7 +234,7 @@ def self_distill(decoder: Optional[AutoregressiveDecoder], tokenizer: Tokenizer,
     # Process 0 alone plans (and writes manifest.json); the split's size is known to it only.
     split_prompts = share.on_primary(
         lambda: _plan(tokenizer, prompts, cache_dir, settings, batch_size=batch_size, max_prompts=max_prompts,
-                      dev_prompts=dev_prompts, split=split, source_caps=source_caps),
+                      dev_prompts=dev_prompts, split=split, source_caps=source_caps, skip_prompts=skip_prompts),
         f"process 0 could not plan the distillation into {cache_dir}")
     manifest = share.read_agreed(lambda: read_manifest(cache_dir), str(cache_dir / MANIFEST))
     planned = _planned(manifest)
@@ -292,7 +299,7 @@ def _generated_batches(decoder: AutoregressiveDecoder, batches: Sequence[dict], 
 
 def _plan(tokenizer: Tokenizer, prompts: Sequence[Prompt], cache_dir: pathlib.Path, settings: DistillSettings, *,
           batch_size: int, max_prompts: int, dev_prompts: int, split: str,
-          source_caps: Optional[Mapping[str, int]]) -> int:
+          source_caps: Optional[Mapping[str, int]], skip_prompts: int) -> int:
     """Process 0's part before any answering: merges what an interrupted run finished, checks the
     settings and caps, lists the skipped prompts and writes the plan (`plan`: the batch size and the
     batches, each with its shard index) into manifest.json. A plan already there for the same batch
@@ -309,9 +316,17 @@ def _plan(tokenizer: Tokenizer, prompts: Sequence[Prompt], cache_dir: pathlib.Pa
                          "use another cache directory")
     if stored is None:
         manifest["settings"] = wanted
+    # Where "train" starts in the shuffle is part of what a cache holds (absent: 0, as before it existed).
+    skip = skip_prompts if split == "train" else 0
+    if manifest.get("skip_prompts", 0) != skip and (manifest["shards"] or _planned(manifest)):
+        raise InputError(f"cache {cache_dir} holds the training prompts after the first "
+                         f"{manifest.get('skip_prompts', 0)}, not after the first {skip} (data.skip_prompts); "
+                         "use another cache directory")
+    if skip:
+        manifest["skip_prompts"] = skip
 
     order = select_prompts(prompts, settings.seed, max_prompts=max_prompts, dev_prompts=dev_prompts, split=split,
-                           source_caps=source_caps)
+                           source_caps=source_caps, skip_prompts=skip)
     answered = [key for shard in manifest["shards"] for key in shard["keys"]]
     done = set(answered) | set(manifest["skipped_too_long"]) | set(manifest.get("skipped_no_reference", []))
     caps = _checked_caps(source_caps)
