@@ -4,7 +4,9 @@
 Greedy windows of `train.eval_window` drafts at every `train.eval_stride`-th position of the dev
 responses, verified against the target's own greedy continuation. `accept_length` is the mean
 number of drafts accepted per window (a cycle's τ is about 1 + accept_length when the engine's K is
-the same), `first_accept` the first draft's accept rate.
+the same), `first_accept` the first draft's accept rate. Each drafter after the first is also given
+as its change in accept length against the first, on the same windows, with the standard error of
+that change over the dev sequences (the split's sampling error, not the spread between training runs).
 
 `--acceptance sampling`: the same windows sampled from the drafter at T = 1 (the key of `--seed`) and verified
 by the live target under lossless sampling acceptance (the T = 1 engine's); both figures are
@@ -43,13 +45,21 @@ def run(args: argparse.Namespace) -> int:
     kind = "greedy windows" if args.acceptance == "greedy" else "windows sampled and verified at T = 1"
     print(f"dev split: {sum(len(b['tokens']) for b in probe.batches)} sequences; {kind} of "
           f"{probe.window}, every {probe.stride}th position\n")
-    print("| drafter | accept length | first-draft accept rate |")
-    print("|---|---|---|")
+    print("| drafter | accept length | first-draft accept rate | change against the first ± its standard error |")
+    print("|---|---|---|---|")
+    baseline = None
     for spec in args.drafter:
         name, _, directory = spec.partition("=")
         drafter, params = load_drafter(directory or name, target.config)
-        measured = probe(drafter, params)
-        print(f"| {name} | {measured['dev/accept_length']:.3f} | {measured['dev/first_accept']:.3f} |", flush=True)
+        counts = probe.counts(drafter, params)
+        measured = counts.means()
+        change = "-"
+        if baseline is None:
+            baseline = counts
+        else:
+            difference, error = counts.accept_length_difference(baseline)
+            change = f"{difference:+.3f} ± {error:.3f}"
+        print(f"| {name} | {measured['accept_length']:.3f} | {measured['first_accept']:.3f} | {change} |", flush=True)
     return 0
 
 

@@ -142,6 +142,10 @@ class DevProbe:
         return lambda state: probe(drafter, drafter_params(state))
 
     def __call__(self, drafter, params: dict) -> dict[str, float]:
+        return {f"dev/{name}": value for name, value in self.counts(drafter, params).means().items()}
+
+    def counts(self, drafter, params: dict):
+        """-> `AcceptanceCounts` per dev sequence."""
         import functools
 
         import jax
@@ -156,14 +160,12 @@ class DevProbe:
             if self._records is None:
                 self._records = jax.jit(functools.partial(sampled_window_records, drafter, window=self.window,
                                                           stride=self.stride, target_config=self.target_config))
-            measured = sampled_acceptance(self._records, params, frozen, self.target_params, self.batches,
-                                          jax.random.key(self.seed))
-        else:
-            if self._records is None:  # compiled once per run
-                self._records = jax.jit(functools.partial(greedy_window_records, drafter, window=self.window,
-                                                          stride=self.stride))
-            measured = greedy_acceptance(self._records, params, frozen, self.batches)
-        return {f"dev/{name}": value for name, value in measured.items()}
+            return sampled_acceptance(self._records, params, frozen, self.target_params, self.batches,
+                                      jax.random.key(self.seed))
+        if self._records is None:  # compiled once per run
+            self._records = jax.jit(functools.partial(greedy_window_records, drafter, window=self.window,
+                                                      stride=self.stride))
+        return greedy_acceptance(self._records, params, frozen, self.batches)
 
 
 def check_shared_storage(config) -> None:

@@ -345,7 +345,8 @@ def test_greedy_acceptance_counts_the_verified_windows(kd_run, tiny_target):
     batch = {k: jnp.asarray(v) for k, v in _first_batch(kd_run).items()}
     window, stride = 4, 3
     records = jax.jit(functools.partial(ppow.greedy_window_records, drafter, window=window, stride=stride))
-    measured = ppow.greedy_acceptance(records, dparams, frozen, [batch])
+    counts = ppow.greedy_acceptance(records, dparams, frozen, [batch])
+    measured = counts.means()
     valid = np.asarray(ppow.valid_anchors(batch["loss_mask"], window))
     seq = valid.shape[1]
     anchors = np.arange(0, seq, stride)
@@ -358,6 +359,23 @@ def test_greedy_acceptance_counts_the_verified_windows(kd_run, tiny_target):
     assert measured["accept_length"] == pytest.approx(k.mean())
     assert measured["first_accept"] == pytest.approx((k > 0).mean())
     assert 0 < measured["first_accept"] < 1
+    # Per sequence, as the paired comparison of benchmarks/dev_acceptance.py reads them.
+    np.testing.assert_array_equal(counts.windows, valid[:, anchors].sum(axis=1))
+    np.testing.assert_array_equal(counts.accepted_drafts, np.where(valid[:, anchors], live, 0).sum(axis=1))
+
+
+def test_accept_length_difference_takes_the_sequence_as_its_unit():
+    """Hand-computed: windows (2, 4), accepted drafts (1, 2) against (2, 2): a change of 1/6 per
+    window; residuals 1 - 2/6 and 0 - 4/6, so the standard error is sqrt(2 · 8/9) / 6 = 2/9."""
+    baseline = ppow.AcceptanceCounts(np.array([2, 4]), np.array([1.0, 2.0]), np.array([1, 2]))
+    other = ppow.AcceptanceCounts(np.array([2, 4]), np.array([2.0, 2.0]), np.array([1, 2]))
+    difference, error = other.accept_length_difference(baseline)
+    assert difference == pytest.approx(1 / 6) and error == pytest.approx(2 / 9)
+    assert other.accept_length_difference(other) == (0.0, 0.0)
+    with pytest.raises(InputError, match="same windows"):
+        other.accept_length_difference(ppow.AcceptanceCounts(np.array([3, 3]), np.array([1.0, 2.0]), np.array([1, 2])))
+    with pytest.raises(InputError, match="no valid windows"):
+        ppow.AcceptanceCounts(np.array([0]), np.array([0.0]), np.array([0])).means()
 
 
 def test_exact_estimator_is_the_mean_over_sampled_windows(kd_run, tiny_target, temperature=0.5):
@@ -510,8 +528,8 @@ def test_sampled_probe_first_draft_rate_is_one_minus_total_variation(kd_run, tin
     window = 3
     records = jax.jit(functools.partial(ppow.sampled_window_records, drafter, window=window, stride=1,
                                         target_config=tiny_target.config))
-    measured = [ppow.sampled_acceptance(records, dparams, frozen, tiny_target.params, batches, jax.random.key(seed))
-                for seed in range(8)]
+    measured = [ppow.sampled_acceptance(records, dparams, frozen, tiny_target.params, batches,
+                                        jax.random.key(seed)).means() for seed in range(8)]
     first = np.mean([m["first_accept"] for m in measured])
     batch = batches[0]
     context = ppow.context_pass(drafter, dparams, frozen.constants.embed, batch["tokens"], batch["features"])
@@ -545,7 +563,7 @@ def test_dev_probe_at_t1_is_deterministic_per_seed(kd_run, distilled, tiny_targe
                                         stride=config.train.eval_stride, target_config=tiny_target.config))
     direct = ppow.sampled_acceptance(records, dparams, _frozen(tiny_target.params, np.asarray(dparams["d2t"])),
                                      tiny_target.params, probe.batches, jax.random.key(0))
-    assert first == {f"dev/{name}": value for name, value in direct.items()}
+    assert first == {f"dev/{name}": value for name, value in direct.means().items()}
     with pytest.raises(InputError, match="acceptance"):
         DevProbe(config, tiny_target, False, acceptance="typical")
 

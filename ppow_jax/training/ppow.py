@@ -845,20 +845,51 @@ def greedy_window_records(drafter: Eagle3Drafter, params: dict, target: PPOWTarg
     return features, accepted, reached
 
 
-def greedy_acceptance(records, params: dict, target: PPOWTarget, batches) -> dict[str, float]:
+class AcceptanceCounts(NamedTuple):
+    """Per-sequence sums of a held-out split's windows [S each]: the windows, their accepted drafts
+    (expected, under sampling acceptance) and their accepted first drafts."""
+
+    windows: np.ndarray
+    accepted_drafts: np.ndarray
+    first_accepted: np.ndarray
+
+    def means(self) -> dict[str, float]:
+        """-> mean accepted length per window and first-draft accept rate."""
+        windows = int(self.windows.sum())
+        if not windows:
+            raise InputError("no valid windows to measure acceptance on: the sequences are too short")
+        return {"accept_length": float(self.accepted_drafts.sum()) / windows,
+                "first_accept": float(self.first_accepted.sum()) / windows}
+
+    def accept_length_difference(self, baseline: "AcceptanceCounts") -> tuple[float, float]:
+        """(this accept length minus the baseline's on the same windows, its standard error over
+        sequences): windows of one sequence are correlated, so the sequence is the sampling unit
+        (a ratio estimator's linearised variance)."""
+        if not np.array_equal(self.windows, baseline.windows):
+            raise InputError("accept lengths compare only on the same windows of the same sequences")
+        total = self.windows.sum()
+        per_sequence = self.accepted_drafts - baseline.accepted_drafts
+        difference = per_sequence.sum() / total
+        residuals = per_sequence - difference * self.windows
+        count = np.count_nonzero(self.windows)  # sequences too short for a window are not samples
+        return float(difference), float(np.sqrt(count / max(count - 1, 1) * np.sum(residuals ** 2)) / total)
+
+
+def _counts(batch_counts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> AcceptanceCounts:
+    return AcceptanceCounts(*(np.concatenate(part) for part in zip(*batch_counts)))
+
+
+def greedy_acceptance(records, params: dict, target: PPOWTarget, batches) -> AcceptanceCounts:
     """How far the drafter's greedy windows get on some sequences (a held-out split: the learning
-    curve of both training stages) -> mean accepted length per window and first-draft accept rate.
-    `records` is `greedy_window_records` with the drafter, window and stride bound, jitted."""
-    windows = accepted_drafts = first_accepted = 0
+    curve of both training stages). `records` is `greedy_window_records` with the drafter, window
+    and stride bound, jitted."""
+    counts = []
     for batch in batches:
         _, accepted, reached = jax.device_get(records(params, target, batch))
         valid = reached[..., 0]
-        windows += int(valid.sum())
-        accepted_drafts += int((accepted & reached).sum())
-        first_accepted += int((accepted[..., 0] & valid).sum())
-    if not windows:
-        raise InputError("no valid windows to measure greedy acceptance on: the sequences are too short")
-    return {"accept_length": accepted_drafts / windows, "first_accept": first_accepted / windows}
+        counts.append((valid.sum(axis=-1), (accepted & reached).sum(axis=(-2, -1)),
+                       (accepted[..., 0] & valid).sum(axis=-1)))
+    return _counts(counts)
 
 
 def sampled_window_records(drafter: Eagle3Drafter, params: dict, target: PPOWTarget, target_params: dict,
@@ -878,21 +909,18 @@ def sampled_window_records(drafter: Eagle3Drafter, params: dict, target: PPOWTar
 
 
 def sampled_acceptance(records, params: dict, target: PPOWTarget, target_params: dict, batches,
-                       key: jax.Array) -> dict[str, float]:
-    """The T = 1 counterpart of `greedy_acceptance`: mean accepted length per sampled window and the
-    first draft's accept rate, both in expectation over the acceptance coins (the drafts are sampled
-    with `key`, so the figure is deterministic for given weights). `records` is
-    `sampled_window_records` with the drafter, target config, window and stride bound, jitted."""
-    windows, accepted_drafts, first_accepted = 0, 0.0, 0.0
+                       key: jax.Array) -> AcceptanceCounts:
+    """The T = 1 counterpart of `greedy_acceptance`: accepted drafts in expectation over the
+    acceptance coins (the drafts are sampled with `key`, so the figure is deterministic for given
+    weights). `records` is `sampled_window_records` with the drafter, target config, window and
+    stride bound, jitted."""
+    counts = []
     for batch, batch_key in zip(batches, jax.random.split(key, len(batches))):
         accept_probs, valid = jax.device_get(records(params, target, target_params, batch, batch_key))
         reach = np.cumprod(accept_probs.astype(np.float64), axis=-1)
-        windows += int(valid.sum())
-        accepted_drafts += float(reach.sum(axis=-1)[valid].sum())
-        first_accepted += float(accept_probs[..., 0][valid].sum())
-    if not windows:
-        raise InputError("no valid windows to measure sampled acceptance on: the sequences are too short")
-    return {"accept_length": accepted_drafts / windows, "first_accept": first_accepted / windows}
+        counts.append((valid.sum(axis=-1), np.where(valid, reach.sum(axis=-1), 0.0).sum(axis=-1),
+                       np.where(valid, accept_probs[..., 0], 0.0).sum(axis=-1)))
+    return _counts(counts)
 
 
 def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1e-3, iterations: int = 25) -> np.ndarray:
