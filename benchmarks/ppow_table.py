@@ -47,7 +47,12 @@ def main() -> int:
 
     tables: dict[tuple[str, str], list[str]] = {}
     for name, directory in runs:
-        for path in sorted(directory.glob("*/T*/results.json")):
+        found = sorted(directory.glob("*/T*/results.json"))
+        if not found:  # a run without results must not silently drop its row
+            print(f"error: --run {name!r}: no results.json under {str(directory)!r}/<window>/T*/ "
+                  "(NAME=DIR splits at the first '=')", file=sys.stderr)
+            return 2
+        for path in found:
             results = json.loads(path.read_text())
             config = results["config"]
             key = (f"T = {config['temperature']:g}", f"{config['window']} window, K_max {config['k_max']}")
@@ -58,9 +63,6 @@ def main() -> int:
                 f"| {name} | " + " | ".join(cells) + f" | **{format_tau(m['overall']['tau'])}** | "
                 f"{m['overall']['speedup']:.2f}x | "
                 + ("-" if match is None else ("yes" if match else "**NO**")) + " |")
-    if not tables:
-        print("no results.json found under the given directories", file=sys.stderr)
-        return 1
     # Greedy before sampled; within each, the fixed window first.
     for (temperature, window), rows in sorted(tables.items(), key=lambda item: (item[0][0], not item[0][1].startswith("fixed"))):
         print(f"\n#### {temperature}, {window}\n")
