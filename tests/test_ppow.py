@@ -374,8 +374,9 @@ def test_accept_length_difference_takes_the_sequence_as_its_unit():
     assert other.accept_length_difference(other) == (0.0, 0.0)
     with pytest.raises(InputError, match="same windows"):
         other.accept_length_difference(ppow.AcceptanceCounts(np.array([3, 3]), np.array([1.0, 2.0]), np.array([1, 2])))
+    empty = ppow.AcceptanceCounts(np.array([0]), np.array([0.0]), np.array([0]))
     with pytest.raises(InputError, match="no valid windows"):
-        ppow.AcceptanceCounts(np.array([0]), np.array([0.0]), np.array([0])).means()
+        empty.accept_length_difference(empty)
 
 
 def test_exact_estimator_is_the_mean_over_sampled_windows(kd_run, tiny_target, temperature=0.5):

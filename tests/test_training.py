@@ -122,10 +122,19 @@ def test_self_distillation_resumes_and_pins_settings(distilled, tiny_target, sha
         self_distill(decoder, tok, both, config.data.cache_dir, same, batch_size=4, max_prompts=20,
                      dev_prompts=config.data.dev_prompts, source_caps={"gsm8k_train": 1}, progress=False)
     # So is extending it from another place in the shuffle (data.skip_prompts).
-    with pytest.raises(InputError, match="after the first 0, not after the first 4"):
+    with pytest.raises(InputError, match="starts at the start of the shuffle, not after its first 4 prompts"):
         self_distill(decoder, tok, prompts, config.data.cache_dir, same, batch_size=4, max_prompts=20,
                      dev_prompts=config.data.dev_prompts, skip_prompts=4, progress=False)
     assert (pathlib.Path(config.data.cache_dir) / "manifest.json").read_text() == manifest
+    # A cache of the prompts after the first 16 records its place; rerun from the start it is refused.
+    after = pathlib.Path(config.data.cache_dir).parent / "after-16"
+    self_distill(decoder, tok, prompts, after, same, batch_size=4, max_prompts=4, skip_prompts=16,
+                 dev_prompts=config.data.dev_prompts, progress=False)
+    assert read_manifest(after)["start"] == {"skip_prompts": 16, "source_caps": {}}
+    assert not {k for s in read_manifest(after)["shards"] for k in s["keys"]} & set(second_keys)
+    with pytest.raises(InputError, match="starts after its first 16 prompts under source_caps none, not at the start"):
+        self_distill(decoder, tok, prompts, after, same, batch_size=4, max_prompts=4,
+                     dev_prompts=config.data.dev_prompts, progress=False)
 
 
 def test_readers_keep_the_records_own_answers_as_references(shared_data_root):
@@ -570,6 +579,9 @@ def test_dev_split_is_held_out_and_stable(shared_data_root):
     assert not {p.key for p in after} & ({p.key for p in first} | {p.key for p in dev})
     with pytest.raises(InputError, match="skip_prompts=40 and max_prompts"):
         select_prompts(prompts, 0, max_prompts=len(prompts) - 45, dev_prompts=10, skip_prompts=40)
+    assert select_prompts(prompts, 0, dev_prompts=10, skip_prompts=40) == select_prompts(prompts, 0, dev_prompts=10)[40:]
+    with pytest.raises(InputError, match="leaves no training prompts"):
+        select_prompts(prompts, 0, dev_prompts=10, skip_prompts=len(prompts) - 10)
 
 
 def test_source_caps_rebalance_train_and_extend_an_uncapped_prefix(shared_data_root):

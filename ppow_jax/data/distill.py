@@ -168,9 +168,9 @@ def select_prompts(prompts: Sequence[Prompt], seed: int, *, max_prompts: int = 0
     held-out split for measuring drafters during training. Raising `max_prompts` later extends
     "train" without touching "dev"; the two never overlap.
 
-    `skip_prompts` passes over the first n prompts of "train" (after the caps): "train" is then the
-    next `max_prompts`, prompts a cache of the first n never answered, for fine-tuning a drafter on
-    data it has not seen.
+    `skip_prompts` passes over the first n prompts of "train", counted after the caps: "train" is
+    then the next `max_prompts`, prompts a cache of the first n under the same caps never answered,
+    for fine-tuning a drafter on data it has not seen.
 
     `source_caps` ({source: n}, 0 or absent: no cap) rebalances "train": once a source has
     contributed n prompts, its later prompts in the shuffle are passed over. The dev split is the
@@ -198,11 +198,13 @@ def select_prompts(prompts: Sequence[Prompt], seed: int, *, max_prompts: int = 0
                 taken[prompt.source] += 1
                 capped.append(prompt)
         available = capped
-    if skip_prompts + max_prompts > len(available) or (skip_prompts and skip_prompts >= len(available)):
+    left = (f"only {len(available)} of {len(order)} prompts are left for training"
+            + (" under source_caps" if caps else ""))
+    if skip_prompts and skip_prompts >= len(available):
+        raise InputError(f"skip_prompts={skip_prompts} leaves no training prompts: {left}")
+    if skip_prompts + max_prompts > len(available):
         wanted = f"skip_prompts={skip_prompts} and max_prompts={max_prompts}" if skip_prompts else f"max_prompts={max_prompts}"
-        raise InputError(f"{wanted} would overlap the {dev_prompts} dev prompts: only "
-                         f"{len(available)} of {len(order)} prompts are left for training"
-                         + (" under source_caps" if caps else ""))
+        raise InputError(f"{wanted} would overlap the {dev_prompts} dev prompts: {left}")
     available = available[skip_prompts:]
     return available[:max_prompts or len(available)]
 
@@ -297,6 +299,13 @@ def _generated_batches(decoder: AutoregressiveDecoder, batches: Sequence[dict], 
         raise RuntimeError(f"the decoder never answered every prompt of planned batches {sorted(answers)}")
 
 
+def _where(start: dict) -> str:
+    """A cache's place in the training order, for errors."""
+    if not start:
+        return "at the start of the shuffle"
+    return f"after its first {start['skip_prompts']} prompts under source_caps {start['source_caps'] or 'none'}"
+
+
 def _plan(tokenizer: Tokenizer, prompts: Sequence[Prompt], cache_dir: pathlib.Path, settings: DistillSettings, *,
           batch_size: int, max_prompts: int, dev_prompts: int, split: str,
           source_caps: Optional[Mapping[str, int]], skip_prompts: int) -> int:
@@ -316,14 +325,16 @@ def _plan(tokenizer: Tokenizer, prompts: Sequence[Prompt], cache_dir: pathlib.Pa
                          "use another cache directory")
     if stored is None:
         manifest["settings"] = wanted
-    # Where "train" starts in the shuffle is part of what a cache holds (absent: 0, as before it existed).
+    # Where "train" starts in the shuffle is part of what a cache holds (absent: 0, as before it
+    # existed), and so are the caps it was counted under.
     skip = skip_prompts if split == "train" else 0
-    if manifest.get("skip_prompts", 0) != skip and (manifest["shards"] or _planned(manifest)):
-        raise InputError(f"cache {cache_dir} holds the training prompts after the first "
-                         f"{manifest.get('skip_prompts', 0)}, not after the first {skip} (data.skip_prompts); "
-                         "use another cache directory")
-    if skip:
-        manifest["skip_prompts"] = skip
+    place = {"skip_prompts": skip, "source_caps": _checked_caps(source_caps)} if skip else {}
+    if manifest.get("start", {}) != place and (manifest["shards"] or _planned(manifest)):
+        raise InputError(f"cache {cache_dir} starts {_where(manifest.get('start', {}))}, not {_where(place)} "
+                         "(data.skip_prompts, data.source_caps); use another cache directory")
+    manifest.pop("start", None)
+    if place:
+        manifest["start"] = place
 
     order = select_prompts(prompts, settings.seed, max_prompts=max_prompts, dev_prompts=dev_prompts, split=split,
                            source_caps=source_caps, skip_prompts=skip)

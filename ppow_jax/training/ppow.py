@@ -867,6 +867,7 @@ class AcceptanceCounts(NamedTuple):
         (a ratio estimator's linearised variance)."""
         if not np.array_equal(self.windows, baseline.windows):
             raise InputError("accept lengths compare only on the same windows of the same sequences")
+        self.means()  # refuses a split without windows
         total = self.windows.sum()
         per_sequence = self.accepted_drafts - baseline.accepted_drafts
         difference = per_sequence.sum() / total
