@@ -35,11 +35,16 @@ def main() -> int:
     parser.add_argument("--acceptance", choices=("greedy", "sampling"), default="greedy",
                         help="greedy windows (T = 0) or windows sampled and verified at T = 1")
     parser.add_argument("--seed", type=int, default=0, help="the draft-sampling key of --acceptance sampling")
+    parser.add_argument("--split", nargs=2, metavar=("CACHE_DIR", "FEATURES_DIR"),
+                        help="measure on another distilled cache and its feature cache instead of the dev split "
+                             "(a training split: how much drafters gained on what they were trained on)")
     return run_entry_point(parser, run)
 
 
 def run(args: argparse.Namespace) -> int:
     config = load_config_file(args.config)
+    if args.split:
+        config.data.dev_cache_dir, config.data.dev_features_dir = args.split
     target = load_model(config.target, param_dtype=config.param_dtype)
     probe = DevProbe(config, target, progress=False, acceptance=args.acceptance, seed=args.seed)
     kind = "greedy windows" if args.acceptance == "greedy" else "windows sampled and verified at T = 1"

@@ -328,7 +328,8 @@ def _plan(tokenizer: Tokenizer, prompts: Sequence[Prompt], cache_dir: pathlib.Pa
     # Where "train" starts in the shuffle is part of what a cache holds (absent: 0, as before it
     # existed), and so are the caps it was counted under.
     skip = skip_prompts if split == "train" else 0
-    place = {"skip_prompts": skip, "source_caps": _checked_caps(source_caps)} if skip else {}
+    caps = _checked_caps(source_caps)
+    place = {"skip_prompts": skip, "source_caps": caps} if skip else {}
     if manifest.get("start", {}) != place and (manifest["shards"] or _planned(manifest)):
         raise InputError(f"cache {cache_dir} starts {_where(manifest.get('start', {}))}, not {_where(place)} "
                          "(data.skip_prompts, data.source_caps); use another cache directory")
@@ -340,7 +341,6 @@ def _plan(tokenizer: Tokenizer, prompts: Sequence[Prompt], cache_dir: pathlib.Pa
                            source_caps=source_caps, skip_prompts=skip)
     answered = [key for shard in manifest["shards"] for key in shard["keys"]]
     done = set(answered) | set(manifest["skipped_too_long"]) | set(manifest.get("skipped_no_reference", []))
-    caps = _checked_caps(source_caps)
     if split == "train" and caps:
         # A cache keeps what it has answered: a cap below a source's count in it cannot hold.
         source_of = {prompt.key: prompt.source for prompt in prompts}
