@@ -182,3 +182,35 @@ def test_sampled_outputs_are_not_reported_as_mismatches(tmp_path, shared_data_ro
     results = json.loads((out / "results.json").read_text())
     assert results["overall"]["greedy_match"] is None and all(t["match"] is None for t in results["turns"])
     assert "not checked for equality" in (out / "results.md").read_text()
+
+
+def _results(tmp_path, window: str, turns: list[dict]) -> None:
+    """An eval_sets output directory as `benchmarks/ppow_table.py` reads it: DIR/<window>/T0/results.json."""
+    out = tmp_path / window / "T0"
+    out.mkdir(parents=True)
+    overall = eval_cli.summarize(turns, greedy=True)
+    (out / "results.json").write_text(json.dumps(
+        {"config": {"temperature": 0, "window": window, "k_max": 3}, "turns": turns, "overall": overall}))
+
+
+def test_the_ppow_table_gives_tau_per_set_and_refuses_a_run_without_results(tmp_path):
+    """τ per question set and overall, speedup and greedy match, one row per --run; a --run whose
+    directory holds no results is an error (exit 2), not a silently missing row."""
+    import subprocess
+    import sys
+
+    def turn(category, hist, spec_seconds):
+        return {"category": category, "question_id": 1, "accept_hist": hist, "spec_new_tokens": 10,
+                "ar_new_tokens": 10, "spec_seconds": spec_seconds, "ar_seconds": 1.0, "match": True,
+                "empty_windows": 0}
+
+    # mt_bench: 2 cycles accepting 0 and 2 drafts: τ (1 + 3) / 2 = 2.00; gsm8k: 1 cycle accepting 3: τ 4.00;
+    # overall (1 + 3 + 4) / 3 = 2.67; speed: 20 tokens in 0.8 s against 20 in 2 s: 2.50x.
+    _results(tmp_path / "run", "fixed", [turn("mt_bench/writing", [1, 0, 1, 0], 0.5), turn("gsm8k/math", [0, 0, 0, 1], 0.3)])
+    script = [sys.executable, str(REPO_ROOT / "benchmarks" / "ppow_table.py")]
+    done = subprocess.run(script + ["--run", f"PPOW={tmp_path / 'run'}"], capture_output=True, text=True, check=True)
+    assert "#### T = 0, fixed window, K_max 3" in done.stdout
+    assert "| PPOW | 2.00 | - | 4.00 | - | **2.67** | 2.50x | yes |" in done.stdout
+    missing = subprocess.run(script + ["--run", f"PPOW={tmp_path / 'run'}", "--run", f"CST={tmp_path / 'none'}"],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "'CST'" in missing.stderr and "no results.json" in missing.stderr
