@@ -208,9 +208,10 @@ def test_the_ppow_table_gives_tau_per_set_and_refuses_a_run_without_results(tmp_
     # overall (1 + 3 + 4) / 3 = 2.67; speed: 20 tokens in 0.8 s against 20 in 2 s: 2.50x.
     _results(tmp_path / "run", "fixed", [turn("mt_bench/writing", [1, 0, 1, 0], 0.5), turn("gsm8k/math", [0, 0, 0, 1], 0.3)])
     script = [sys.executable, str(REPO_ROOT / "benchmarks" / "ppow_table.py")]
-    done = subprocess.run(script + ["--run", f"PPOW={tmp_path / 'run'}"], capture_output=True, text=True, check=True)
+    done = subprocess.run(script + ["--run", f"PPOW={tmp_path / 'run'}"], capture_output=True, text=True, check=True,
+                          cwd=REPO_ROOT, timeout=600)
     assert "#### T = 0, fixed window, K_max 3" in done.stdout
     assert "| PPOW | 2.00 | - | 4.00 | - | **2.67** | 2.50x | yes |" in done.stdout
     missing = subprocess.run(script + ["--run", f"PPOW={tmp_path / 'run'}", "--run", f"CST={tmp_path / 'none'}"],
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
     assert missing.returncode == 2 and "'CST'" in missing.stderr and "no results.json" in missing.stderr
