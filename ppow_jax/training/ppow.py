@@ -853,11 +853,16 @@ class AcceptanceCounts(NamedTuple):
     accepted_drafts: np.ndarray
     first_accepted: np.ndarray
 
-    def means(self) -> dict[str, float]:
-        """-> mean accepted length per window and first-draft accept rate."""
+    def total_windows(self) -> int:
+        """The split's window count; a split without windows has nothing to measure and is refused."""
         windows = int(self.windows.sum())
         if not windows:
             raise InputError("no valid windows to measure acceptance on: the sequences are too short")
+        return windows
+
+    def means(self) -> dict[str, float]:
+        """-> mean accepted length per window and first-draft accept rate."""
+        windows = self.total_windows()
         return {"accept_length": float(self.accepted_drafts.sum()) / windows,
                 "first_accept": float(self.first_accepted.sum()) / windows}
 
@@ -867,8 +872,7 @@ class AcceptanceCounts(NamedTuple):
         (a ratio estimator's linearised variance)."""
         if not np.array_equal(self.windows, baseline.windows):
             raise InputError("accept lengths compare only on the same windows of the same sequences")
-        self.means()  # refuses a split without windows
-        total = self.windows.sum()
+        total = self.total_windows()
         per_sequence = self.accepted_drafts - baseline.accepted_drafts
         difference = per_sequence.sum() / total
         residuals = per_sequence - difference * self.windows
