@@ -3,8 +3,11 @@
 python -m ppow_jax.train --config configs/smollm2_135m_ppow.py
 Starts from the token-level drafter in `init_from` and reuses its self-distilled data and feature
 cache (`configs/smollm2_135m_kd.py` builds them). Every component has a switch, for ablations:
-  --config.ppow.proximity_reward=False   --config.ppow.adaw=False   --config.ppow.cost_aware_reward=False
-(ADAW at inference is the eval's `--window adaptive`).
+  --config.ppow.proximity_reward=False   --config.ppow.adaw=True   --config.ppow.cost_aware_reward=False
+The defaults are the best held-out arm measured (BENCHMARKS.md, PPOW, twelfth round): the exact
+estimator at K = 3, without ADAW's priorities in training. METHOD.md's sampled group
+rollouts with ADAW's priorities are  --config.ppow.estimator=sampled --config.ppow.adaw=True
+(ADAW at inference is the eval's `--window adaptive`, independent of this switch).
 """
 
 import ml_collections
@@ -26,8 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.ppow.anchors_per_sequence = 16
     config.ppow.group_size = 8  # G (METHOD.md default)
     # K: METHOD.md's 10 is for drafters with τ ≈ 6; this one averages under 1 accepted draft per
-    # window, so drafts past the fifth almost never count and cost a quarter of the iteration.
-    config.ppow.window = 5
+    # window, so drafts past the third almost never count; K = 3 did as well as 5 held out at less
+    # cost per iteration (BENCHMARKS.md, PPOW, tenth round).
+    config.ppow.window = 3
     config.ppow.clip_epsilon = 0.2
     config.ppow.kl_beta = 0.5  # weight of the KL to the target
     # "reverse": KL(Q‖P) as METHOD.md states it; "forward": KL(P‖Q). On the dev split the reverse
@@ -48,7 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
     # η = 1 pays a near miss (k = 0) as much as an accepted draft (R_speed(1) = 1/(1+γ) < 1)
     config.ppow.proximity_eta = 0.5
     config.ppow.proximity_epsilon = 2.0
-    config.ppow.adaw = True  # priority sampling of windows by criticality
+    # Priority sampling of windows by criticality. Off: on held-out prompts it lowered the gain (+1.2%
+    # against +3.5% without, 1,500 s each; BENCHMARKS.md, PPOW, tenth and twelfth rounds).
+    config.ppow.adaw = False
     config.ppow.priority_temperature = 1.0  # on window scores standardised per sequence
     config.ppow.priority_floor = 0.2
     # "cache": greedy verification from the self-distilled data (no target forward); "target": the
@@ -60,10 +66,14 @@ def get_config() -> ml_collections.ConfigDict:
     # "sampled": METHOD.md's G sampled windows per anchor and PPO; "exact" (cache verifier only): the
     # expectation of the same objective in closed form along the data, at every anchor, one gradient
     # step per batch (BENCHMARKS.md, PPOW, ninth round).
-    config.ppow.estimator = "sampled"
+    # The exact estimator gained held out where the sampled one lost (tenth round).
+    config.ppow.estimator = "exact"
 
     config.train.steps = 300  # iterations
-    config.train.learning_rate = 3e-5  # 1e-4 lowered dev greedy acceptance within 20 iterations (BENCHMARKS.md)
+    # With the sampled estimator 1e-4 lowered dev greedy acceptance within 20 iterations; with the
+    # exact one it rose faster but swung, and by 3,000 s ended level with 3e-5 (BENCHMARKS.md, PPOW,
+    # twelfth round).
+    config.train.learning_rate = 3e-5
     config.train.warmup_steps = 10
     config.train.end_learning_rate_factor = 1.0
     config.train.log_every = 5

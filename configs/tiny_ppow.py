@@ -22,6 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.ppow.kl_beta = 0.2
     config.ppow.proximity_eta = 1.0
     config.ppow.rollout_temperature = 1.0
+    config.ppow.estimator = "sampled"
+    config.ppow.adaw = True
     config.data.features_dir = ""
     config.train.eval_every = 10
     config.train.steps = 20

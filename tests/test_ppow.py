@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import load_config, tiny_config, tiny_params
+from conftest import REPO_ROOT, load_config, tiny_config, tiny_params
 from ppow_jax.data.features import feature_shards
 from ppow_jax.data.pipeline import feature_dataset
 from ppow_jax.drafters.eagle import Eagle3Drafter, unrolled_hidden
@@ -165,6 +165,21 @@ def test_settings_reject_bad_combinations():
         ppow.PPOWSettings(estimator="analytic")
     with pytest.raises(InputError, match="needs ppow.verifier='cache'"):
         ppow.PPOWSettings(estimator="exact", verifier="target")
+
+
+def test_the_noise_control_refuses_the_exact_estimator():
+    """`benchmarks/ppow_noise_control.py` shuffles the sampled estimator's group advantages; the exact
+    estimator (the SmolLM2 config's default) has none, so the control must refuse it, not run unshuffled."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ppow_noise_control", REPO_ROOT / "benchmarks" / "ppow_noise_control.py")
+    noise_control = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(noise_control)
+    config = load_config("smollm2_135m_ppow")
+    with pytest.raises(InputError, match="--config.ppow.estimator=sampled"):
+        noise_control.sampled_settings_only(config.ppow, 0.02)
+    config.ppow.estimator = "sampled"
+    assert noise_control.sampled_settings_only(config.ppow, 0.02).estimator == "sampled"
 
 
 # ----- the window chain is the engine's drafting path -----
