@@ -13,6 +13,7 @@ with the sampled estimator (the exact one has no groups to shuffle):
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,7 @@ def shuffled_group_advantages(rewards: jax.Array, eps: float = 1e-6) -> jax.Arra
     return jax.random.permutation(key, advantages, axis=-1, independent=True)
 
 
-def sampled_settings_only(ppow_config, gamma: float) -> ppow.PPOWSettings:
+def sampled_settings_only(ppow_config: Any, gamma: float) -> ppow.PPOWSettings:
     settings = real_settings_from_config(ppow_config, gamma)
     if settings.estimator != "sampled":
         raise InputError(f"the noise control shuffles the sampled estimator's group advantages; ppow.estimator is "
@@ -40,7 +41,12 @@ def sampled_settings_only(ppow_config, gamma: float) -> ppow.PPOWSettings:
     return settings
 
 
-if __name__ == "__main__":
+def install() -> None:
+    """Swaps the control into `ppow` (train.py looks both names up when the run starts)."""
     ppow.group_advantages = shuffled_group_advantages
     ppow.settings_from_config = sampled_settings_only
+
+
+if __name__ == "__main__":
+    install()
     sys.exit(train.main(sys.argv[1:]))

@@ -4,9 +4,10 @@ python -m ppow_jax.train --config configs/smollm2_135m_ppow.py
 Starts from the token-level drafter in `init_from` and reuses its self-distilled data and feature
 cache (`configs/smollm2_135m_kd.py` builds them). Every component has a switch, for ablations:
   --config.ppow.proximity_reward=False   --config.ppow.adaw=True   --config.ppow.cost_aware_reward=False
-The defaults are the best held-out arm measured (BENCHMARKS.md, PPOW, twelfth round): the exact
-estimator at K = 3, without ADAW's priorities in training. METHOD.md's sampled group
-rollouts with ADAW's priorities are  --config.ppow.estimator=sampled --config.ppow.adaw=True
+The defaults are those of the best held-out arms measured (BENCHMARKS.md, PPOW, tenth to twelfth
+rounds): the exact estimator at K = 3, without ADAW's priorities in training, lr 3e-5. METHOD.md's
+sampled group rollouts with ADAW's priorities, as measured up to the tenth round, are
+  --config.ppow.estimator=sampled --config.ppow.adaw=True --config.ppow.window=5
 (ADAW at inference is the eval's `--window adaptive`, independent of this switch).
 """
 
@@ -25,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.ppow = ml_collections.ConfigDict()
     config.ppow.sequences_per_iteration = 4  # B prefixes' sequences per rollout
+    # A, G, clip_epsilon, epochs and minibatches act only with the sampled estimator (see `estimator`).
     # A: the context pass over a sequence is shared by all its anchors, so more anchors are nearly free
     config.ppow.anchors_per_sequence = 16
     config.ppow.group_size = 8  # G (METHOD.md default)
@@ -52,8 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
     # η = 1 pays a near miss (k = 0) as much as an accepted draft (R_speed(1) = 1/(1+γ) < 1)
     config.ppow.proximity_eta = 0.5
     config.ppow.proximity_epsilon = 2.0
-    # Priority sampling of windows by criticality. Off: on held-out prompts it lowered the gain (+1.2%
-    # against +3.5% without, 1,500 s each; BENCHMARKS.md, PPOW, tenth and twelfth rounds).
+    # Priority sampling of windows by criticality. Off: on held-out prompts it cut the gain (+1.2%
+    # against +3.5% without, 1,500 s each on the same data; BENCHMARKS.md, PPOW, eleventh and twelfth
+    # rounds; the tenth round's pair agrees).
     config.ppow.adaw = False
     config.ppow.priority_temperature = 1.0  # on window scores standardised per sequence
     config.ppow.priority_floor = 0.2

@@ -23,8 +23,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.seq_len = 256
     config.data.max_prompt_tokens = 128
     config.ppow.sequences_per_iteration = 2
-    config.ppow.anchors_per_sequence = 8
-    config.ppow.minibatches = 1
     # γ as measured by the full run on a 2-core CPU (BENCHMARKS.md): skips the start-up measurement
     # and its one-minute target compile.
     config.ppow.gamma = 0.02

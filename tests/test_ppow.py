@@ -167,7 +167,7 @@ def test_settings_reject_bad_combinations():
         ppow.PPOWSettings(estimator="exact", verifier="target")
 
 
-def test_the_noise_control_refuses_the_exact_estimator():
+def test_the_noise_control_refuses_the_exact_estimator(monkeypatch):
     """`benchmarks/ppow_noise_control.py` shuffles the sampled estimator's group advantages; the exact
     estimator (the SmolLM2 config's default) has none, so the control must refuse it, not run unshuffled."""
     import importlib.util
@@ -175,11 +175,16 @@ def test_the_noise_control_refuses_the_exact_estimator():
     spec = importlib.util.spec_from_file_location("ppow_noise_control", REPO_ROOT / "benchmarks" / "ppow_noise_control.py")
     noise_control = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(noise_control)
+    monkeypatch.setattr(ppow, "group_advantages", ppow.group_advantages)  # restored after the test
+    monkeypatch.setattr(ppow, "settings_from_config", ppow.settings_from_config)
+    noise_control.install()
+    assert ppow.group_advantages is noise_control.shuffled_group_advantages
     config = load_config("smollm2_135m_ppow")
+    config.ppow.estimator = "exact"
     with pytest.raises(InputError, match="--config.ppow.estimator=sampled"):
-        noise_control.sampled_settings_only(config.ppow, 0.02)
+        ppow.settings_from_config(config.ppow, 0.02)
     config.ppow.estimator = "sampled"
-    assert noise_control.sampled_settings_only(config.ppow, 0.02).estimator == "sampled"
+    assert ppow.settings_from_config(config.ppow, 0.02).estimator == "sampled"
 
 
 # ----- the window chain is the engine's drafting path -----
