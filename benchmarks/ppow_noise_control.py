@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 
 from ppow_jax import train
+from ppow_jax.cli import run_config_entry_point
 from ppow_jax.errors import InputError
 from ppow_jax.training import ppow
 
 real_group_advantages = ppow.group_advantages
-real_settings_from_config = ppow.settings_from_config
 
 
 def shuffled_group_advantages(rewards: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -33,20 +33,20 @@ def shuffled_group_advantages(rewards: jax.Array, eps: float = 1e-6) -> jax.Arra
     return jax.random.permutation(key, advantages, axis=-1, independent=True)
 
 
-def sampled_settings_only(ppow_config: Any, gamma: float) -> ppow.PPOWSettings:
-    settings = real_settings_from_config(ppow_config, gamma)
-    if settings.estimator != "sampled":
+def check_sampled_estimator(config: Any) -> None:
+    """The control shuffles the sampled estimator's group advantages; the exact estimator has none."""
+    estimator = config.ppow.get("estimator", "sampled")
+    if estimator != "sampled":
         raise InputError(f"the noise control shuffles the sampled estimator's group advantages; ppow.estimator is "
-                         f"{settings.estimator!r}, which has none: add --config.ppow.estimator=sampled")
-    return settings
+                         f"{estimator!r}, which has none: add --config.ppow.estimator=sampled")
 
 
-def install() -> None:
-    """Swaps the control into `ppow` (train.py looks both names up when the run starts)."""
+def run_control(config: Any) -> int:
+    """`train.run` with each group's advantages shuffled (train.py looks the function up at trace time)."""
+    check_sampled_estimator(config)
     ppow.group_advantages = shuffled_group_advantages
-    ppow.settings_from_config = sampled_settings_only
+    return train.run(config)
 
 
 if __name__ == "__main__":
-    install()
-    sys.exit(train.main(sys.argv[1:]))
+    sys.exit(run_config_entry_point(run_control, sys.argv[1:], doc=__doc__))

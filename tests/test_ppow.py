@@ -176,15 +176,13 @@ def test_the_noise_control_refuses_the_exact_estimator(monkeypatch):
     noise_control = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(noise_control)
     monkeypatch.setattr(ppow, "group_advantages", ppow.group_advantages)  # restored after the test
-    monkeypatch.setattr(ppow, "settings_from_config", ppow.settings_from_config)
-    noise_control.install()
-    assert ppow.group_advantages is noise_control.shuffled_group_advantages
     config = load_config("smollm2_135m_ppow")
     config.ppow.estimator = "exact"
     with pytest.raises(InputError, match="--config.ppow.estimator=sampled"):
-        ppow.settings_from_config(config.ppow, 0.02)
+        noise_control.run_control(config)  # refused before any work
+    assert ppow.group_advantages is not noise_control.shuffled_group_advantages
     config.ppow.estimator = "sampled"
-    assert ppow.settings_from_config(config.ppow, 0.02).estimator == "sampled"
+    noise_control.check_sampled_estimator(config)
 
 
 # ----- the window chain is the engine's drafting path -----
