@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.ppow.proximity_epsilon = 2.0
     # Priority sampling of windows by criticality. Off: on held-out prompts it cut the gain (+1.2%
     # against +3.5% without, 1,500 s each on the same data; BENCHMARKS.md, PPOW, eleventh and twelfth
-    # rounds; the tenth round's pair agrees).
+    # rounds; the tenth and thirteenth rounds' pairs agree).
     config.ppow.adaw = False
     config.ppow.priority_temperature = 1.0  # on window scores standardised per sequence
     config.ppow.priority_floor = 0.2
