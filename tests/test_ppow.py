@@ -185,6 +185,21 @@ def test_the_noise_control_refuses_the_exact_estimator(monkeypatch):
     noise_control.check_sampled_estimator(config)
 
 
+def test_the_adaw_diagnostic_learning_signal_matches_its_closed_form():
+    """`benchmarks/adaw_scores.py`: for one draft without the proximity reward, μ = a·R(1) and
+    σ = R(1)·sqrt(a(1 - a)), so |∂μ/∂z|/σ = sqrt(a(1 - a))/τ whatever γ."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("adaw_scores", REPO_ROOT / "benchmarks" / "adaw_scores.py")
+    adaw_scores = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(adaw_scores)
+    settings = ppow.PPOWSettings(window=1, gamma=0.3, proximity_reward=False, rollout_temperature=0.5)
+    a = jnp.array([[0.0], [0.1], [0.5], [0.9], [1.0]])
+    signal = adaw_scores.learning_signal(a, jnp.zeros(5), settings)
+    np.testing.assert_allclose(signal, np.sqrt(a[:, 0] * (1 - a[:, 0])) / 0.5, rtol=1e-4, atol=1e-5)
+    assert int(jnp.argmax(signal)) == 2
+
+
 # ----- the window chain is the engine's drafting path -----
 
 def _tiny_pair(vocab=64, draft_vocab=64, seed=3):
