@@ -185,21 +185,6 @@ def test_the_noise_control_refuses_the_exact_estimator(monkeypatch):
     noise_control.check_sampled_estimator(config)
 
 
-def test_the_adaw_diagnostic_learning_signal_matches_its_closed_form():
-    """`benchmarks/adaw_scores.py`: for one draft without the proximity reward, μ = a·R(1) and
-    σ = R(1)·sqrt(a(1 - a)), so |∂μ/∂z|/σ = sqrt(a(1 - a))/τ whatever γ."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("adaw_scores", REPO_ROOT / "benchmarks" / "adaw_scores.py")
-    adaw_scores = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(adaw_scores)
-    settings = ppow.PPOWSettings(window=1, gamma=0.3, proximity_reward=False, rollout_temperature=0.5)
-    a = jnp.array([[0.0], [0.1], [0.5], [0.9], [1.0]])
-    signal = adaw_scores.learning_signal(a, jnp.zeros(5), settings)
-    np.testing.assert_allclose(signal, np.sqrt(a[:, 0] * (1 - a[:, 0])) / 0.5, rtol=1e-4, atol=1e-5)
-    assert int(jnp.argmax(signal)) == 2
-
-
 # ----- the window chain is the engine's drafting path -----
 
 def _tiny_pair(vocab=64, draft_vocab=64, seed=3):
@@ -492,6 +477,61 @@ def test_exact_policy_term_ascends_the_expected_reward(kd_run, tiny_target, adaw
     stepped = jax.tree_util.tree_map(lambda w, g: w - 1e-3 / norm * g, trainable, grads)
     _, after = loss(stepped)
     assert float(after["reward"]) > float(before["reward"]) + 1e-5, (before["reward"], after["reward"])
+
+
+def _adaw_diagnostic():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("adaw_scores", REPO_ROOT / "benchmarks" / "adaw_scores.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_adaw_diagnostic_reads_the_exact_estimator(kd_run, tiny_target):
+    """`benchmarks/adaw_scores.py`: its scores are the ones `exact_loss` weights by, and its learning
+    signal at each anchor is ‖∂μ_a/∂z‖/σ_a of that anchor's μ alone (proximity reward on, K = 2)."""
+    diagnostic = _adaw_diagnostic()
+    trainable, loss, windows_of, batch, d2t = _exact_case(kd_run, tiny_target, window=2, adaw=True, rollout_temperature=0.5)
+    drafter, dparams = load_drafter(kd_run / "drafter", tiny_target.config)
+    frozen, settings = _frozen(tiny_target.params, np.asarray(d2t)), loss.keywords["settings"]
+    table = diagnostic.anchor_table(drafter, dparams, frozen, batch, settings)
+    weights = ppow.anchor_priorities(table["valid"], table["score"], settings.priority_temperature, settings.priority_floor)
+    _, metrics = loss(trainable)
+    np.testing.assert_allclose(ppow.masked_mean(table["score"], weights), metrics["window_score"], rtol=1e-5)
+
+    hidden = unrolled_hidden(drafter, dparams, frozen.constants.embed, batch["tokens"], batch["features"], 2)
+    logits = drafter.draft_logits(dparams, hidden)
+
+    def moments(z):
+        w = ppow.windows_from_logits(z, frozen, batch, settings)
+        return ppow.reward_moments(w.accept_probs, w.near_miss, settings)
+
+    mean, spread = moments(logits)
+    candidates = np.argwhere(np.asarray(table["valid"]) & (np.asarray(mean) > 0.05))
+    assert len(candidates) >= 3  # not vacuous: anchors with some reward
+    for b, a in candidates[:: max(1, len(candidates) // 5)]:
+        alone = jax.grad(lambda z: moments(z)[0][b, a])(logits)
+        expected = float(jnp.sqrt(jnp.sum(alone ** 2)) / (spread[b, a] + 1e-6))
+        np.testing.assert_allclose(table["signal"][b, a], expected, rtol=1e-4)
+
+
+def test_the_adaw_diagnostic_signal_of_one_draft_has_its_closed_form(kd_run, tiny_target, tau=0.5):
+    """K = 1 without the proximity reward: μ = a·R(1), σ = R(1)·sqrt(a(1 - a)), ∂a/∂z_x = a(1[x = y] - Q(x))/τ,
+    so the signal is (a/τ)·sqrt((1 - a)² + Σ_{x≠y} Q(x)²)/sqrt(a(1 - a)), Q the tempered policy."""
+    diagnostic = _adaw_diagnostic()
+    _, loss, windows_of, batch, d2t = _exact_case(kd_run, tiny_target, window=1, proximity_reward=False,
+                                                  rollout_temperature=tau)
+    drafter, dparams = load_drafter(kd_run / "drafter", tiny_target.config)
+    frozen, settings = _frozen(tiny_target.params, np.asarray(d2t)), loss.keywords["settings"]
+    table = diagnostic.anchor_table(drafter, dparams, frozen, batch, settings)
+    q = np.exp(np.asarray(ppow.tempered(windows_of(dparams).logprobs[0], tau), np.float64))  # [B, L, N]
+    a = np.asarray(windows_of(dparams).accept_probs[..., 0], np.float64)
+    others = np.sum(q ** 2, axis=-1) - a ** 2  # Σ_{x≠y} Q(x)² (a = Q(y); 0 where y is outside the draft vocabulary)
+    expected = (a / tau) * np.sqrt((1 - a) ** 2 + others) / np.maximum(np.sqrt(a * (1 - a)), 1e-12)
+    check = np.asarray(table["valid"]) & (a > 1e-3) & (a < 1 - 1e-3)
+    assert check.sum() >= 10
+    np.testing.assert_allclose(np.asarray(table["signal"])[check], expected[check], rtol=2e-3)
 
 
 def test_exact_kl_term_weights_each_window_draft_by_its_reach(kd_run, tiny_target):

@@ -666,10 +666,17 @@ class ExactWindows(NamedTuple):
 
 def exact_windows(params: dict, target: PPOWTarget, batch: Batch, *, drafter: Eagle3Drafter,
                   settings: PPOWSettings) -> ExactWindows:
+    hidden = unrolled_hidden(drafter, params, target.constants.embed, batch["tokens"], batch["features"],
+                             settings.window)  # [K, B, L, D]
+    return windows_from_logits(drafter.draft_logits(params, hidden), target, batch, settings)
+
+
+def windows_from_logits(logits: jax.Array, target: PPOWTarget, batch: Batch, settings: PPOWSettings) -> ExactWindows:
+    """`exact_windows` from the drafter's unrolled logits [K, B, L, N] (its own function, so that the
+    windows can be differentiated with respect to the logits)."""
     s = settings
-    embed, d2t, tokens = target.constants.embed, target.constants.d2t, batch["tokens"]
-    hidden = unrolled_hidden(drafter, params, embed, tokens, batch["features"], s.window)  # [K, B, L, D]
-    logprobs = jax.nn.log_softmax(drafter.draft_logits(params, hidden), axis=-1)
+    d2t, tokens = target.constants.d2t, batch["tokens"]
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
     policy = tempered(logprobs, s.rollout_temperature)
     next_tokens = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))  # x_{i+1} at position i
     following = to_draft_ids(next_tokens, d2t, target.head.shape[0])
