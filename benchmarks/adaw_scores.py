@@ -40,14 +40,14 @@ from ppow_jax.data.pipeline import feature_dataset
 from ppow_jax.drafters.eagle import Eagle3Drafter, unrolled_hidden
 from ppow_jax.drafters.store import load_drafter
 from ppow_jax.errors import InputError
-from ppow_jax.training.ppow import (PPOWSettings, PPOWTarget, anchor_priorities, criticality, per_anchor,
-                                    reward_moments, settings_from_config, standardised, valid_anchors,
-                                    window_sums, windows_from_logits)
+from ppow_jax.training.ppow import (Batch, PPOWSettings, PPOWTarget, anchor_priorities, per_anchor,
+                                    reach_probabilities, reward_moments, settings_from_config, valid_anchors,
+                                    window_scores, windows_from_logits)
 from ppow_jax.weights.registry import load_model
 
 BATCH_SIZE = 4
 QUINTILES = 5
-OTHER_PRIORITIES = ((2.0, 0.2), (4.0, 0.2), (1.0, 0.5))  # (temperature, floor), after the config's own
+OTHER_PRIORITIES = ((1.0, 0.2), (2.0, 0.2), (4.0, 0.2), (1.0, 0.5))  # (temperature, floor), after the config's own
 
 
 def learning_signal(mean_and_spread: Callable[[jax.Array], tuple[jax.Array, jax.Array]], logits: jax.Array,
@@ -55,28 +55,30 @@ def learning_signal(mean_and_spread: Callable[[jax.Array], tuple[jax.Array, jax.
     """Per anchor [B, L]: ‖∂μ/∂z‖/σ, z the unrolled logits [K, B, L, N] (step j of anchor a at
     position a + j, so each logit belongs to one anchor, and the gradient of the anchors' summed μ
     holds each anchor's own). `mean_and_spread(z)` -> (μ, σ), [B, L] each."""
-    grads = jax.grad(lambda z: jnp.sum(mean_and_spread(z)[0]))(logits)
+    def summed(z):
+        mean, spread = mean_and_spread(z)
+        return jnp.sum(mean), spread
+
+    grads, spread = jax.grad(summed, has_aux=True)(logits)
     norm = jnp.sqrt(jnp.sum(per_anchor(jnp.sum(grads ** 2, axis=-1)), axis=-1))
-    return norm / (mean_and_spread(logits)[1] + eps)  # the estimator's own ε
+    return norm / (spread + eps)  # the estimator's own ε
 
 
-def anchor_table(drafter: Eagle3Drafter, params: dict, target: PPOWTarget, batch: dict,
+def anchor_table(drafter: Eagle3Drafter, params: dict, target: PPOWTarget, batch: Batch,
                  settings: PPOWSettings) -> dict[str, jax.Array]:
     """Per anchor [B, L]: standardised ADAW score, E[k], learning signal, validity."""
     hidden = unrolled_hidden(drafter, params, target.constants.embed, batch["tokens"], batch["features"],
                              settings.window)
     logits = drafter.draft_logits(params, hidden)
-    windows = windows_from_logits(logits, target, batch, settings)
+    windows = windows_from_logits(logits, target, batch, settings=settings)
     valid = valid_anchors(batch["loss_mask"], settings.window)
-    scores = standardised(window_sums(criticality(windows.target_logprobs, windows.logprobs[0]), settings.window)
-                          / settings.window, valid)
 
     def mean_and_spread(z: jax.Array) -> tuple[jax.Array, jax.Array]:
-        w = windows_from_logits(z, target, batch, settings)
+        w = windows_from_logits(z, target, batch, settings=settings)
         return reward_moments(w.accept_probs, w.near_miss, settings)
 
-    expected = jnp.sum(jnp.cumprod(windows.accept_probs, axis=-1), axis=-1)
-    return {"score": scores, "expected_k": expected, "valid": valid,
+    return {"score": window_scores(windows.target_logprobs, windows.logprobs[0], valid, settings.window),
+            "expected_k": jnp.sum(reach_probabilities(windows.accept_probs)[..., 1:], axis=-1), "valid": valid,
             "signal": learning_signal(mean_and_spread, logits)}
 
 
@@ -102,6 +104,8 @@ def main() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.batches < 1:
+        raise InputError(f"--batches must be >= 1, got {args.batches}")
     config = load_config_file(args.config)
     target = load_model(config.target, param_dtype=config.param_dtype)
     drafter, params = load_drafter(args.drafter, target.config)
@@ -109,11 +113,12 @@ def run(args: argparse.Namespace) -> int:
     gamma = config.ppow.gamma if config.ppow.gamma > 0 else args.gamma
     settings = dataclasses.replace(settings_from_config(config.ppow, gamma), estimator="exact", verifier="cache",
                                    acceptance="greedy")
-    table = jax.jit(lambda p, t, b: anchor_table(drafter, p, t, b, settings))
+    score_batch = jax.jit(lambda p, t, b: anchor_table(drafter, p, t, b, settings))
     batches = itertools.islice(iter(feature_dataset(feature_shards(args.features), batch_size=BATCH_SIZE, seed=0,
                                                     num_epochs=1)), args.batches)
-    measured = [jax.device_get(table(params, frozen, {k: jnp.asarray(v) for k, v in b.items()})) for b in batches]
-    valid = np.concatenate([m["valid"].reshape(-1) for m in measured])
+    measured = [jax.device_get(score_batch(params, frozen, {k: jnp.asarray(v) for k, v in b.items()}))
+                for b in batches]
+    valid = np.concatenate([m["valid"].reshape(-1) for m in measured] or [np.zeros(0, bool)])
     if not valid.any():
         raise InputError(f"no valid anchor (a window of {settings.window} response tokens) in the first "
                          f"{len(measured)} batches of {args.features}")
@@ -137,8 +142,8 @@ def run(args: argparse.Namespace) -> int:
     print("\n| anchor weights | weighted mean E[k] | weighted mean learning signal |")
     print("|---|---|---|")
     own = (settings.priority_temperature, settings.priority_floor)
-    weightings = [("uniform", None)] + [(f"ADAW, temperature {t}, floor {f}", (t, f))
-                                        for t, f in (own,) + tuple(p for p in OTHER_PRIORITIES if p != own)]
+    weightings = [("uniform", None), (f"ADAW, temperature {own[0]}, floor {own[1]} (the config's)", own)]
+    weightings += [(f"ADAW, temperature {t}, floor {f}", (t, f)) for t, f in OTHER_PRIORITIES if (t, f) != own]
     for label, priority in weightings:
         totals = np.zeros(3)
         for m in measured:

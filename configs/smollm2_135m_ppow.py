@@ -7,8 +7,9 @@ cache (`configs/smollm2_135m_kd.py` builds them). Every component has a switch, 
 The defaults are those of the best held-out arms measured (BENCHMARKS.md, PPOW, tenth to twelfth
 rounds): the exact estimator at K = 3, without ADAW's priorities in training, lr 3e-5. METHOD.md's
 sampled group rollouts with ADAW's priorities, as measured up to the tenth round, are
-  --config.ppow.estimator=sampled --config.ppow.adaw=True --config.ppow.window=5
-(ADAW at inference is the eval's `--window adaptive`, independent of this switch).
+  --config.ppow.estimator=sampled --config.ppow.adaw=True --config.ppow.window=5 --config.ppow.priority_temperature=1.0
+(every ADAW arm before the fourteenth round's temperature-4 arm ran at priority temperature 1, this config's
+default before session 41). ADAW at inference is the eval's `--window adaptive`, independent of `ppow.adaw`.
 """
 
 import ml_collections
@@ -54,11 +55,14 @@ def get_config() -> ml_collections.ConfigDict:
     # η = 1 pays a near miss (k = 0) as much as an accepted draft (R_speed(1) = 1/(1+γ) < 1)
     config.ppow.proximity_eta = 0.5
     config.ppow.proximity_epsilon = 2.0
-    # Priority sampling of windows by criticality. Off: on held-out prompts it cut the gain (+1.2%
-    # against +3.5% without, 1,500 s each on the same data; BENCHMARKS.md, PPOW, eleventh and twelfth
-    # rounds; the tenth and thirteenth rounds' pairs agree).
+    # Priority sampling of windows by criticality. Off: at temperature 1 it cut the gain in every
+    # round that tested it (BENCHMARKS.md, PPOW, tenth to fourteenth rounds): the high-score windows
+    # are those the drafter almost never gets accepted, where the exact estimator's gradient is
+    # smallest (benchmarks/adaw_scores.py). At temperature 4 PPOW full did about as well as without
+    # it: +4.4% (one run) against +2.6% to +5.0% (three seeds, mean +3.7%), all at a constant lr 1e-4
+    # for 239 iterations (BENCHMARKS.md, PPOW, twelfth and fourteenth rounds).
     config.ppow.adaw = False
-    config.ppow.priority_temperature = 1.0  # on window scores standardised per sequence
+    config.ppow.priority_temperature = 4.0  # on window scores standardised per sequence
     config.ppow.priority_floor = 0.2
     # "cache": greedy verification from the self-distilled data (no target forward); "target": the
     # live target, needed for sampling acceptance. For a T = 1 engine: verifier="target",

@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.ppow.rollout_temperature = 1.0
     config.ppow.estimator = "sampled"
     config.ppow.adaw = True
+    config.ppow.priority_temperature = 1.0
     config.data.features_dir = ""
     config.train.eval_every = 10
     config.train.steps = 20

@@ -167,14 +167,21 @@ def test_settings_reject_bad_combinations():
         ppow.PPOWSettings(estimator="exact", verifier="target")
 
 
+@functools.cache
+def _benchmark_module(name: str):
+    """A script of benchmarks/ as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_the_noise_control_refuses_the_exact_estimator(monkeypatch):
     """`benchmarks/ppow_noise_control.py` shuffles the sampled estimator's group advantages; the exact
     estimator (the SmolLM2 config's default) has none, so the control must refuse it, not run unshuffled."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("ppow_noise_control", REPO_ROOT / "benchmarks" / "ppow_noise_control.py")
-    noise_control = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(noise_control)
+    noise_control = _benchmark_module("ppow_noise_control")
     monkeypatch.setattr(ppow, "group_advantages", ppow.group_advantages)  # restored after the test
     config = load_config("smollm2_135m_ppow")
     config.ppow.estimator = "exact"
@@ -479,39 +486,34 @@ def test_exact_policy_term_ascends_the_expected_reward(kd_run, tiny_target, adaw
     assert float(after["reward"]) > float(before["reward"]) + 1e-5, (before["reward"], after["reward"])
 
 
-def _adaw_diagnostic():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("adaw_scores", REPO_ROOT / "benchmarks" / "adaw_scores.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_adaw_diagnostic_reads_the_exact_estimator(kd_run, tiny_target):
-    """`benchmarks/adaw_scores.py`: its scores are the ones `exact_loss` weights by, and its learning
-    signal at each anchor is ‖∂μ_a/∂z‖/σ_a of that anchor's μ alone (proximity reward on, K = 2)."""
-    diagnostic = _adaw_diagnostic()
-    trainable, loss, windows_of, batch, d2t = _exact_case(kd_run, tiny_target, window=2, adaw=True, rollout_temperature=0.5)
-    drafter, dparams = load_drafter(kd_run / "drafter", tiny_target.config)
-    frozen, settings = _frozen(tiny_target.params, np.asarray(d2t)), loss.keywords["settings"]
-    table = diagnostic.anchor_table(drafter, dparams, frozen, batch, settings)
-    weights = ppow.anchor_priorities(table["valid"], table["score"], settings.priority_temperature, settings.priority_floor)
+    """`benchmarks/adaw_scores.py`: its scores and E[k] are the ones `exact_loss` weights and reports,
+    and its learning signal at each anchor is ‖∂μ_a/∂z‖/σ_a of that anchor's μ alone (K = 2, with
+    the proximity reward, whose near-miss probability the gradient must go through)."""
+    trainable, loss, _, batch, d2t = _exact_case(kd_run, tiny_target, window=2, adaw=True,
+                                                 rollout_temperature=0.5)
+    drafter, frozen, settings = (loss.keywords[k] for k in ("drafter", "target", "settings"))
+    dparams = {**trainable, "d2t": d2t}
+    table = _benchmark_module("adaw_scores").anchor_table(drafter, dparams, frozen, batch, settings)
+    weights = ppow.anchor_priorities(table["valid"], table["score"], settings.priority_temperature,
+                                     settings.priority_floor)
     _, metrics = loss(trainable)
     np.testing.assert_allclose(ppow.masked_mean(table["score"], weights), metrics["window_score"], rtol=1e-5)
+    np.testing.assert_allclose(ppow.masked_mean(table["expected_k"], weights), metrics["accepted"], rtol=1e-5)
 
-    hidden = unrolled_hidden(drafter, dparams, frozen.constants.embed, batch["tokens"], batch["features"], 2)
+    hidden = unrolled_hidden(drafter, dparams, frozen.constants.embed, batch["tokens"], batch["features"],
+                             settings.window)
     logits = drafter.draft_logits(dparams, hidden)
 
     def moments(z):
-        w = ppow.windows_from_logits(z, frozen, batch, settings)
-        return ppow.reward_moments(w.accept_probs, w.near_miss, settings)
+        w = ppow.windows_from_logits(z, frozen, batch, settings=settings)
+        return ppow.reward_moments(w.accept_probs, w.near_miss, settings), w.near_miss
 
-    mean, spread = moments(logits)
-    candidates = np.argwhere(np.asarray(table["valid"]) & (np.asarray(mean) > 0.05))
-    assert len(candidates) >= 3  # not vacuous: anchors with some reward
+    (mean, spread), near_miss = moments(logits)
+    candidates = np.argwhere(np.asarray(table["valid"]) & (np.asarray(mean) > 0.05) & (np.asarray(near_miss) > 0.05))
+    assert len(candidates) >= 3  # not vacuous: anchors with some reward and a near-miss path
     for b, a in candidates[:: max(1, len(candidates) // 5)]:
-        alone = jax.grad(lambda z: moments(z)[0][b, a])(logits)
+        alone = jax.grad(lambda z: moments(z)[0][0][b, a])(logits)
         expected = float(jnp.sqrt(jnp.sum(alone ** 2)) / (spread[b, a] + 1e-6))
         np.testing.assert_allclose(table["signal"][b, a], expected, rtol=1e-4)
 
@@ -519,14 +521,14 @@ def test_the_adaw_diagnostic_reads_the_exact_estimator(kd_run, tiny_target):
 def test_the_adaw_diagnostic_signal_of_one_draft_has_its_closed_form(kd_run, tiny_target, tau=0.5):
     """K = 1 without the proximity reward: μ = a·R(1), σ = R(1)·sqrt(a(1 - a)), ∂a/∂z_x = a(1[x = y] - Q(x))/τ,
     so the signal is (a/τ)·sqrt((1 - a)² + Σ_{x≠y} Q(x)²)/sqrt(a(1 - a)), Q the tempered policy."""
-    diagnostic = _adaw_diagnostic()
-    _, loss, windows_of, batch, d2t = _exact_case(kd_run, tiny_target, window=1, proximity_reward=False,
-                                                  rollout_temperature=tau)
-    drafter, dparams = load_drafter(kd_run / "drafter", tiny_target.config)
-    frozen, settings = _frozen(tiny_target.params, np.asarray(d2t)), loss.keywords["settings"]
-    table = diagnostic.anchor_table(drafter, dparams, frozen, batch, settings)
-    q = np.exp(np.asarray(ppow.tempered(windows_of(dparams).logprobs[0], tau), np.float64))  # [B, L, N]
-    a = np.asarray(windows_of(dparams).accept_probs[..., 0], np.float64)
+    trainable, loss, windows_of, batch, d2t = _exact_case(kd_run, tiny_target, window=1, proximity_reward=False,
+                                                          rollout_temperature=tau)
+    drafter, frozen, settings = (loss.keywords[k] for k in ("drafter", "target", "settings"))
+    dparams = {**trainable, "d2t": d2t}
+    table = _benchmark_module("adaw_scores").anchor_table(drafter, dparams, frozen, batch, settings)
+    windows = windows_of(dparams)
+    q = np.exp(np.asarray(ppow.tempered(windows.logprobs[0], tau), np.float64))  # [B, L, N]
+    a = np.asarray(windows.accept_probs[..., 0], np.float64)
     others = np.sum(q ** 2, axis=-1) - a ** 2  # Σ_{x≠y} Q(x)² (a = Q(y); 0 where y is outside the draft vocabulary)
     expected = (a / tau) * np.sqrt((1 - a) ** 2 + others) / np.maximum(np.sqrt(a * (1 - a)), 1e-12)
     check = np.asarray(table["valid"]) & (a > 1e-3) & (a < 1 - 1e-3)

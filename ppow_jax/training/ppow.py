@@ -352,6 +352,12 @@ def standardised(scores: jax.Array, valid: jax.Array) -> jax.Array:
     return (scores - mean) / (std + 1e-6)
 
 
+def window_scores(target_logprobs: jax.Array, draft_logprobs: jax.Array, valid: jax.Array, window: int) -> jax.Array:
+    """ADAW's window scores [B, L]: the mean criticality of the K positions after each anchor (P and
+    the drafter's teacher-forced Q over the draft vocabulary, [B, L, N]), standardised per sequence."""
+    return standardised(window_sums(criticality(target_logprobs, draft_logprobs), window) / window, valid)
+
+
 def sample_anchors(key: jax.Array, probabilities: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
     """`count` distinct anchors per row (Gumbel top-k) -> (anchors [B, A], valid [B, A])."""
     gumbel = jax.random.gumbel(key, probabilities.shape)
@@ -487,7 +493,7 @@ def rollout(params: dict, target: PPOWTarget, batch: Batch, key: jax.Array, targ
         p = target_draft_logprobs(batch["target_hidden"], target.constants.head_rows)  # [B, L, N]
     if s.adaw:
         q = jax.nn.log_softmax(drafter.draft_logits(params, context.hidden), axis=-1)
-        scores = standardised(window_sums(criticality(p, q), s.window) / s.window, valid)
+        scores = window_scores(p, q, valid, s.window)
     chosen, chosen_valid = sample_anchors(anchor_key, anchor_priorities(valid, scores, s.priority_temperature,
                                                                         s.priority_floor), s.anchors_per_sequence)
     anchors = jnp.repeat(chosen, s.group_size, axis=1)  # [B, W]: the G windows of an anchor side by side
@@ -666,14 +672,18 @@ class ExactWindows(NamedTuple):
 
 def exact_windows(params: dict, target: PPOWTarget, batch: Batch, *, drafter: Eagle3Drafter,
                   settings: PPOWSettings) -> ExactWindows:
+    """Every anchor's windows in closed form: the drafter's unrolled forward along the data, then
+    `windows_from_logits`."""
     hidden = unrolled_hidden(drafter, params, target.constants.embed, batch["tokens"], batch["features"],
                              settings.window)  # [K, B, L, D]
-    return windows_from_logits(drafter.draft_logits(params, hidden), target, batch, settings)
+    return windows_from_logits(drafter.draft_logits(params, hidden), target, batch, settings=settings)
 
 
-def windows_from_logits(logits: jax.Array, target: PPOWTarget, batch: Batch, settings: PPOWSettings) -> ExactWindows:
-    """`exact_windows` from the drafter's unrolled logits [K, B, L, N] (its own function, so that the
-    windows can be differentiated with respect to the logits)."""
+def windows_from_logits(logits: jax.Array, target: PPOWTarget, batch: Batch, *,
+                        settings: PPOWSettings) -> ExactWindows:
+    """The windows at every anchor from the drafter's unrolled logits [K, B, L, N]: its log-probs, the
+    acceptance probabilities along the data under Q_τ, the near-miss probability and the target's
+    log-probs (its own function, so that the windows can be differentiated with respect to the logits)."""
     s = settings
     d2t, tokens = target.constants.d2t, batch["tokens"]
     logprobs = jax.nn.log_softmax(logits, axis=-1)
@@ -706,7 +716,7 @@ def exact_loss(trainable: dict, target: PPOWTarget, batch: Batch, *, drafter: Ea
     valid = valid_anchors(batch["loss_mask"], s.window)
     scores = None
     if s.adaw:
-        scores = standardised(window_sums(criticality(p, logprobs[0]), s.window) / s.window, valid)
+        scores = window_scores(p, logprobs[0], valid, s.window)
     weights = jax.lax.stop_gradient(anchor_priorities(valid, scores, s.priority_temperature, s.priority_floor))
     drafts_per_window = jnp.maximum(masked_mean(jnp.sum(reached, axis=-1), weights), eps)
     # μ minus itself held constant: the gradient ∇μ/σ, and the value 0, as the sampled surrogate's at ratio 1
