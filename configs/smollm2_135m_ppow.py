@@ -56,11 +56,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.ppow.proximity_eta = 0.5
     config.ppow.proximity_epsilon = 2.0
     # Priority sampling of windows by criticality. Off: at temperature 1 it cut the gain in every
-    # round that tested it (BENCHMARKS.md, PPOW, tenth to fourteenth rounds): the high-score windows
-    # are those the drafter almost never gets accepted, where the exact estimator's gradient is
-    # smallest (benchmarks/adaw_scores.py). At temperature 4 PPOW full did about as well as without
-    # it: +4.4% (one run) against +2.6% to +5.0% (three seeds, mean +3.7%), all at a constant lr 1e-4
-    # for 239 iterations (BENCHMARKS.md, PPOW, twelfth and fourteenth rounds).
+    # round that tested it (BENCHMARKS.md, PPOW, tenth to fourteenth rounds; the tenth's pair within
+    # one standard error). The diagnostic suggests why: the high-score windows are those the drafter
+    # almost never gets accepted, where the exact estimator's gradient is smallest
+    # (benchmarks/adaw_scores.py). At temperature 4 PPOW full did about as well as without it: +4.4%
+    # (one run) against +2.6% to +5.0% (three seeds, mean +3.7%), all at a constant lr 1e-4 for 239
+    # iterations (BENCHMARKS.md, PPOW, twelfth and fourteenth rounds).
     config.ppow.adaw = False
     config.ppow.priority_temperature = 4.0  # on window scores standardised per sequence
     config.ppow.priority_floor = 0.2
