@@ -37,12 +37,12 @@ import numpy as np
 from ppow_jax.cli import load_config_file, run_entry_point
 from ppow_jax.data.features import feature_shards
 from ppow_jax.data.pipeline import feature_dataset
-from ppow_jax.drafters.eagle import Eagle3Drafter, unrolled_hidden
+from ppow_jax.drafters.eagle import Eagle3Drafter
 from ppow_jax.drafters.store import load_drafter
 from ppow_jax.errors import InputError
 from ppow_jax.training.ppow import (Batch, PPOWSettings, PPOWTarget, anchor_priorities, per_anchor,
-                                    reach_probabilities, reward_moments, settings_from_config, valid_anchors,
-                                    window_scores, windows_from_logits)
+                                    reach_probabilities, reward_moments, settings_from_config, unrolled_logits,
+                                    valid_anchors, window_scores, windows_from_logits)
 from ppow_jax.weights.registry import load_model
 
 BATCH_SIZE = 4
@@ -67,9 +67,7 @@ def learning_signal(mean_and_spread: Callable[[jax.Array], tuple[jax.Array, jax.
 def anchor_table(drafter: Eagle3Drafter, params: dict, target: PPOWTarget, batch: Batch,
                  settings: PPOWSettings) -> dict[str, jax.Array]:
     """Per anchor [B, L]: standardised ADAW score, E[k], learning signal, validity."""
-    hidden = unrolled_hidden(drafter, params, target.constants.embed, batch["tokens"], batch["features"],
-                             settings.window)
-    logits = drafter.draft_logits(params, hidden)
+    logits = unrolled_logits(params, target, batch, drafter=drafter, window=settings.window)
     windows = windows_from_logits(logits, target, batch, settings=settings)
     valid = valid_anchors(batch["loss_mask"], settings.window)
 

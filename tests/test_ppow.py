@@ -501,9 +501,7 @@ def test_the_adaw_diagnostic_reads_the_exact_estimator(kd_run, tiny_target):
     np.testing.assert_allclose(ppow.masked_mean(table["score"], weights), metrics["window_score"], rtol=1e-5)
     np.testing.assert_allclose(ppow.masked_mean(table["expected_k"], weights), metrics["accepted"], rtol=1e-5)
 
-    hidden = unrolled_hidden(drafter, dparams, frozen.constants.embed, batch["tokens"], batch["features"],
-                             settings.window)
-    logits = drafter.draft_logits(dparams, hidden)
+    logits = ppow.unrolled_logits(dparams, frozen, batch, drafter=drafter, window=settings.window)
 
     def moments(z):
         w = ppow.windows_from_logits(z, frozen, batch, settings=settings)

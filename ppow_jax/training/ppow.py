@@ -674,9 +674,15 @@ def exact_windows(params: dict, target: PPOWTarget, batch: Batch, *, drafter: Ea
                   settings: PPOWSettings) -> ExactWindows:
     """Every anchor's windows in closed form: the drafter's unrolled forward along the data, then
     `windows_from_logits`."""
-    hidden = unrolled_hidden(drafter, params, target.constants.embed, batch["tokens"], batch["features"],
-                             settings.window)  # [K, B, L, D]
-    return windows_from_logits(drafter.draft_logits(params, hidden), target, batch, settings=settings)
+    logits = unrolled_logits(params, target, batch, drafter=drafter, window=settings.window)
+    return windows_from_logits(logits, target, batch, settings=settings)
+
+
+def unrolled_logits(params: dict, target: PPOWTarget, batch: Batch, *, drafter: Eagle3Drafter,
+                    window: int) -> jax.Array:
+    """The drafter's "training-time test" forward along the data -> logits [K, B, L, N]."""
+    hidden = unrolled_hidden(drafter, params, target.constants.embed, batch["tokens"], batch["features"], window)
+    return drafter.draft_logits(params, hidden)
 
 
 def windows_from_logits(logits: jax.Array, target: PPOWTarget, batch: Batch, *,
