@@ -362,6 +362,60 @@ def test_rollout_accepted_lengths_equal_the_engines_on_the_same_windows(kd_run, 
     assert expected[0] < len(picks)  # some windows are (partly) accepted
 
 
+def test_replayed_cycles_are_the_greedy_engine_cycles(kd_run, tiny_target):
+    """`benchmarks/eval_set_acceptance.py` walks a greedy engine's cycles along a cached answer from
+    the window records at every position: the engine, prompted with the same prompt and a budget of
+    exactly the tokens the walked cycles emit (plus the prefill's), runs exactly those cycles."""
+    replay = _benchmark_module("eval_set_acceptance")
+    drafter, dparams = load_drafter(kd_run / "drafter", tiny_target.config)
+    frozen = _frozen(tiny_target.params, np.asarray(dparams["d2t"]))
+    batch = {k: jnp.asarray(v) for k, v in _first_batch(kd_run).items()}
+    window = 3
+    records = jax.jit(functools.partial(ppow.greedy_window_records, drafter, window=window, stride=1))
+    _, accepted, reached = jax.device_get(records(dparams, frozen, batch))
+    engine = SpeculativeDecoder(tiny_target.config, tiny_target.params, drafter, dparams, eos_token_ids=(),
+                                pad_token_id=tiny_target.tokenizer.pad_token_id or 0)
+    tokens, masks = np.asarray(batch["tokens"]), np.asarray(batch["loss_mask"])
+    walked_cycles = accepted_drafts = 0
+    for row, mask in enumerate(masks):
+        start, length = int(np.argmax(mask)) + 1, int(mask.sum())  # the answer: tokens[start:start + length]
+        if start + length >= len(mask):
+            continue  # the sequence may have been cut to seq_len on the left
+        accepts = replay.replay_cycles(accepted[row].sum(axis=-1), reached[row, :, 0])
+        budget = 1 + sum(a + 1 for a in accepts)
+        assert length - budget < window  # the walk leaves fewer than K answer tokens
+        result = engine.generate([tokens[row, :start].tolist()], budget, window=WindowPolicy("fixed", window))
+        assert result.cycles == [len(accepts)]
+        assert result.accept_hist == np.bincount(accepts, minlength=window + 1).tolist()
+        overlap = min(budget, length)  # the last cycle's bonus token may lie past the answer
+        assert result.tokens[0][:overlap] == tokens[row, start:start + overlap].tolist()
+        walked_cycles, accepted_drafts = walked_cycles + len(accepts), accepted_drafts + sum(accepts)
+    assert walked_cycles >= 20 and accepted_drafts > 0
+
+
+def test_replayed_tau_and_its_paired_error():
+    """The replay's τ is a ratio of sums over questions. With as many cycles in every question for
+    both drafters, its change's standard error is the plain paired one over questions."""
+    replay = _benchmark_module("eval_set_acceptance")
+    valid = np.array([False, True, True, True, True, True, True, False, False])
+    lengths = np.array([9, 9, 2, 9, 9, 0, 1, 9, 9])  # the walk reads positions 2, 5, 6 only
+    assert replay.replay_cycles(lengths, valid) == [2, 0, 1]
+    assert replay.replay_cycles(lengths, np.zeros(9, bool)) == []
+    cycles = np.full(4, 20)
+    base = replay.ReplayedCycles(cycles=cycles, emitted=np.array([30, 26, 42, 33]), windows=np.full(4, 60),
+                                 accepted_drafts=np.ones(4))
+    other = base._replace(emitted=np.array([34, 27, 47, 31]))
+    assert base.tau() == pytest.approx(131 / 80) and other.tau() == pytest.approx(139 / 80)
+    difference, error = other.tau_difference(base)
+    per_question = (other.emitted - base.emitted) / cycles
+    assert difference == pytest.approx(per_question.mean())
+    assert error == pytest.approx(per_question.std(ddof=1) / np.sqrt(4))
+    with pytest.raises(ValueError, match="same questions"):
+        other.tau_difference(base._replace(windows=np.full(4, 61)))
+    with pytest.raises(InputError, match="no cycles"):
+        base._replace(cycles=np.zeros(4, int)).tau()
+
+
 def test_greedy_acceptance_counts_the_verified_windows(kd_run, tiny_target):
     """The dev probe's figures are the mean k and the first-draft accept rate of greedy windows at
     every stride-th valid anchor, as the live target verifies them."""
