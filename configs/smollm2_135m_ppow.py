@@ -59,9 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
     # round that tested it (BENCHMARKS.md, PPOW, tenth to fourteenth rounds; the tenth's pair within
     # one standard error). The diagnostic suggests why: the high-score windows are those the drafter
     # almost never gets accepted, where the exact estimator's gradient is smallest
-    # (benchmarks/adaw_scores.py). At temperature 4 PPOW full did about as well as without it: +4.4%
-    # (one run) against +2.6% to +5.0% (three seeds, mean +3.7%), all at a constant lr 1e-4 for 239
-    # iterations (BENCHMARKS.md, PPOW, twelfth and fourteenth rounds).
+    # (benchmarks/adaw_scores.py). At temperature 4 PPOW full did about as well as without it: +2.6%
+    # to +4.4% (three seeds, mean +3.4%) against +2.6% to +5.0% (mean +3.7%), all at a constant lr
+    # 1e-4 for 239 iterations (BENCHMARKS.md, PPOW, twelfth, fourteenth and fifteenth rounds).
     config.ppow.adaw = False
     config.ppow.priority_temperature = 4.0  # on window scores standardised per sequence
     config.ppow.priority_floor = 0.2
