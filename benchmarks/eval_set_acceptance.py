@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from ml_collections import ConfigDict
 
     from ppow_jax.data.sources import Prompt
+    from ppow_jax.inference.autoregressive import AutoregressiveDecoder
     from ppow_jax.training.ppow import PPOWTarget
     from ppow_jax.weights.registry import LoadedModel
 
@@ -108,16 +109,13 @@ def question_prompts(data_root: pathlib.Path, set_name: str) -> list["Prompt"]:
             for q in load_questions(data_root / "eval" / set_name / "question.jsonl")]
 
 
-def answer_questions(config: "ConfigDict", target: "LoadedModel", data_root: pathlib.Path, set_name: str, cache_dir: pathlib.Path,
-                     max_new_tokens: int) -> None:
-    """The target's greedy answers to a set's first turns, into `cache_dir` (resumes; a cache of other
-    settings is refused by `self_distill`)."""
+def answer_questions(config: "ConfigDict", target: "LoadedModel", decoder: "AutoregressiveDecoder",
+                     data_root: pathlib.Path, set_name: str, cache_dir: pathlib.Path, max_new_tokens: int) -> None:
+    """The target's greedy answers (with its `decoder`) to a set's first turns, into `cache_dir`
+    (resumes; a cache of other settings is refused by `self_distill`)."""
     from ppow_jax.data.distill import DistillSettings, self_distill
-    from ppow_jax.inference.autoregressive import AutoregressiveDecoder
 
     tok = target.tokenizer
-    decoder = AutoregressiveDecoder(target.config, target.params, eos_token_ids=tok.eos_token_ids,
-                                    pad_token_id=tok.pad_token_id or 0)
     settings = DistillSettings(model=str(config.target), max_prompt_tokens=config.data.max_prompt_tokens,
                                max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, seed=config.seed)
     manifest = self_distill(decoder, tok, question_prompts(data_root, set_name), cache_dir, settings,
@@ -165,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
     from ppow_jax.distill import data_root
     from ppow_jax.drafters.store import load_drafter
     from ppow_jax.errors import InputError
+    from ppow_jax.inference.autoregressive import AutoregressiveDecoder
     from ppow_jax.train import feature_cache
     from ppow_jax.training.ppow import PPOWTarget, greedy_window_records
     from ppow_jax.weights.registry import load_model
@@ -185,10 +184,13 @@ def run(args: argparse.Namespace) -> int:
         name, _, directory = spec.partition("=")
         drafters.append((name, *load_drafter(directory or name, target.config)))
 
+    # One decoder for every set: its compiled programs are reused.
+    decoder = AutoregressiveDecoder(target.config, target.params, eos_token_ids=target.tokenizer.eos_token_ids,
+                                    pad_token_id=target.tokenizer.pad_token_id or 0)
     batches = {}
     for set_name in args.sets:
         cache_dir = cache_root / f"{set_name}-{args.max_new_tokens}"
-        answer_questions(config, target, root, set_name, cache_dir, args.max_new_tokens)
+        answer_questions(config, target, decoder, root, set_name, cache_dir, args.max_new_tokens)
         set_config = config.copy_and_resolve_references()
         set_config.data.dev_cache_dir = str(cache_dir)
         set_config.data.dev_features_dir = str(cache_dir.with_name(cache_dir.name + "-features"))
