@@ -125,17 +125,22 @@ def answer_questions(config: "ConfigDict", target: "LoadedModel", decoder: "Auto
 
 
 def replay_drafter(records: Callable, params: dict, frozen: "PPOWTarget", batches: list[dict]) -> ReplayedCycles:
-    """The replayed cycles and every-position windows of one drafter over a set's answers."""
+    """The replayed cycles and every-position windows of one drafter over a set's answers. `records`
+    spans each answer from its first valid anchor on; a span too short for an answer is refused."""
     import jax
+
+    from ppow_jax.training.ppow import greedy_window_counts
 
     parts = []
     for batch in batches:
         _, accepted, reached = jax.device_get(records(params, frozen, batch))
+        if reached[:, -1, 0].any():
+            raise ValueError("the window records' span ends inside an answer: the walk would stop short")
         lengths, valid = accepted.sum(axis=-1), reached[..., 0]
+        windows, accepted_drafts, _ = greedy_window_counts(accepted, reached)
         for row in range(len(lengths)):
             accepts = replay_cycles(lengths[row], valid[row])
-            parts.append((len(accepts), sum(accepts) + len(accepts), int(valid[row].sum()),
-                          int((accepted[row] & reached[row]).sum())))
+            parts.append((len(accepts), sum(accepts) + len(accepts), int(windows[row]), int(accepted_drafts[row])))
     return ReplayedCycles(*(np.array(column) for column in zip(*parts)))
 
 
@@ -202,7 +207,9 @@ def run(args: argparse.Namespace) -> int:
 
     results = {}
     for name, drafter, params in drafters:
-        records = jax.jit(functools.partial(greedy_window_records, drafter, window=args.window, stride=1))
+        # Windows at the answer's positions only: an answer has at most --max-new-tokens of them.
+        records = jax.jit(functools.partial(greedy_window_records, drafter, window=args.window, stride=1,
+                                            span=args.max_new_tokens))
         frozen = PPOWTarget.from_target(target.params, params["d2t"])
         results[name] = {s: replay_drafter(records, params, frozen, batches[s]) for s in args.sets}
         results[name]["overall"] = ReplayedCycles.concatenate([results[name][s] for s in args.sets])

@@ -371,11 +371,12 @@ def test_replayed_cycles_are_the_greedy_engine_cycles(kd_run, tiny_target):
     frozen = _frozen(tiny_target.params, np.asarray(dparams["d2t"]))
     batch = {k: jnp.asarray(v) for k, v in _first_batch(kd_run).items()}
     window = 3
-    records = jax.jit(functools.partial(ppow.greedy_window_records, drafter, window=window, stride=1))
+    tokens, masks = np.asarray(batch["tokens"]), np.asarray(batch["loss_mask"])
+    span = int(masks.sum(axis=-1).max())  # as the benchmark's: the windows from each answer's start on
+    records = jax.jit(functools.partial(ppow.greedy_window_records, drafter, window=window, stride=1, span=span))
     _, accepted, reached = jax.device_get(records(dparams, frozen, batch))
     engine = SpeculativeDecoder(tiny_target.config, tiny_target.params, drafter, dparams, eos_token_ids=(),
                                 pad_token_id=tiny_target.tokenizer.pad_token_id or 0)
-    tokens, masks = np.asarray(batch["tokens"]), np.asarray(batch["loss_mask"])
     walked_cycles = accepted_drafts = 0
     for row, mask in enumerate(masks):
         start, length = int(np.argmax(mask)) + 1, int(mask.sum())  # the answer: tokens[start:start + length]
@@ -391,6 +392,35 @@ def test_replayed_cycles_are_the_greedy_engine_cycles(kd_run, tiny_target):
         assert result.tokens[0][:overlap] == tokens[row, start:start + overlap].tolist()
         walked_cycles, accepted_drafts = walked_cycles + len(accepts), accepted_drafts + sum(accepts)
     assert walked_cycles >= 20 and accepted_drafts > 0
+
+
+def test_spanned_window_records_are_the_full_ones_from_the_first_valid_anchor(kd_run, tiny_target):
+    """With a span, the window records start at each row's first valid anchor: they equal the records
+    at every position there, and anchors past the sequence's end are invalid."""
+    drafter, dparams = load_drafter(kd_run / "drafter", tiny_target.config)
+    frozen = _frozen(tiny_target.params, np.asarray(dparams["d2t"]))
+    batch = {k: jnp.asarray(v) for k, v in _first_batch(kd_run).items()}
+    window = 3
+
+    def records(span):
+        return jax.device_get(jax.jit(functools.partial(ppow.greedy_window_records, drafter, window=window,
+                                                        stride=1, span=span))(dparams, frozen, batch))
+
+    full = records(None)
+    seq = full[2].shape[1]
+    firsts = np.argmax(full[2][..., 0], axis=-1)
+    assert full[2][..., 0].any(axis=-1).all() and firsts.max() > 0
+    for span in (8, seq):  # a span inside every row, and one past the end of rows that start late
+        spanned = records(span)
+        assert spanned[2].shape[1] == span
+        for row, first in enumerate(firsts):
+            positions = first + np.arange(span)
+            inside = positions < seq
+            np.testing.assert_allclose(spanned[0][row][inside], full[0][row][positions[inside]], rtol=1e-6)
+            for part in (1, 2):
+                np.testing.assert_array_equal(spanned[part][row][inside], full[part][row][positions[inside]])
+            assert not spanned[2][row][~inside].any()
+    assert (records(seq)[2][..., 0].sum(axis=-1) == full[2][..., 0].sum(axis=-1)).all()
 
 
 def test_replayed_tau_and_its_paired_error():

@@ -842,22 +842,34 @@ def measure_cost_ratio(drafter: Eagle3Drafter, drafter_params: dict, target_conf
     return costs.draft / costs.verify[window]
 
 
-def strided_anchors(loss_mask: jax.Array, window: int, stride: int) -> tuple[jax.Array, jax.Array]:
+def strided_anchors(loss_mask: jax.Array, window: int, stride: int,
+                    span: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
     """Every `stride`-th position as an anchor -> (anchors [B, W], valid [B, W]); anchors too close to
-    the end (invalid) are clamped."""
+    the end (invalid) are clamped. With `span`, only the `span` positions from each row's first valid
+    anchor on are taken (W = span / stride): a short answer after a long prompt then costs windows at
+    its own positions only, not at every position of the sequence."""
     batch_size, seq = loss_mask.shape
-    positions = jnp.arange(0, seq, stride, dtype=jnp.int32)
-    anchors = jnp.broadcast_to(jnp.minimum(positions, seq - window - 1), (batch_size, len(positions)))
-    return anchors, valid_anchors(loss_mask, window)[:, positions]
+    valid = valid_anchors(loss_mask, window)
+    if span is None:
+        positions = jnp.broadcast_to(jnp.arange(0, seq, stride, dtype=jnp.int32), (batch_size, -(-seq // stride)))
+    else:
+        first = jnp.argmax(valid, axis=-1).astype(jnp.int32)
+        positions = first[:, None] + jnp.arange(0, span, stride, dtype=jnp.int32)
+    inside = positions < seq
+    positions = jnp.minimum(positions, seq - 1)
+    valid = jnp.take_along_axis(valid, positions, axis=-1) & inside
+    return jnp.minimum(positions, seq - window - 1), valid
 
 
 def greedy_window_records(drafter: Eagle3Drafter, params: dict, target: PPOWTarget, batch: Batch,
-                          window: int, stride: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Greedy windows at every `stride`-th position as anchor, verified from the cache -> (features
-    [B, W, K, 3] of each draft for the confidence model, accepted [B, W, K] whether it was accepted,
-    reached [B, W, K] whether the anchor is valid and every draft before it was accepted)."""
+                          window: int, stride: int = 1,
+                          span: Optional[int] = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Greedy windows at every `stride`-th position as anchor (or, with `span`, at the `span`
+    positions from each row's first valid anchor on), verified from the cache -> (features [B, W, K, 3]
+    of each draft for the confidence model, accepted [B, W, K] whether it was accepted, reached
+    [B, W, K] whether the anchor is valid and every draft before it was accepted)."""
     context = context_pass(drafter, params, target.constants.embed, batch["tokens"], batch["features"])
-    anchors, valid = strided_anchors(batch["loss_mask"], window, stride)
+    anchors, valid = strided_anchors(batch["loss_mask"], window, stride, span)
     drafts, logprobs = draft_windows(drafter, params, target.constants.embed, context, anchors, window)
     verified = verify_from_cache(batch, target, anchors, drafts, window)
     offsets = jnp.arange(window)
@@ -907,6 +919,13 @@ def _counts(batch_counts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Ac
     return AcceptanceCounts(*(np.concatenate(part) for part in zip(*batch_counts)))
 
 
+def greedy_window_counts(accepted: np.ndarray, reached: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`greedy_window_records`' accepted and reached [B, W, K] -> per row [B each]: its valid windows,
+    their accepted drafts and their accepted first drafts."""
+    valid = reached[..., 0]
+    return valid.sum(axis=-1), (accepted & reached).sum(axis=(-2, -1)), (accepted[..., 0] & valid).sum(axis=-1)
+
+
 def greedy_acceptance(records, params: dict, target: PPOWTarget, batches) -> AcceptanceCounts:
     """How far the drafter's greedy windows get on some sequences (a held-out split: the learning
     curve of both training stages). `records` is `greedy_window_records` with the drafter, window
@@ -914,9 +933,7 @@ def greedy_acceptance(records, params: dict, target: PPOWTarget, batches) -> Acc
     counts = []
     for batch in batches:
         _, accepted, reached = jax.device_get(records(params, target, batch))
-        valid = reached[..., 0]
-        counts.append((valid.sum(axis=-1), (accepted & reached).sum(axis=(-2, -1)),
-                       (accepted[..., 0] & valid).sum(axis=-1)))
+        counts.append(greedy_window_counts(accepted, reached))
     return _counts(counts)
 
 
