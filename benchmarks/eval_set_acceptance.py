@@ -86,7 +86,8 @@ def replay_cycles(accepted_lengths: np.ndarray, valid: np.ndarray) -> list[int]:
     """The drafts a greedy engine accepts cycle by cycle along one answer -> [a per cycle].
 
     `accepted_lengths[p]`: how many drafts of the window anchored at position p (drafts predicting
-    tokens p + 1 ...) match the answer; `valid[p]`: that window lies inside the answer. The target's
+    tokens p + 1 ...) match the answer; `valid[p]`: that window lies inside the answer. Positions
+    count one apart from any origin (the records' span starts at the first valid anchor). The target's
     prefill gives the answer's first token, so the engine's first window is anchored one position
     after the first valid one (which predicts that token)."""
     positions = np.flatnonzero(valid)
@@ -207,9 +208,10 @@ def run(args: argparse.Namespace) -> int:
 
     results = {}
     for name, drafter, params in drafters:
-        # Windows at the answer's positions only: an answer has at most --max-new-tokens of them.
+        # Windows at the answer's positions only: an answer of at most N tokens has at most N - K + 1
+        # valid anchors, and the span ends one past them (so an answer it cut off would be refused).
         records = jax.jit(functools.partial(greedy_window_records, drafter, window=args.window, stride=1,
-                                            span=args.max_new_tokens))
+                                            span=args.max_new_tokens - args.window + 2))
         frozen = PPOWTarget.from_target(target.params, params["d2t"])
         results[name] = {s: replay_drafter(records, params, frozen, batches[s]) for s in args.sets}
         results[name]["overall"] = ReplayedCycles.concatenate([results[name][s] for s in args.sets])

@@ -372,7 +372,7 @@ def test_replayed_cycles_are_the_greedy_engine_cycles(kd_run, tiny_target):
     batch = {k: jnp.asarray(v) for k, v in _first_batch(kd_run).items()}
     window = 3
     tokens, masks = np.asarray(batch["tokens"]), np.asarray(batch["loss_mask"])
-    span = int(masks.sum(axis=-1).max())  # as the benchmark's: the windows from each answer's start on
+    span = int(masks.sum(axis=-1).max())  # the windows from each answer's start on, as the benchmark's
     records = jax.jit(functools.partial(ppow.greedy_window_records, drafter, window=window, stride=1, span=span))
     _, accepted, reached = jax.device_get(records(dparams, frozen, batch))
     engine = SpeculativeDecoder(tiny_target.config, tiny_target.params, drafter, dparams, eos_token_ids=(),
@@ -409,7 +409,7 @@ def test_spanned_window_records_are_the_full_ones_from_the_first_valid_anchor(kd
     full = records(None)
     seq = full[2].shape[1]
     firsts = np.argmax(full[2][..., 0], axis=-1)
-    assert full[2][..., 0].any(axis=-1).all() and firsts.max() > 0
+    assert full[2][..., 0].any(axis=-1).all() and len(set(firsts)) > 1  # the rows start apart
     for span in (8, seq):  # a span inside every row, and one past the end of rows that start late
         spanned = records(span)
         assert spanned[2].shape[1] == span
@@ -421,6 +421,23 @@ def test_spanned_window_records_are_the_full_ones_from_the_first_valid_anchor(kd
                 np.testing.assert_array_equal(spanned[part][row][inside], full[part][row][positions[inside]])
             assert not spanned[2][row][~inside].any()
     assert (records(seq)[2][..., 0].sum(axis=-1) == full[2][..., 0].sum(axis=-1)).all()
+
+
+def test_the_replay_refuses_a_span_that_cuts_an_answer_off():
+    """The replay's records span each answer from its first valid anchor; a span that ends inside an
+    answer (its last anchor still valid) would stop the walk short, so it is refused."""
+    replay = _benchmark_module("eval_set_acceptance")
+    answer_windows, window = 6, 3
+
+    def records(span):
+        reached = np.zeros((1, span, window), bool)
+        reached[0, :answer_windows, 0] = True
+        return lambda params, frozen, batch: (None, np.zeros_like(reached), reached)
+
+    replayed = replay.replay_drafter(records(answer_windows + 1), {}, None, [{}])
+    assert replayed.cycles.tolist() == [answer_windows - 1] and replayed.windows.tolist() == [answer_windows]
+    with pytest.raises(ValueError, match="span ends inside an answer"):
+        replay.replay_drafter(records(answer_windows), {}, None, [{}])
 
 
 def test_replayed_tau_and_its_paired_error():

@@ -846,19 +846,17 @@ def strided_anchors(loss_mask: jax.Array, window: int, stride: int,
                     span: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
     """Every `stride`-th position as an anchor -> (anchors [B, W], valid [B, W]); anchors too close to
     the end (invalid) are clamped. With `span`, only the `span` positions from each row's first valid
-    anchor on are taken (W = span / stride): a short answer after a long prompt then costs windows at
-    its own positions only, not at every position of the sequence."""
+    anchor on are taken (W = ceil(span / stride)): a short answer after a long prompt then costs
+    windows at its own positions only, not at every position of the sequence."""
     batch_size, seq = loss_mask.shape
     valid = valid_anchors(loss_mask, window)
     if span is None:
         positions = jnp.broadcast_to(jnp.arange(0, seq, stride, dtype=jnp.int32), (batch_size, -(-seq // stride)))
     else:
         first = jnp.argmax(valid, axis=-1).astype(jnp.int32)
-        positions = first[:, None] + jnp.arange(0, span, stride, dtype=jnp.int32)
-    inside = positions < seq
-    positions = jnp.minimum(positions, seq - 1)
-    valid = jnp.take_along_axis(valid, positions, axis=-1) & inside
-    return jnp.minimum(positions, seq - window - 1), valid
+        # Past the end, the last position: never a valid anchor, as its window would lie past the end.
+        positions = jnp.minimum(first[:, None] + jnp.arange(0, span, stride, dtype=jnp.int32), seq - 1)
+    return jnp.minimum(positions, seq - window - 1), jnp.take_along_axis(valid, positions, axis=-1)
 
 
 def greedy_window_records(drafter: Eagle3Drafter, params: dict, target: PPOWTarget, batch: Batch,
