@@ -420,7 +420,8 @@ def test_spanned_window_records_are_the_full_ones_from_the_first_valid_anchor(kd
             for part in (1, 2):
                 np.testing.assert_array_equal(spanned[part][row][inside], full[part][row][positions[inside]])
             assert not spanned[2][row][~inside].any()
-    assert (records(seq)[2][..., 0].sum(axis=-1) == full[2][..., 0].sum(axis=-1)).all()
+    # `spanned` is the last span's, `seq`: it holds every valid anchor
+    assert (spanned[2][..., 0].sum(axis=-1) == full[2][..., 0].sum(axis=-1)).all()
 
 
 def test_the_replay_refuses_a_span_that_cuts_an_answer_off():
