@@ -56,6 +56,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.read_ahead = 2  # training batches prepared in the background (each holds features: MBs per sequence)
     config.data.feature_batch_size = 8  # sequences per target forward when caching features
     config.data.features_dir = ""  # the target-feature cache; empty: WORKDIR/features
+    # More self-distilled caches of this target to train on beside cache_dir, mixed in one shuffle:
+    # comma-separated DISTILL_DIR:FEATURES_DIR pairs (each feature cache is built on first use), e.g. a
+    # distillation of new prompts made with data.skip_prompts. Their prompts must differ from cache_dir's.
+    config.data.extra_caches = ""
 
     config.drafter = ml_collections.ConfigDict()
     config.drafter.kind = "eagle3"

@@ -65,9 +65,22 @@ class MetricsLog:
 
 
 def feature_cache(config, target, progress: bool, split: str = "train") -> pathlib.Path:
-    """Builds (or resumes, or just checks) the target-feature cache of a split; -> its directory.
+    """Builds (or resumes, or just checks) the target-feature cache of a split (of `data.cache_dir` for
+    "train"); -> its directory."""
+    data = config.data
+    if split == "train":
+        distill_dir, directory, setting = data.cache_dir, data.get("features_dir"), "data.cache_dir"
+    else:
+        distill_dir, directory, setting = data.dev_cache_dir, data.get("dev_features_dir"), "data.dev_cache_dir"
+    directory = pathlib.Path(directory or pathlib.Path(config.workdir) / ("features" if split == "train" else "features-dev"))
+    return build_features(config, target, progress, pathlib.Path(distill_dir), directory, split, setting)
 
-    With several processes they share the work on the shared workdir, each on its own devices."""
+
+def build_features(config, target, progress: bool, distill_dir: pathlib.Path, directory: pathlib.Path, label: str,
+                   setting: str) -> pathlib.Path:
+    """The feature cache in `directory` of the self-distilled data in `distill_dir` (named by the config
+    entry `setting` in errors), built on first use; with several processes they share the work on the
+    shared workdir, each on its own devices."""
     import jax
 
     from ppow_jax import multihost
@@ -77,18 +90,13 @@ def feature_cache(config, target, progress: bool, split: str = "train") -> pathl
     from ppow_jax.errors import InputError
 
     data = config.data
-    if split == "train":
-        distill_dir, directory = data.cache_dir, data.get("features_dir")
-    else:
-        distill_dir, directory = data.dev_cache_dir, data.get("dev_features_dir")
-    directory = pathlib.Path(directory or pathlib.Path(config.workdir) / ("features" if split == "train" else "features-dev"))
     # The drafter learns the target from its own responses: another model's (a wrong cache_dir) would
     # train it on text this target does not write, with no other sign.
     answered_by = cache_settings(distill_dir).get("model")
     if answered_by is not None and answered_by != str(config.target):
         raise InputError(f"{distill_dir} holds the responses of {answered_by!r}, not of this config's target "
-                         f"{str(config.target)!r}: point data.{'cache_dir' if split == 'train' else 'dev_cache_dir'} "
-                         "at a distillation of this target (python -m ppow_jax.distill with this config)")
+                         f"{str(config.target)!r}: point {setting} at a distillation of this target "
+                         "(python -m ppow_jax.distill with this config)")
     started = time.perf_counter()
     manifest = build_feature_cache(target.config, target.params, distill_dir, directory,
                                    feature_layers=tuple(config.drafter.feature_layers), seq_len=data.seq_len,
@@ -96,9 +104,79 @@ def feature_cache(config, target, progress: bool, split: str = "train") -> pathl
                                    progress=progress, devices=jax.local_devices(),
                                    share=ProcessShare(jax.process_index(), jax.process_count(), multihost.gather_ints))
     loss_tokens = sum(s["loss_tokens"] for s in manifest["shards"])
-    multihost.log(f"feature cache {directory} ({split}): {sum(s['examples'] for s in manifest['shards'])} sequences, "
+    multihost.log(f"feature cache {directory} ({label}): {sum(s['examples'] for s in manifest['shards'])} sequences, "
                   f"{loss_tokens} response tokens (built or checked in {time.perf_counter() - started:.1f} s)")
     return directory
+
+
+# What a self-distilled cache's answers must share with data.cache_dir's to be trained on beside them.
+SHARED_DISTILL_SETTINGS = ("model", "temperature", "top_p", "responses")
+
+
+def extra_caches(config) -> list[tuple[pathlib.Path, pathlib.Path]]:
+    """`data.extra_caches`: more self-distilled caches of the target to train on beside `data.cache_dir`,
+    as comma-separated DISTILL_DIR:FEATURES_DIR pairs; -> [(distill_dir, features_dir)]."""
+    from ppow_jax.errors import InputError
+
+    pairs = []
+    for item in filter(None, (part.strip() for part in str(config.data.get("extra_caches", "")).split(","))):
+        distill_dir, colon, features_dir = item.partition(":")
+        if not colon or not distill_dir or not features_dir or ":" in features_dir:
+            raise InputError(f"data.extra_caches entry {item!r} is not DISTILL_DIR:FEATURES_DIR")
+        pairs.append((pathlib.Path(distill_dir), pathlib.Path(features_dir)))
+    return pairs
+
+
+def check_training_caches(config) -> None:
+    """Refuses extra caches answered under other settings than `data.cache_dir` (another temperature would
+    mix two targets' text), or that share prompts with it, with each other or with the dev split (a
+    prompt twice would weigh double; one in the dev split would leak into the probe)."""
+    from ppow_jax.data.distill import cache_settings, read_manifest
+    from ppow_jax.errors import InputError
+
+    pairs = extra_caches(config)
+    if not pairs:
+        return
+    main = pathlib.Path(config.data.cache_dir)
+    caches = [main] + [distill_dir for distill_dir, _ in pairs]
+    missing = [str(c) for c in caches if not (c / "manifest.json").is_file()]
+    if missing:
+        raise InputError(f"no self-distilled cache in {', '.join(missing)} (python -m ppow_jax.distill makes one); "
+                         "data.extra_caches names caches that are already distilled")
+
+    def shared(cache: pathlib.Path) -> dict:
+        settings = {"responses": "target", **cache_settings(cache)}  # caches from before the setting: the target's
+        return {k: settings.get(k) for k in SHARED_DISTILL_SETTINGS}
+
+    reference = shared(main)
+    for distill_dir in caches[1:]:
+        if (settings := shared(distill_dir)) != reference:
+            raise InputError(f"{distill_dir} was distilled with {settings}, data.cache_dir {main} with {reference}: "
+                             "the caches trained on together must share these settings")
+    if config.data.get("dev_prompts") and (pathlib.Path(config.data.dev_cache_dir) / "manifest.json").is_file():
+        caches.append(pathlib.Path(config.data.dev_cache_dir))
+    owner: dict[str, int] = {}  # prompt key -> the index of the cache that holds it
+    for index, cache in enumerate(caches):  # the same directory twice counts as two caches
+        for key in (key for shard in read_manifest(cache)["shards"] for key in shard["keys"]):
+            if owner.setdefault(key, index) != index:
+                raise InputError(f"prompt {key!r} is in both {caches[owner[key]]} and {cache}: the caches in "
+                                 "data.cache_dir, data.extra_caches and data.dev_cache_dir must hold different "
+                                 "prompts (distill new ones with data.skip_prompts)")
+
+
+def training_features(config, target, progress: bool) -> list[pathlib.Path]:
+    """The feature caches of `data.cache_dir` and of each of `data.extra_caches`, built on first use."""
+    directories = [feature_cache(config, target, progress)]
+    for distill_dir, features_dir in extra_caches(config):
+        directories.append(build_features(config, target, progress, distill_dir, features_dir, "train, extra",
+                                          "data.extra_caches"))
+    return directories
+
+
+def training_shards(features_dirs: Sequence[pathlib.Path]) -> list[pathlib.Path]:
+    from ppow_jax.data.features import feature_shards
+
+    return [shard for directory in features_dirs for shard in feature_shards(directory)]
 
 
 class DevProbe:
@@ -174,11 +252,13 @@ def check_shared_storage(config) -> None:
     from ppow_jax import multihost
 
     data = config.data
-    read = [data.cache_dir] + ([data.dev_cache_dir] if data.get("dev_prompts") else [])
+    extra = extra_caches(config)
+    read = [data.cache_dir] + [d for d, _ in extra] + ([data.dev_cache_dir] if data.get("dev_prompts") else [])
     for directory in read:  # a missing one is reported where it is read
         if multihost.agree(pathlib.Path(directory).is_dir()):
             multihost.check_shared_directory(pathlib.Path(directory))
-    for directory in filter(None, [config.workdir, data.get("features_dir"), data.get("dev_features_dir")]):
+    for directory in filter(None, [config.workdir, data.get("features_dir"), data.get("dev_features_dir"),
+                                   *(f for _, f in extra)]):
         multihost.check_shared_directory(pathlib.Path(directory))  # made by the primary if missing
 
 
@@ -255,13 +335,12 @@ def training_responses(config) -> str:
     return cache_settings(config.data.cache_dir).get("responses", "target")
 
 
-def export_drafter(config, target, drafter, params, features_dir: pathlib.Path, extra: dict) -> pathlib.Path:
+def export_drafter(config, target, drafter, params, features_dirs: Sequence[pathlib.Path], extra: dict) -> pathlib.Path:
     """Fits the adaptive window's calibration on greedy windows of the training data, then saves the drafter
     (every process fits it on host copies of the parameters; the primary saves)."""
     import itertools
 
     from ppow_jax import multihost
-    from ppow_jax.data.features import feature_shards
     from ppow_jax.data.pipeline import feature_dataset
     from ppow_jax.drafters.store import save_drafter
     from ppow_jax.training.ppow import NothingToCalibrate, PPOWTarget, fit_window_calibration
@@ -269,7 +348,7 @@ def export_drafter(config, target, drafter, params, features_dir: pathlib.Path, 
     cc = config.calibration
     params = multihost.to_host(params)
     frozen = PPOWTarget.from_target(target.params, params["d2t"])
-    batches = itertools.islice(iter(feature_dataset(feature_shards(features_dir), batch_size=cc.batch_size,
+    batches = itertools.islice(iter(feature_dataset(training_shards(features_dirs), batch_size=cc.batch_size,
                                                     seed=config.seed + 1)), cc.batches)
     try:
         if training_responses(config) != "target":  # its greedy windows would be checked against another text
@@ -308,7 +387,7 @@ def train_loop(config, *, state, update: Callable, iterator, checkpointer, train
     """The loop both stages share: `state, metrics = update(state, batch)` until `train.steps`, the
     time budgets `train.max_seconds` (update time, summed over resumes) and `train.max_wall_seconds`
     (this run's wall clock from the loop's start: data waits, probes and checkpoints included; for
-    leased machines) or `stop_at`; metrics every `train.log_every`
+    leased machines), the end of `data.num_epochs` or `stop_at`; metrics every `train.log_every`
     steps (with tokens/s when `step_tokens(metrics)` counts a step's trained tokens), a checkpoint every
     `train.checkpoint_every`, the dev `probe(state)` every `train.eval_every`."""
     import jax
@@ -325,14 +404,24 @@ def train_loop(config, *, state, update: Callable, iterator, checkpointer, train
     bar = tqdm(total=tc.steps, initial=start_step, desc=str(config.get("stage", "kd")), unit=unit,
                disable=not (progress and multihost.is_primary()))
     end_step = tc.steps if stop_at is None else min(stop_at, tc.steps)
-    metrics, out_of_time = {}, False
+    metrics, out_of_time, exhausted = {}, False, False
     budgeted = bool(tc.get("max_seconds", 0) or tc.get("max_wall_seconds", 0))
     window_tokens, window_start = [], time.perf_counter()
+
+    def save(done: int) -> None:
+        checkpointer.save(done, state, {"data_iterator": iterator.get_state(), "train_seconds": train_seconds,
+                                        "config": config.to_dict(), **(checkpoint_meta or {})})
+
     for step in range(start_step, end_step):
         try:
             batch = next(iterator)
-        except StopIteration:
+        except StopIteration:  # data.num_epochs read: the run ends here as if train.steps said so
             multihost.log(f"data exhausted after {config.data.num_epochs} epochs at {unit} {step}")
+            exhausted = True
+            if step > start_step and checkpointer.latest_step() != step:
+                save(step)
+                if probe:
+                    metrics_log.write(step, probe(state))
             break
         step_start = time.perf_counter()
         state, metrics = update(state, batch)
@@ -361,8 +450,7 @@ def train_loop(config, *, state, update: Callable, iterator, checkpointer, train
             bar.set_postfix(postfix(logged))
             window_tokens, window_start = [], time.perf_counter()
         if done % tc.checkpoint_every == 0 or done == end_step or out_of_time:
-            checkpointer.save(done, state, {"data_iterator": iterator.get_state(), "train_seconds": train_seconds,
-                                            "config": config.to_dict(), **(checkpoint_meta or {})})
+            save(done)
         if probe and (done == end_step or out_of_time or (tc.eval_every and done % tc.eval_every == 0)):
             metrics_log.write(done, probe(state))
         bar.update(1)
@@ -374,30 +462,40 @@ def train_loop(config, *, state, update: Callable, iterator, checkpointer, train
     bar.close()
     metrics_log.close()
     checkpointer.close()
-    finished = int(state.step) >= tc.steps or out_of_time
+    finished = int(state.step) >= tc.steps or out_of_time or exhausted
     if not finished:
         multihost.log(f"stopped at {unit} {int(state.step)} of {tc.steps}; rerun to resume")
     return LoopOutcome(state, multihost.to_host(metrics), train_seconds, finished)
 
 
-def open_run(config, target, progress: bool) -> tuple[pathlib.Path, pathlib.Path, Any]:
-    """What both training stages start from: the work directory, the target's feature cache (built
-    on first use) and the run's checkpointer; -> (workdir, features_dir, checkpointer)."""
+def open_run(config, target, progress: bool) -> tuple[pathlib.Path, list[pathlib.Path], Any]:
+    """What both training stages start from: the work directory, the target's feature caches (built
+    on first use) and the run's checkpointer; -> (workdir, features_dirs, checkpointer)."""
     from ppow_jax.training.checkpoints import Checkpointer
 
     workdir = pathlib.Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     check_shared_storage(config)
-    features_dir = feature_cache(config, target, progress)
+    check_training_caches(config)
+    features_dirs = training_features(config, target, progress)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
-    return workdir, features_dir, checkpointer
+    return workdir, features_dirs, checkpointer
 
 
-def resume(checkpointer, state, iterator, unit: str) -> tuple[Any, float]:
-    """Restores the latest checkpoint's state and data-iterator position; -> (state, train_seconds)."""
+def resume(config, checkpointer, state, iterator, unit: str) -> tuple[Any, float]:
+    """Restores the latest checkpoint's state and data-iterator position; -> (state, train_seconds).
+    Refused when the run now names other training caches: the position indexes the saved run's."""
     from ppow_jax import multihost
+    from ppow_jax.errors import InputError
 
-    _, state, meta = checkpointer.restore(state)
+    step, state, meta = checkpointer.restore(state)
+    saved = meta.get("config", {}).get("data", {})
+    for key in ("cache_dir", "extra_caches"):
+        before, now = str(saved.get(key, "")), str(config.data.get(key, ""))
+        if "cache_dir" in saved and before != now:
+            raise InputError(f"the checkpoint at {unit} {step} in {checkpointer.directory} was trained with "
+                             f"data.{key}={before!r}, this run names {now!r}: resume with the same training data, "
+                             "or start in a new workdir (init_from its drafter to train on)")
     iterator.set_state(meta["data_iterator"])
     multihost.log(f"resumed from {unit} {int(state.step)} ({checkpointer.directory})")
     return state, meta["train_seconds"]
@@ -413,7 +511,6 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
     import numpy as np
 
     from ppow_jax import files, multihost
-    from ppow_jax.data.features import feature_shards
     from ppow_jax.data.pipeline import feature_dataset
     from ppow_jax.drafters.eagle import Eagle3Drafter
     from ppow_jax.errors import InputError
@@ -427,7 +524,7 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
     initial = None
     if config.get("init_from"):  # continued token-level training (CST) of a trained drafter
         drafter, initial = load_init_drafter(config, target)
-    workdir, features_dir, checkpointer = open_run(config, target, progress)
+    workdir, features_dirs, checkpointer = open_run(config, target, progress)
     resume_step = checkpointer.latest_step()
     if initial is not None:
         d2t = np.asarray(initial["d2t"])
@@ -437,18 +534,19 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
         if resume_step is not None:
             d2t = np.asarray(json.loads((workdir / "d2t.json").read_text()), np.int32)
         else:
-            d2t = draft_vocabulary(token_counts(pathlib.Path(config.data.cache_dir), target.config.vocab_size),
+            distill_dirs = [pathlib.Path(config.data.cache_dir)] + [d for d, _ in extra_caches(config)]
+            d2t = draft_vocabulary(sum(token_counts(d, target.config.vocab_size) for d in distill_dirs),
                                    config.drafter.draft_vocab_size)
     if resume_step is None and multihost.is_primary():  # a resumed run's other processes are reading it
         files.write_atomically(workdir / "d2t.json", json.dumps(np.asarray(d2t).tolist()))
     trainer = KDTrainer(drafter, target.params, d2t, optimizer_config(tc), unroll_steps=tc.unroll_steps,
                         loss_positions=tc.loss_positions, mesh=mesh)
     state = trainer.init_state(jax.random.key(config.seed), params=None if initial is None else split_params(initial)[0])
-    iterator = iter(feature_dataset(feature_shards(features_dir), batch_size=tc.batch_size, seed=config.seed,
+    iterator = iter(feature_dataset(training_shards(features_dirs), batch_size=tc.batch_size, seed=config.seed,
                                     num_epochs=config.data.num_epochs, rows=rows, read_ahead=config.data.read_ahead))
     train_seconds = 0.0
     if resume_step is not None:
-        state, train_seconds = resume(checkpointer, state, iterator, "step")
+        state, train_seconds = resume(config, checkpointer, state, iterator, "step")
 
     def scalars(metrics: dict) -> dict[str, float]:
         logged = {name: float(metrics[name]) for name in ("loss", "kl", "learning_rate", "grad_norm")}
@@ -465,7 +563,7 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
         unit="step", progress=progress, stop_at=stop_at,
         step_tokens=lambda metrics: metrics["loss_tokens"])  # response tokens that got the loss
     if outcome.finished:
-        export_drafter(config, target, drafter, trainer.drafter_params(outcome.state), features_dir,
+        export_drafter(config, target, drafter, trainer.drafter_params(outcome.state), features_dirs,
                        {"stage": "kd", "train_steps": int(outcome.state.step), "train_seconds": outcome.train_seconds,
                         "init_from": config.get("init_from") or None})
     return {k: np.asarray(v).tolist() for k, v in outcome.metrics.items()}
@@ -481,7 +579,6 @@ def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optiona
     import numpy as np
 
     from ppow_jax import multihost
-    from ppow_jax.data.features import feature_shards
     from ppow_jax.data.pipeline import feature_dataset
     from ppow_jax.errors import InputError
     from ppow_jax.training.kd import learning_rate_schedule, make_optimizer
@@ -498,7 +595,7 @@ def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optiona
     mesh = training_mesh(tc.mesh)
     rows = multihost.batch_rows(mesh, pc.sequences_per_iteration)  # this process's share of every batch
     drafter, initial = load_init_drafter(config, target)
-    workdir, features_dir, checkpointer = open_run(config, target, progress)
+    workdir, features_dirs, checkpointer = open_run(config, target, progress)
     resume_step = checkpointer.latest_step()
     if resume_step is not None:  # a resumed run keeps the γ its rewards were computed with
         gamma = checkpointer.restore_meta(resume_step)["gamma"]
@@ -514,11 +611,11 @@ def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optiona
                           settings_from_config(pc, gamma), make_optimizer(optim), learning_rate_schedule(optim),
                           mesh=mesh)
     state = trainer.init_state(initial, jax.random.key(config.seed))
-    iterator = iter(feature_dataset(feature_shards(features_dir), batch_size=pc.sequences_per_iteration,
+    iterator = iter(feature_dataset(training_shards(features_dirs), batch_size=pc.sequences_per_iteration,
                                     seed=config.seed, num_epochs=config.data.num_epochs, rows=rows, read_ahead=config.data.read_ahead))
     train_seconds = 0.0
     if resume_step is not None:
-        state, train_seconds = resume(checkpointer, state, iterator, "iteration")
+        state, train_seconds = resume(config, checkpointer, state, iterator, "iteration")
 
     outcome = train_loop(
         config, state=state, update=trainer.iteration, iterator=iterator, checkpointer=checkpointer,
@@ -529,7 +626,7 @@ def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optiona
         probe=DevProbe.of_train_state(config, target, progress, drafter, trainer.drafter_params),
         unit="iteration", progress=progress, stop_at=stop_at, checkpoint_meta={"gamma": gamma})
     if outcome.finished:
-        export_drafter(config, target, drafter, trainer.drafter_params(outcome.state), features_dir,
+        export_drafter(config, target, drafter, trainer.drafter_params(outcome.state), features_dirs,
                        {"stage": "ppow", "train_steps": int(outcome.state.step), "train_seconds": outcome.train_seconds,
                         "gamma": gamma, "init_from": str(config.init_from), "ppow": pc.to_dict()})
     return {k: float(v) for k, v in outcome.metrics.items()}

@@ -1046,7 +1046,7 @@ def test_a_drafter_that_cannot_be_calibrated_is_exported_for_fixed_windows_only(
     config = distilled[0].copy_and_resolve_references()
     config.workdir = str(tmp_path)
     drafter, params = load_drafter(kd_run / "drafter", tiny_target.config)
-    exported = export_drafter(config, tiny_target, drafter, params, kd_run / "features", {"stage": "kd"})
+    exported = export_drafter(config, tiny_target, drafter, params, [kd_run / "features"], {"stage": "kd"})
     description = json.loads((exported / "drafter.json").read_text())
     drafts = config.calibration.batches * 2 * config.calibration.window
     verdict = "accepted: raise calibration.window" if accepted else "rejected: train the drafter further"

@@ -704,6 +704,68 @@ def test_a_wall_clock_budget_ends_the_run_with_an_export(distilled, tiny_target,
     assert json.loads((tmp_path / "run" / "drafter" / "drafter.json").read_text())["train_steps"] == 1
 
 
+@pytest.fixture(scope="module")
+def extra_distilled(distilled, tiny_target, shared_data_root, tmp_path_factory) -> pathlib.Path:
+    """A second self-distilled cache of the tiny target: 8 prompts after the 16 of `distilled`'s."""
+    config, _, _ = distilled
+    prompts, decoder, settings = tiny_distillation(tiny_target, shared_data_root)
+    cache = tmp_path_factory.mktemp("distill-extra")
+    self_distill(decoder, tiny_target.tokenizer, prompts, cache, settings, batch_size=4, max_prompts=8,
+                 skip_prompts=16, dev_prompts=config.data.dev_prompts, progress=False)
+    return cache
+
+
+def test_extra_caches_train_in_one_shuffle_with_the_main_cache(distilled, extra_distilled, tiny_target, tmp_path):
+    config, _, _ = distilled
+    config = config.copy_and_resolve_references()
+    config.data.extra_caches = f"{extra_distilled}:{tmp_path / 'extra-features'}"
+    config.data.num_epochs = 1  # the run ends when both caches have been read once
+    config.train.log_every = 1
+    config.data.dev_prompts = 0
+    _train(config, tiny_target, tmp_path / "run", 100)
+    sequences = [sum(s["examples"] for s in json.loads((d / "manifest.json").read_text())["shards"])
+                 for d in (tmp_path / "run" / "features", tmp_path / "extra-features")]
+    assert sequences[1] == len(list(read_records(shard_paths(extra_distilled))))
+    # One epoch of batches of 4 over the sequences of both caches, then "data exhausted": the end of the
+    # run, checkpointed and exported.
+    steps = [row["step"] for row in _history(tmp_path / "run")]
+    assert steps == list(range(1, sum(sequences) // config.train.batch_size + 1)), (sequences, steps)
+    assert (tmp_path / "run" / "drafter" / "drafter.json").is_file()
+    # Resumed without the extra cache, the saved data-iterator position would index other data.
+    config.data.extra_caches = ""
+    with pytest.raises(InputError, match=r"was trained with data.extra_caches='.*', this run names ''"):
+        _train(config, tiny_target, tmp_path / "run", 100)
+
+
+def _extra_caches_error(config, target, workdir: pathlib.Path, extra: str) -> str:
+    config = config.copy_and_resolve_references()
+    config.data.extra_caches = extra
+    with pytest.raises(InputError) as err:
+        _train(config, target, workdir, 4)
+    assert not (workdir / "features").exists(), "refused before any feature was computed"
+    return str(err.value)
+
+
+def test_extra_caches_that_do_not_fit_the_main_cache_are_refused(distilled, extra_distilled, tiny_target, tmp_path):
+    config, _, _ = distilled
+    features = tmp_path / "extra-features"
+    assert "is not DISTILL_DIR:FEATURES_DIR" in _extra_caches_error(config, tiny_target, tmp_path / "a",
+                                                                    str(extra_distilled))
+    assert "no self-distilled cache in /nonexistent" in _extra_caches_error(config, tiny_target, tmp_path / "b",
+                                                                           f"/nonexistent:{features}")
+    # The main cache again: every prompt would weigh double.
+    message = _extra_caches_error(config, tiny_target, tmp_path / "c", f"{config.data.cache_dir}:{features}")
+    assert "is in both" in message and "must hold different prompts" in message
+    # Answers sampled at another temperature are another text than the main cache's greedy ones.
+    sampled = tmp_path / "sampled"
+    shutil.copytree(extra_distilled, sampled)
+    manifest = json.loads((sampled / "manifest.json").read_text())
+    manifest["settings"]["temperature"] = 1.0
+    (sampled / "manifest.json").write_text(json.dumps(manifest))
+    message = _extra_caches_error(config, tiny_target, tmp_path / "d", f"{sampled}:{features}")
+    assert f"{sampled} was distilled with" in message and "'temperature': 1.0" in message
+
+
 def test_corrupt_or_missing_checkpoints_give_clear_errors(distilled, tiny_target, tmp_path):
     from ppow_jax.training.checkpoints import Checkpointer
 
