@@ -8,9 +8,10 @@
   - "ppow" (window-level RL, METHOD.md §3): fine-tunes the drafter in `init_from` with grouped
     rollouts, rewards and PPO on the same feature cache.
 Both checkpoint (train state, data-iterator state, RNG) every `train.checkpoint_every` steps,
-keeping the last `train.keep_checkpoints`; a rerun resumes from the latest one exactly. A run ends
-after `train.steps` steps, `train.max_seconds` of training time or `train.max_wall_seconds` of this
-run's wall clock, whichever comes first, and exports the drafter, with the calibration of its
+keeping the last `train.keep_checkpoints`; a rerun resumes from the latest one exactly (and is
+refused if its training caches changed since). A run ends after `train.steps` steps,
+`train.max_seconds` of training time, `train.max_wall_seconds` of this run's wall clock or
+`data.num_epochs` of the data, whichever comes first, and exports the drafter, with the calibration of its
 adaptive window, to `WORKDIR/drafter` for `python -m ppow_jax.eval --drafter`. Metrics go to
 TensorBoard logs in `WORKDIR/logs`, `WORKDIR/metrics.jsonl` and a console progress bar.
 """
@@ -113,18 +114,26 @@ def build_features(config, target, progress: bool, distill_dir: pathlib.Path, di
 SHARED_DISTILL_SETTINGS = ("model", "temperature", "top_p", "responses")
 
 
-def extra_caches(config) -> list[tuple[pathlib.Path, pathlib.Path]]:
-    """`data.extra_caches`: more self-distilled caches of the target to train on beside `data.cache_dir`,
-    as comma-separated DISTILL_DIR:FEATURES_DIR pairs; -> [(distill_dir, features_dir)]."""
+def extra_caches(data) -> list[tuple[pathlib.Path, pathlib.Path]]:
+    """`data.extra_caches` (of a config's `data`, or of a checkpoint's saved one): more self-distilled
+    caches of the target to train on beside `data.cache_dir`, as comma-separated DISTILL_DIR:FEATURES_DIR
+    pairs; -> [(distill_dir, features_dir)]."""
     from ppow_jax.errors import InputError
 
     pairs = []
-    for item in filter(None, (part.strip() for part in str(config.data.get("extra_caches", "")).split(","))):
+    for item in filter(None, (part.strip() for part in str(data.get("extra_caches", "")).split(","))):
         distill_dir, colon, features_dir = item.partition(":")
         if not colon or not distill_dir or not features_dir or ":" in features_dir:
             raise InputError(f"data.extra_caches entry {item!r} is not DISTILL_DIR:FEATURES_DIR")
         pairs.append((pathlib.Path(distill_dir), pathlib.Path(features_dir)))
     return pairs
+
+
+def training_caches(data) -> list[str]:
+    """The self-distilled caches a run trains on, in the order their sequences are numbered (what a
+    checkpoint's data-iterator position indexes), as absolute paths."""
+    distill_dirs = [pathlib.Path(data.get("cache_dir", ""))] + [d for d, _ in extra_caches(data)]
+    return [str(d.resolve()) for d in distill_dirs]
 
 
 def check_training_caches(config) -> None:
@@ -134,12 +143,18 @@ def check_training_caches(config) -> None:
     from ppow_jax.data.distill import cache_settings, read_manifest
     from ppow_jax.errors import InputError
 
-    pairs = extra_caches(config)
+    pairs = extra_caches(config.data)
     if not pairs:
         return
     main = pathlib.Path(config.data.cache_dir)
+    features_dirs = [pathlib.Path(config.data.get("features_dir") or pathlib.Path(config.workdir) / "features")]
+    features_dirs += [f for _, f in pairs]
+    if len({str(f.resolve()) for f in features_dirs}) < len(features_dirs):
+        raise InputError(f"data.extra_caches gives a FEATURES_DIR twice, or data.features_dir's "
+                         f"({', '.join(map(str, features_dirs))}): each cache needs a feature directory of its own")
     caches = [main] + [distill_dir for distill_dir, _ in pairs]
-    missing = [str(c) for c in caches if not (c / "manifest.json").is_file()]
+    # (a missing data.cache_dir is reported where it is read)
+    missing = [str(c) for c in caches[1:] if not (c / "manifest.json").is_file()]
     if missing:
         raise InputError(f"no self-distilled cache in {', '.join(missing)} (python -m ppow_jax.distill makes one); "
                          "data.extra_caches names caches that are already distilled")
@@ -153,7 +168,8 @@ def check_training_caches(config) -> None:
         if (settings := shared(distill_dir)) != reference:
             raise InputError(f"{distill_dir} was distilled with {settings}, data.cache_dir {main} with {reference}: "
                              "the caches trained on together must share these settings")
-    if config.data.get("dev_prompts") and (pathlib.Path(config.data.dev_cache_dir) / "manifest.json").is_file():
+    # Also with the probe off (dev_prompts 0): benchmarks/dev_acceptance.py measures drafters on that split.
+    if config.data.get("dev_cache_dir") and (pathlib.Path(config.data.dev_cache_dir) / "manifest.json").is_file():
         caches.append(pathlib.Path(config.data.dev_cache_dir))
     owner: dict[str, int] = {}  # prompt key -> the index of the cache that holds it
     for index, cache in enumerate(caches):  # the same directory twice counts as two caches
@@ -167,7 +183,7 @@ def check_training_caches(config) -> None:
 def training_features(config, target, progress: bool) -> list[pathlib.Path]:
     """The feature caches of `data.cache_dir` and of each of `data.extra_caches`, built on first use."""
     directories = [feature_cache(config, target, progress)]
-    for distill_dir, features_dir in extra_caches(config):
+    for distill_dir, features_dir in extra_caches(config.data):
         directories.append(build_features(config, target, progress, distill_dir, features_dir, "train, extra",
                                           "data.extra_caches"))
     return directories
@@ -252,7 +268,7 @@ def check_shared_storage(config) -> None:
     from ppow_jax import multihost
 
     data = config.data
-    extra = extra_caches(config)
+    extra = extra_caches(config.data)
     read = [data.cache_dir] + [d for d, _ in extra] + ([data.dev_cache_dir] if data.get("dev_prompts") else [])
     for directory in read:  # a missing one is reported where it is read
         if multihost.agree(pathlib.Path(directory).is_dir()):
@@ -376,7 +392,7 @@ class LoopOutcome:
     state: Any
     metrics: dict  # the last step's metrics, on the host
     train_seconds: float
-    finished: bool  # train.steps or a time budget reached: the caller exports the drafter
+    finished: bool  # train.steps, a time budget or the end of data.num_epochs reached: the caller exports
 
 
 def train_loop(config, *, state, update: Callable, iterator, checkpointer, train_seconds: float, metrics_log: MetricsLog,
@@ -407,21 +423,39 @@ def train_loop(config, *, state, update: Callable, iterator, checkpointer, train
     metrics, out_of_time, exhausted = {}, False, False
     budgeted = bool(tc.get("max_seconds", 0) or tc.get("max_wall_seconds", 0))
     window_tokens, window_start = [], time.perf_counter()
+    logged_at = probed_at = start_step  # the last steps whose metrics and dev probe were written
+
+    def log_metrics(done: int, wall_seconds: float) -> None:
+        nonlocal metrics, window_tokens, window_start, logged_at
+        metrics = multihost.to_host(metrics)
+        logged = scalars(metrics)
+        if not np.isfinite(logged["loss"]):
+            raise FloatingPointError(f"loss is {logged['loss']} at {unit} {done}; last good checkpoint: "
+                                     f"{checkpointer.latest_step()}")
+        logged["train_seconds"] = train_seconds
+        logged["wall_seconds"] = wall_seconds
+        if step_tokens:
+            tokens = float(sum(multihost.to_host(window_tokens)))
+            logged["tokens_per_s"] = tokens / (time.perf_counter() - window_start)
+        metrics_log.write(done, logged)
+        bar.set_postfix(postfix(logged))
+        window_tokens, window_start, logged_at = [], time.perf_counter(), done
 
     def save(done: int) -> None:
         checkpointer.save(done, state, {"data_iterator": iterator.get_state(), "train_seconds": train_seconds,
                                         "config": config.to_dict(), **(checkpoint_meta or {})})
 
+    def run_probe(done: int) -> None:
+        nonlocal probed_at
+        metrics_log.write(done, probe(state))
+        probed_at = done
+
     for step in range(start_step, end_step):
         try:
             batch = next(iterator)
-        except StopIteration:  # data.num_epochs read: the run ends here as if train.steps said so
+        except StopIteration:
             multihost.log(f"data exhausted after {config.data.num_epochs} epochs at {unit} {step}")
             exhausted = True
-            if step > start_step and checkpointer.latest_step() != step:
-                save(step)
-                if probe:
-                    metrics_log.write(step, probe(state))
             break
         step_start = time.perf_counter()
         state, metrics = update(state, batch)
@@ -436,29 +470,25 @@ def train_loop(config, *, state, update: Callable, iterator, checkpointer, train
         # Each host's clock differs: all follow the primary's, so all stop after the same step.
         out_of_time = budgeted and multihost.agree(bool(spent))
         if done % tc.log_every == 0 or done == tc.steps or out_of_time:
-            metrics = multihost.to_host(metrics)
-            logged = scalars(metrics)
-            if not np.isfinite(logged["loss"]):
-                raise FloatingPointError(f"loss is {logged['loss']} at {unit} {done}; last good checkpoint: "
-                                         f"{checkpointer.latest_step()}")
-            logged["train_seconds"] = train_seconds
-            logged["wall_seconds"] = wall_seconds
-            if step_tokens:
-                tokens = float(sum(multihost.to_host(window_tokens)))
-                logged["tokens_per_s"] = tokens / (time.perf_counter() - window_start)
-            metrics_log.write(done, logged)
-            bar.set_postfix(postfix(logged))
-            window_tokens, window_start = [], time.perf_counter()
+            log_metrics(done, wall_seconds)
         if done % tc.checkpoint_every == 0 or done == end_step or out_of_time:
             save(done)
         if probe and (done == end_step or out_of_time or (tc.eval_every and done % tc.eval_every == 0)):
-            metrics_log.write(done, probe(state))
+            run_probe(done)
         bar.update(1)
         if out_of_time:
             multihost.log(f"time budget reached at {unit} {done}: {train_seconds:.0f} s of updates "
                           f"(train.max_seconds {tc.get('max_seconds', 0)}), {wall_seconds:.0f} s of wall clock "
                           f"(train.max_wall_seconds {tc.get('max_wall_seconds', 0)})")
             break
+    done = int(state.step)
+    if exhausted and done > start_step:  # the end of data.num_epochs ends the run as train.steps would
+        if logged_at != done:
+            log_metrics(done, time.perf_counter() - loop_start)
+        if checkpointer.latest_step() != done:
+            save(done)
+        if probe and probed_at != done:
+            run_probe(done)
     bar.close()
     metrics_log.close()
     checkpointer.close()
@@ -468,34 +498,55 @@ def train_loop(config, *, state, update: Callable, iterator, checkpointer, train
     return LoopOutcome(state, multihost.to_host(metrics), train_seconds, finished)
 
 
-def open_run(config, target, progress: bool) -> tuple[pathlib.Path, list[pathlib.Path], Any]:
+@dataclasses.dataclass
+class RunInputs:
+    workdir: pathlib.Path
+    features_dirs: list[pathlib.Path]  # the training feature caches, data.cache_dir's first
+    checkpointer: Any
+    data_meta: dict  # what the data-iterator position indexes, saved with every checkpoint
+
+
+def open_run(config, target, progress: bool, batch_size: int) -> RunInputs:
     """What both training stages start from: the work directory, the target's feature caches (built
-    on first use) and the run's checkpointer; -> (workdir, features_dirs, checkpointer)."""
+    on first use) and the run's checkpointer. A run resumed on other training data than its
+    checkpoint's is refused: the saved data-iterator position would index other sequences."""
+    from ppow_jax import multihost
+    from ppow_jax.errors import InputError
     from ppow_jax.training.checkpoints import Checkpointer
 
     workdir = pathlib.Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     check_shared_storage(config)
     check_training_caches(config)
-    features_dirs = training_features(config, target, progress)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
-    return workdir, features_dirs, checkpointer
+    resume_step, caches = checkpointer.latest_step(), training_caches(config.data)
+    saved = {} if resume_step is None else checkpointer.restore_meta(resume_step)
+    advice = ("resume with the data settings it was trained with, or train on in a new workdir "
+              "(init_from an exported drafter)")
+    # Checkpoints from before training_caches was saved name theirs in their config.
+    saved_caches = saved.get("training_caches") or ("config" in saved and training_caches(saved["config"]["data"]))
+    if saved_caches and saved_caches != caches:  # checked before any feature is computed
+        raise InputError(f"the checkpoint at step {resume_step} in {checkpointer.directory} trained on the caches "
+                         f"{saved_caches}, this run names {caches}: {advice}")
+    features_dirs = training_features(config, target, progress)
+    sequences = sum(s["examples"] for d in features_dirs for s in json.loads((d / "manifest.json").read_text())["shards"])
+    if saved.get("training_sequences", sequences) != sequences:
+        raise InputError(f"the checkpoint at step {resume_step} in {checkpointer.directory} trained on "
+                         f"{saved['training_sequences']} sequences, its caches now hold {sequences} (one grew or "
+                         f"shrank since): {advice}")
+    epochs = config.data.num_epochs
+    if epochs and epochs * (sequences // batch_size) < config.train.steps:
+        multihost.log(f"warning: data.num_epochs={epochs} gives {epochs * (sequences // batch_size)} steps of "
+                      f"{batch_size} of the {sequences} sequences, fewer than train.steps={config.train.steps}: "
+                      "the run ends there, its learning-rate schedule unfinished")
+    return RunInputs(workdir, features_dirs, checkpointer, {"training_caches": caches, "training_sequences": sequences})
 
 
-def resume(config, checkpointer, state, iterator, unit: str) -> tuple[Any, float]:
-    """Restores the latest checkpoint's state and data-iterator position; -> (state, train_seconds).
-    Refused when the run now names other training caches: the position indexes the saved run's."""
+def resume(checkpointer, state, iterator, unit: str) -> tuple[Any, float]:
+    """Restores the latest checkpoint's state and data-iterator position; -> (state, train_seconds)."""
     from ppow_jax import multihost
-    from ppow_jax.errors import InputError
 
-    step, state, meta = checkpointer.restore(state)
-    saved = meta.get("config", {}).get("data", {})
-    for key in ("cache_dir", "extra_caches"):
-        before, now = str(saved.get(key, "")), str(config.data.get(key, ""))
-        if "cache_dir" in saved and before != now:
-            raise InputError(f"the checkpoint at {unit} {step} in {checkpointer.directory} was trained with "
-                             f"data.{key}={before!r}, this run names {now!r}: resume with the same training data, "
-                             "or start in a new workdir (init_from its drafter to train on)")
+    _, state, meta = checkpointer.restore(state)
     iterator.set_state(meta["data_iterator"])
     multihost.log(f"resumed from {unit} {int(state.step)} ({checkpointer.directory})")
     return state, meta["train_seconds"]
@@ -505,7 +556,8 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
     """Token-level training of the configured drafter for `target` (a `LoadedModel`); returns the last metrics.
 
     `stop_at` ends this run early after that step's checkpoint (a scheduled interruption; the
-    learning-rate schedule still follows `train.steps`), without exporting the drafter.
+    learning-rate schedule still follows `train.steps`), without exporting the drafter (unless the
+    data's `data.num_epochs` end first).
     """
     import jax
     import numpy as np
@@ -524,7 +576,8 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
     initial = None
     if config.get("init_from"):  # continued token-level training (CST) of a trained drafter
         drafter, initial = load_init_drafter(config, target)
-    workdir, features_dirs, checkpointer = open_run(config, target, progress)
+    run = open_run(config, target, progress, tc.batch_size)
+    workdir, features_dirs, checkpointer = run.workdir, run.features_dirs, run.checkpointer
     resume_step = checkpointer.latest_step()
     if initial is not None:
         d2t = np.asarray(initial["d2t"])
@@ -534,8 +587,8 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
         if resume_step is not None:
             d2t = np.asarray(json.loads((workdir / "d2t.json").read_text()), np.int32)
         else:
-            distill_dirs = [pathlib.Path(config.data.cache_dir)] + [d for d, _ in extra_caches(config)]
-            d2t = draft_vocabulary(sum(token_counts(d, target.config.vocab_size) for d in distill_dirs),
+            d2t = draft_vocabulary(sum(token_counts(pathlib.Path(d), target.config.vocab_size)
+                                       for d in training_caches(config.data)),
                                    config.drafter.draft_vocab_size)
     if resume_step is None and multihost.is_primary():  # a resumed run's other processes are reading it
         files.write_atomically(workdir / "d2t.json", json.dumps(np.asarray(d2t).tolist()))
@@ -546,7 +599,7 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
                                     num_epochs=config.data.num_epochs, rows=rows, read_ahead=config.data.read_ahead))
     train_seconds = 0.0
     if resume_step is not None:
-        state, train_seconds = resume(config, checkpointer, state, iterator, "step")
+        state, train_seconds = resume(checkpointer, state, iterator, "step")
 
     def scalars(metrics: dict) -> dict[str, float]:
         logged = {name: float(metrics[name]) for name in ("loss", "kl", "learning_rate", "grad_norm")}
@@ -560,7 +613,7 @@ def run_training(config, target, *, progress: bool = True, stop_at: Optional[int
         postfix=lambda s: {"loss": f"{s['loss']:.3f}", "agree0": f"{s['agreement/step0']:.3f}",
                            "tok_s": f"{s['tokens_per_s']:.0f}"},
         probe=DevProbe.of_train_state(config, target, progress, drafter, trainer.drafter_params),
-        unit="step", progress=progress, stop_at=stop_at,
+        unit="step", progress=progress, stop_at=stop_at, checkpoint_meta=run.data_meta,
         step_tokens=lambda metrics: metrics["loss_tokens"])  # response tokens that got the loss
     if outcome.finished:
         export_drafter(config, target, drafter, trainer.drafter_params(outcome.state), features_dirs,
@@ -595,7 +648,8 @@ def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optiona
     mesh = training_mesh(tc.mesh)
     rows = multihost.batch_rows(mesh, pc.sequences_per_iteration)  # this process's share of every batch
     drafter, initial = load_init_drafter(config, target)
-    workdir, features_dirs, checkpointer = open_run(config, target, progress)
+    run = open_run(config, target, progress, pc.sequences_per_iteration)
+    workdir, features_dirs, checkpointer = run.workdir, run.features_dirs, run.checkpointer
     resume_step = checkpointer.latest_step()
     if resume_step is not None:  # a resumed run keeps the γ its rewards were computed with
         gamma = checkpointer.restore_meta(resume_step)["gamma"]
@@ -615,7 +669,7 @@ def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optiona
                                     seed=config.seed, num_epochs=config.data.num_epochs, rows=rows, read_ahead=config.data.read_ahead))
     train_seconds = 0.0
     if resume_step is not None:
-        state, train_seconds = resume(config, checkpointer, state, iterator, "iteration")
+        state, train_seconds = resume(checkpointer, state, iterator, "iteration")
 
     outcome = train_loop(
         config, state=state, update=trainer.iteration, iterator=iterator, checkpointer=checkpointer,
@@ -624,7 +678,7 @@ def run_ppow_training(config, target, *, progress: bool = True, stop_at: Optiona
         postfix=lambda s: {"reward": f"{s['reward']:.3f}", "k": f"{s['accepted']:.2f}",
                            "kl": f"{s['kl_to_target']:.3f}"},
         probe=DevProbe.of_train_state(config, target, progress, drafter, trainer.drafter_params),
-        unit="iteration", progress=progress, stop_at=stop_at, checkpoint_meta={"gamma": gamma})
+        unit="iteration", progress=progress, stop_at=stop_at, checkpoint_meta={"gamma": gamma, **run.data_meta})
     if outcome.finished:
         export_drafter(config, target, drafter, trainer.drafter_params(outcome.state), features_dirs,
                        {"stage": "ppow", "train_steps": int(outcome.state.step), "train_seconds": outcome.train_seconds,

@@ -30,6 +30,7 @@ from ppow_jax.inference.autoregressive import AutoregressiveDecoder
 from ppow_jax.inference.speculative import SpeculativeDecoder
 from ppow_jax.inference.windows import WindowPolicy
 from ppow_jax.models import llama
+from ppow_jax.training.checkpoints import Checkpointer
 
 ALL_FOLDERS = ("sharegpt", "alpaca_cleaned_1k", "alpaca_en_demo", "alpaca_seed_tasks", "gsm8k_train", "c4_demo",
                "wiki_demo")
@@ -730,11 +731,32 @@ def test_extra_caches_train_in_one_shuffle_with_the_main_cache(distilled, extra_
     # run, checkpointed and exported.
     steps = [row["step"] for row in _history(tmp_path / "run")]
     assert steps == list(range(1, sum(sequences) // config.train.batch_size + 1)), (sequences, steps)
-    assert (tmp_path / "run" / "drafter" / "drafter.json").is_file()
+    last = steps[-1]
+    assert Checkpointer(tmp_path / "run" / "checkpoints", keep=2).latest_step() == last
+    assert json.loads((tmp_path / "run" / "drafter" / "drafter.json").read_text())["train_steps"] == last
+    # A rerun finds the data read and only exports again (before, it stopped unexported every time).
+    shutil.rmtree(tmp_path / "run" / "drafter")
+    _train(config, tiny_target, tmp_path / "run", 100)
+    assert json.loads((tmp_path / "run" / "drafter" / "drafter.json").read_text())["train_steps"] == last
     # Resumed without the extra cache, the saved data-iterator position would index other data.
     config.data.extra_caches = ""
-    with pytest.raises(InputError, match=r"was trained with data.extra_caches='.*', this run names ''"):
+    with pytest.raises(InputError, match=r"trained on the caches .*distill-extra.*, this run names"):
         _train(config, tiny_target, tmp_path / "run", 100)
+
+
+def test_a_run_is_not_resumed_on_a_cache_that_grew(distilled, extra_distilled, tiny_target, shared_data_root,
+                                                     tmp_path):
+    config, _, _ = distilled
+    config = config.copy_and_resolve_references()
+    growing = tmp_path / "growing"
+    shutil.copytree(extra_distilled, growing)
+    config.data.extra_caches = f"{growing}:{tmp_path / 'extra-features'}"
+    _train(config, tiny_target, tmp_path / "run", 8, stop_at=4)
+    prompts, decoder, settings = tiny_distillation(tiny_target, shared_data_root)
+    self_distill(decoder, tiny_target.tokenizer, prompts, growing, settings, batch_size=4, max_prompts=12,
+                 skip_prompts=16, dev_prompts=config.data.dev_prompts, progress=False)
+    with pytest.raises(InputError, match=r"trained on \d+ sequences, its caches now hold \d+ \(one grew"):
+        _train(config, tiny_target, tmp_path / "run", 8)
 
 
 def _extra_caches_error(config, target, workdir: pathlib.Path, extra: str) -> str:
@@ -753,9 +775,16 @@ def test_extra_caches_that_do_not_fit_the_main_cache_are_refused(distilled, extr
                                                                     str(extra_distilled))
     assert "no self-distilled cache in /nonexistent" in _extra_caches_error(config, tiny_target, tmp_path / "b",
                                                                            f"/nonexistent:{features}")
+    assert "needs a feature directory of its own" in _extra_caches_error(
+        config, tiny_target, tmp_path / "b2", f"{extra_distilled}:{features},{extra_distilled}2:{features}")
     # The main cache again: every prompt would weigh double.
     message = _extra_caches_error(config, tiny_target, tmp_path / "c", f"{config.data.cache_dir}:{features}")
     assert "is in both" in message and "must hold different prompts" in message
+    # The dev split, also with the probe off: benchmarks/dev_acceptance.py would measure trained prompts.
+    no_probe = config.copy_and_resolve_references()
+    no_probe.data.dev_prompts = 0
+    message = _extra_caches_error(no_probe, tiny_target, tmp_path / "c2", f"{config.data.dev_cache_dir}:{features}")
+    assert f"and {config.data.dev_cache_dir}: the caches" in message
     # Answers sampled at another temperature are another text than the main cache's greedy ones.
     sampled = tmp_path / "sampled"
     shutil.copytree(extra_distilled, sampled)
@@ -767,8 +796,6 @@ def test_extra_caches_that_do_not_fit_the_main_cache_are_refused(distilled, extr
 
 
 def test_corrupt_or_missing_checkpoints_give_clear_errors(distilled, tiny_target, tmp_path):
-    from ppow_jax.training.checkpoints import Checkpointer
-
     config, _, _ = distilled
     workdir = tmp_path / "run"
     _train(config, tiny_target, workdir, 20)  # checkpoints at steps 10 and 20
