@@ -140,7 +140,7 @@ def check_training_caches(config) -> None:
     """Refuses extra caches answered under other settings than `data.cache_dir` (another temperature would
     mix two targets' text), or that share prompts with it, with each other or with the dev split (a
     prompt twice would weigh double; one in the dev split would leak into the probe)."""
-    from ppow_jax.data.distill import cache_settings, read_manifest
+    from ppow_jax.data.distill import MANIFEST, cache_settings, read_manifest
     from ppow_jax.errors import InputError
 
     pairs = extra_caches(config.data)
@@ -154,7 +154,7 @@ def check_training_caches(config) -> None:
                          f"({', '.join(map(str, features_dirs))}): each cache needs a feature directory of its own")
     caches = [main] + [distill_dir for distill_dir, _ in pairs]
     # (a missing data.cache_dir is reported where it is read)
-    missing = [str(c) for c in caches[1:] if not (c / "manifest.json").is_file()]
+    missing = [str(c) for c in caches[1:] if not (c / MANIFEST).is_file()]
     if missing:
         raise InputError(f"no self-distilled cache in {', '.join(missing)} (python -m ppow_jax.distill makes one); "
                          "data.extra_caches names caches that are already distilled")
@@ -169,7 +169,7 @@ def check_training_caches(config) -> None:
             raise InputError(f"{distill_dir} was distilled with {settings}, data.cache_dir {main} with {reference}: "
                              "the caches trained on together must share these settings")
     # Also with the probe off (dev_prompts 0): benchmarks/dev_acceptance.py measures drafters on that split.
-    if config.data.get("dev_cache_dir") and (pathlib.Path(config.data.dev_cache_dir) / "manifest.json").is_file():
+    if config.data.get("dev_cache_dir") and (pathlib.Path(config.data.dev_cache_dir) / MANIFEST).is_file():
         caches.append(pathlib.Path(config.data.dev_cache_dir))
     owner: dict[str, int] = {}  # prompt key -> the index of the cache that holds it
     for index, cache in enumerate(caches):  # the same directory twice counts as two caches
@@ -511,6 +511,7 @@ def open_run(config, target, progress: bool, batch_size: int) -> RunInputs:
     on first use) and the run's checkpointer. A run resumed on other training data than its
     checkpoint's is refused: the saved data-iterator position would index other sequences."""
     from ppow_jax import multihost
+    from ppow_jax.data.features import MANIFEST
     from ppow_jax.errors import InputError
     from ppow_jax.training.checkpoints import Checkpointer
 
@@ -529,7 +530,7 @@ def open_run(config, target, progress: bool, batch_size: int) -> RunInputs:
         raise InputError(f"the checkpoint at step {resume_step} in {checkpointer.directory} trained on the caches "
                          f"{saved_caches}, this run names {caches}: {advice}")
     features_dirs = training_features(config, target, progress)
-    sequences = sum(s["examples"] for d in features_dirs for s in json.loads((d / "manifest.json").read_text())["shards"])
+    sequences = sum(s["examples"] for d in features_dirs for s in json.loads((d / MANIFEST).read_text())["shards"])
     if saved.get("training_sequences", sequences) != sequences:
         raise InputError(f"the checkpoint at step {resume_step} in {checkpointer.directory} trained on "
                          f"{saved['training_sequences']} sequences, its caches now hold {sequences} (one grew or "
