@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Reproduces the committed PPOW drafter for SmolLM2-135M-Instruct, checkpoints/smollm2-135m-instruct/ppow
+# (BENCHMARKS.md, PPOW, eighteenth and nineteenth rounds), from the committed token-level drafter:
+#
+#   1. the target answers three pools of 1,536 training prompts that the token-level drafter never saw
+#      (the seeded prompt order after its 4,096; the second and third pools pass over GSM8K, which
+#      made up most of the first 5,632); their feature caches are built on first use;
+#   2. PPOW full (the exact estimator at K = 3, ADAW's priorities at temperature 4, lr 1e-4) on the
+#      first two pools in one shuffle: 1,600 updates, then 800 more (seed 1);
+#   3. on all three pools in one shuffle: 1,600 more (seed 2), 800 more (seed 3) and 600 more (seed 4),
+#      each run starting from the drafter the one before exported (a fresh optimiser and shuffle);
+#   4. the last drafter is copied to checkpoints/smollm2-135m-instruct/ppow.
+#
+# On the 2-core CPU it was measured on: about 45 min of distillation on both cores, 20 min of
+# features, then 5,400 updates of about 2.7 s each on one core (about 4 h). Every stage resumes when
+# the script is run again (the distillation keeps each batch it finished, training resumes from its
+# last checkpoint, a finished run only exports). RUNS (runs/release-ppow) holds the data and runs,
+# RELEASE_DIR (checkpoints/smollm2-135m-instruct/ppow) gets the drafter.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-runs/release-ppow}
+RELEASE_DIR=${RELEASE_DIR:-checkpoints/smollm2-135m-instruct/ppow}
+KD=configs/smollm2_135m_kd.py
+
+distill() {  # NAME SKIP [--config.data.source_caps...]
+    local name=$1 skip=$2; shift 2
+    python -m ppow_jax.distill --config "$KD" --config.data.max_prompts=1536 --config.data.skip_prompts="$skip" \
+        --config.data.cache_dir="$RUNS/distill-$name" --config.data.dev_cache_dir="$RUNS/distill-dev" "$@"
+}
+distill unseen 4096
+distill chat 5632 --config.data.source_caps.gsm8k_train=3241
+distill chat2 7168 --config.data.source_caps.gsm8k_train=3241
+
+pool() { echo "$RUNS/distill-$1:$RUNS/features-$1"; }
+DATA="--config.data.cache_dir=$RUNS/distill-unseen --config.data.features_dir=$RUNS/features-unseen
+    --config.data.dev_cache_dir=$RUNS/distill-dev --config.data.dev_features_dir=$RUNS/features-dev"
+PPOW="--config.train.max_seconds=0 --config.train.eval_every=0 --config.ppow.estimator=exact
+    --config.ppow.window=3 --config.train.learning_rate=1e-4 --config.ppow.adaw=True
+    --config.ppow.priority_temperature=4.0"
+
+ppow() {  # WORKDIR STEPS SEED INIT_FROM EXTRA_CACHES
+    # shellcheck disable=SC2086  # $DATA and $PPOW are lists of flags
+    python -m ppow_jax.train --config configs/smollm2_135m_ppow.py $DATA $PPOW --config.workdir="$RUNS/$1" \
+        --config.train.steps="$2" --config.seed="$3" --config.init_from="$4" --config.data.extra_caches="$5"
+}
+ppow two-pools-1600 1600 0 checkpoints/smollm2-135m-instruct/kd "$(pool chat)"
+ppow two-pools-2400 800 1 "$RUNS/two-pools-1600/drafter" "$(pool chat)"
+ppow three-pools-1600 1600 2 "$RUNS/two-pools-2400/drafter" "$(pool chat),$(pool chat2)"
+ppow three-pools-2400 800 3 "$RUNS/three-pools-1600/drafter" "$(pool chat),$(pool chat2)"
+ppow three-pools-3000 600 4 "$RUNS/three-pools-2400/drafter" "$(pool chat),$(pool chat2)"
+
+rm -rf "$RELEASE_DIR"
+cp -r "$RUNS/three-pools-3000/drafter" "$RELEASE_DIR"
+echo "$RELEASE_DIR: $(du -sh "$RELEASE_DIR" | cut -f1)"
