@@ -15,7 +15,9 @@
 # features, then 5,400 updates of about 2.7 s each on one core (about 4 h). Every stage resumes when
 # the script is run again (the distillation keeps each batch it finished, training resumes from its
 # last checkpoint, a finished run only exports). RUNS (runs/release-ppow) holds the data and runs,
-# RELEASE_DIR (checkpoints/smollm2-135m-instruct/ppow) gets the drafter.
+# RELEASE_DIR (checkpoints/smollm2-135m-instruct/ppow) gets the drafter; relative paths count from
+# the repository root. Each run's cost ratio γ is pinned to the one its original run measured at
+# start-up (on a 2-core AMD EPYC), so that the rewards do not depend on the machine that reruns it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/release-ppow}
@@ -32,23 +34,26 @@ distill chat 5632 --config.data.source_caps.gsm8k_train=3241
 distill chat2 7168 --config.data.source_caps.gsm8k_train=3241
 
 pool() { echo "$RUNS/distill-$1:$RUNS/features-$1"; }
-DATA="--config.data.cache_dir=$RUNS/distill-unseen --config.data.features_dir=$RUNS/features-unseen
-    --config.data.dev_cache_dir=$RUNS/distill-dev --config.data.dev_features_dir=$RUNS/features-dev"
-PPOW="--config.train.max_seconds=0 --config.train.eval_every=0 --config.ppow.estimator=exact
-    --config.ppow.window=3 --config.train.learning_rate=1e-4 --config.ppow.adaw=True
-    --config.ppow.priority_temperature=4.0"
+DATA=(--config.data.cache_dir="$RUNS/distill-unseen" --config.data.features_dir="$RUNS/features-unseen"
+      --config.data.dev_cache_dir="$RUNS/distill-dev" --config.data.dev_features_dir="$RUNS/features-dev")
+PPOW=(--config.train.max_seconds=0 --config.train.eval_every=0 --config.ppow.estimator=exact
+      --config.ppow.window=3 --config.train.learning_rate=1e-4 --config.ppow.adaw=True
+      --config.ppow.priority_temperature=4.0)
 
-ppow() {  # WORKDIR STEPS SEED INIT_FROM EXTRA_CACHES
-    # shellcheck disable=SC2086  # $DATA and $PPOW are lists of flags
-    python -m ppow_jax.train --config configs/smollm2_135m_ppow.py $DATA $PPOW --config.workdir="$RUNS/$1" \
-        --config.train.steps="$2" --config.seed="$3" --config.init_from="$4" --config.data.extra_caches="$5"
+ppow() {  # WORKDIR STEPS SEED GAMMA INIT_FROM EXTRA_CACHES
+    python -m ppow_jax.train --config configs/smollm2_135m_ppow.py "${DATA[@]}" "${PPOW[@]}" \
+        --config.workdir="$RUNS/$1" --config.train.steps="$2" --config.seed="$3" --config.ppow.gamma="$4" \
+        --config.init_from="$5" --config.data.extra_caches="$6"
 }
-ppow two-pools-1600 1600 0 checkpoints/smollm2-135m-instruct/kd "$(pool chat)"
-ppow two-pools-2400 800 1 "$RUNS/two-pools-1600/drafter" "$(pool chat)"
-ppow three-pools-1600 1600 2 "$RUNS/two-pools-2400/drafter" "$(pool chat),$(pool chat2)"
-ppow three-pools-2400 800 3 "$RUNS/three-pools-1600/drafter" "$(pool chat),$(pool chat2)"
-ppow three-pools-3000 600 4 "$RUNS/three-pools-2400/drafter" "$(pool chat),$(pool chat2)"
+ppow two-pools-1600 1600 0 0.030757320663000225 checkpoints/smollm2-135m-instruct/kd "$(pool chat)"
+ppow two-pools-2400 800 1 0.035790467013908006 "$RUNS/two-pools-1600/drafter" "$(pool chat)"
+ppow three-pools-1600 1600 2 0.03536882543299646 "$RUNS/two-pools-2400/drafter" "$(pool chat),$(pool chat2)"
+ppow three-pools-2400 800 3 0.03422735549944404 "$RUNS/three-pools-1600/drafter" "$(pool chat),$(pool chat2)"
+ppow three-pools-3000 600 4 0.03856554142042462 "$RUNS/three-pools-2400/drafter" "$(pool chat),$(pool chat2)"
 
+# Copied beside the release first, so that a failed copy leaves the released drafter as it was.
+rm -rf "$RELEASE_DIR.new"
+cp -r "$RUNS/three-pools-3000/drafter" "$RELEASE_DIR.new"
 rm -rf "$RELEASE_DIR"
-cp -r "$RUNS/three-pools-3000/drafter" "$RELEASE_DIR"
+mv "$RELEASE_DIR.new" "$RELEASE_DIR"
 echo "$RELEASE_DIR: $(du -sh "$RELEASE_DIR" | cut -f1)"

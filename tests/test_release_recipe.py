@@ -34,10 +34,11 @@ def _run(tmp_path: pathlib.Path, **env: str) -> tuple[subprocess.CompletedProces
            "RUNS": str(tmp_path / "runs"), "RELEASE_DIR": str(tmp_path / "release"), **env}
     result = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
     parsed = []
-    for line in calls.read_text().splitlines():
-        flags = dict(arg.removeprefix("--config.").split("=", 1) for arg in line.split() if arg.startswith("--config."))
-        flags["module"] = line.split()[1]
-        parsed.append(flags)
+    for line in (calls.read_text().splitlines() if calls.exists() else []):
+        args = line.split()
+        assert args[:1] == ["-m"] and args[2] == "--config", line
+        flags = dict(arg.removeprefix("--config.").split("=", 1) for arg in args[4:])
+        parsed.append({**flags, "module": args[1], "config": args[3]})
     return result, parsed
 
 
@@ -49,6 +50,9 @@ def test_recipe_chains_its_stages(tmp_path):
     assert [call["data.skip_prompts"] for call in distills] == ["4096", "5632", "7168"]
     assert [call.get("data.source_caps.gsm8k_train") for call in distills] == [None, "3241", "3241"]
     assert {call["data.max_prompts"] for call in distills} == {"1536"}
+    assert {call["config"] for call in distills} == {"configs/smollm2_135m_kd.py"}
+    assert [call["data.cache_dir"] for call in distills] == [f"{runs}/distill-{name}" for name in ("unseen", "chat", "chat2")]
+    assert {call["data.dev_cache_dir"] for call in distills} == {f"{runs}/distill-dev"}
 
     trains = [call for call in calls if call["module"] == "ppow_jax.train"]
     assert [(call["train.steps"], call["seed"]) for call in trains] == [
@@ -60,8 +64,14 @@ def test_recipe_chains_its_stages(tmp_path):
         "checkpoints/smollm2-135m-instruct/kd", *(f"{workdir}/drafter" for workdir in workdirs[:-1])]
     chat, chat2 = f"{runs}/distill-chat:{runs}/features-chat", f"{runs}/distill-chat2:{runs}/features-chat2"
     assert [call["data.extra_caches"] for call in trains] == [chat, chat, *[f"{chat},{chat2}"] * 3]
+    # the cost ratios the original runs measured, so that a rerun's rewards match theirs
+    assert [call["ppow.gamma"] for call in trains] == [
+        "0.030757320663000225", "0.035790467013908006", "0.03536882543299646", "0.03422735549944404", "0.03856554142042462"]
     for call in trains:
-        assert call["data.cache_dir"] == f"{runs}/distill-unseen"
+        assert call["config"] == "configs/smollm2_135m_ppow.py"
+        assert (call["data.cache_dir"], call["data.features_dir"]) == (f"{runs}/distill-unseen", f"{runs}/features-unseen")
+        assert (call["data.dev_cache_dir"], call["data.dev_features_dir"]) == (f"{runs}/distill-dev", f"{runs}/features-dev")
+        assert (call["train.max_seconds"], call["train.eval_every"]) == ("0", "0")
         assert (call["ppow.estimator"], call["ppow.window"], call["ppow.adaw"]) == ("exact", "3", "True")
         assert (call["ppow.priority_temperature"], call["train.learning_rate"]) == ("4.0", "1e-4")
     assert (tmp_path / "release" / "drafter.json").read_text().strip() == f"{runs}/three-pools-3000"
