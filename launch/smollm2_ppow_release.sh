@@ -7,12 +7,12 @@
 #      made up most of the first 5,632); their feature caches are built on first use;
 #   2. PPOW full (the exact estimator at K = 3, ADAW's priorities at temperature 4, lr 1e-4) on the
 #      first two pools in one shuffle: 1,600 updates, then 800 more (seed 1);
-#   3. on all three pools in one shuffle: 1,600 more (seed 2), 800 more (seed 3) and 600 more (seed 4),
-#      each run starting from the drafter the one before exported (a fresh optimiser and shuffle);
+#   3. on all three pools in one shuffle: 1,600 more (seed 2), then 800 more (seed 3);
+#      each run starts from the drafter the one before exported (a fresh optimiser and shuffle);
 #   4. the last drafter is copied to checkpoints/smollm2-135m-instruct/ppow.
 #
 # On the 2-core CPU it was measured on: about 45 min of distillation on both cores, 20 min of
-# features, then 5,400 updates of about 2.7 s each on one core (about 4 h). Every stage resumes when
+# features, then 4,800 updates of about 2.65 s each on one core (about 3.5 h). Every stage resumes when
 # the script is run again (the distillation keeps each batch it finished, training resumes from its
 # last checkpoint, a finished run only exports). RUNS (runs/release-ppow) holds the data and runs,
 # RELEASE_DIR (checkpoints/smollm2-135m-instruct/ppow) gets the drafter; relative paths count from
@@ -49,11 +49,10 @@ ppow two-pools-1600 1600 0 0.030757320663000225 checkpoints/smollm2-135m-instruc
 ppow two-pools-2400 800 1 0.035790467013908006 "$RUNS/two-pools-1600/drafter" "$(pool chat)"
 ppow three-pools-1600 1600 2 0.03536882543299646 "$RUNS/two-pools-2400/drafter" "$(pool chat),$(pool chat2)"
 ppow three-pools-2400 800 3 0.03422735549944404 "$RUNS/three-pools-1600/drafter" "$(pool chat),$(pool chat2)"
-ppow three-pools-3000 600 4 0.03856554142042462 "$RUNS/three-pools-2400/drafter" "$(pool chat),$(pool chat2)"
 
 # Copied beside the release first, so that a failed copy leaves the released drafter as it was.
 rm -rf "$RELEASE_DIR.new"
-cp -r "$RUNS/three-pools-3000/drafter" "$RELEASE_DIR.new"
+cp -r "$RUNS/three-pools-2400/drafter" "$RELEASE_DIR.new"
 rm -rf "$RELEASE_DIR"
 mv "$RELEASE_DIR.new" "$RELEASE_DIR"
 echo "$RELEASE_DIR: $(du -sh "$RELEASE_DIR" | cut -f1)"
