@@ -40,19 +40,23 @@ PPOW=(--config.train.max_seconds=0 --config.train.eval_every=0 --config.ppow.est
       --config.ppow.window=3 --config.train.learning_rate=1e-4 --config.ppow.adaw=True
       --config.ppow.priority_temperature=4.0)
 
-ppow() {  # WORKDIR STEPS SEED GAMMA INIT_FROM EXTRA_CACHES
+ppow() {  # WORKDIR STEPS SEED GAMMA EXTRA_CACHES: runs on from the drafter the run before exported
     python -m ppow_jax.train --config configs/smollm2_135m_ppow.py "${DATA[@]}" "${PPOW[@]}" \
         --config.workdir="$RUNS/$1" --config.train.steps="$2" --config.seed="$3" --config.ppow.gamma="$4" \
-        --config.init_from="$5" --config.data.extra_caches="$6"
+        --config.init_from="$start" --config.data.extra_caches="$5"
+    start="$RUNS/$1/drafter"
 }
-ppow two-pools-1600 1600 0 0.030757320663000225 checkpoints/smollm2-135m-instruct/kd "$(pool chat)"
-ppow two-pools-2400 800 1 0.035790467013908006 "$RUNS/two-pools-1600/drafter" "$(pool chat)"
-ppow three-pools-1600 1600 2 0.03536882543299646 "$RUNS/two-pools-2400/drafter" "$(pool chat),$(pool chat2)"
-ppow three-pools-2400 800 3 0.03422735549944404 "$RUNS/three-pools-1600/drafter" "$(pool chat),$(pool chat2)"
+start=checkpoints/smollm2-135m-instruct/kd
+TWO_POOLS=$(pool chat)
+THREE_POOLS="$(pool chat),$(pool chat2)"
+ppow two-pools-1600 1600 0 0.030757320663000225 "$TWO_POOLS"
+ppow two-pools-2400 800 1 0.035790467013908006 "$TWO_POOLS"
+ppow three-pools-1600 1600 2 0.03536882543299646 "$THREE_POOLS"
+ppow three-pools-2400 800 3 0.03422735549944404 "$THREE_POOLS"
 
 # Copied beside the release first, so that a failed copy leaves the released drafter as it was.
 rm -rf "$RELEASE_DIR.new"
-cp -r "$RUNS/three-pools-2400/drafter" "$RELEASE_DIR.new"
+cp -r "$start" "$RELEASE_DIR.new"
 rm -rf "$RELEASE_DIR"
 mv "$RELEASE_DIR.new" "$RELEASE_DIR"
 echo "$RELEASE_DIR: $(du -sh "$RELEASE_DIR" | cut -f1)"
