@@ -37,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Training prompts passed over at the start of the shuffle (under the caps), with a cache_dir of
     # its own: 4096 takes the prompts after those the committed drafter was trained on (PPOW, tenth round).
     config.data.skip_prompts = 0
+    # Comma-separated distillation caches whose prompts "train" passes over (before caps and skip):
+    # a pool that no earlier cache holds, whatever caps and skips those were made under.
+    config.data.exclude_caches = ""
     # Held-out prompts (the last of the seeded shuffle, never trained on): training logs the greedy
     # acceptance of drafts on their responses every train.eval_every steps. 0: no dev split.
     config.data.dev_prompts = 64

@@ -27,15 +27,21 @@ def data_root(config) -> pathlib.Path:
     return pathlib.Path(os.environ.get("PPOW_DATA_ROOT") or config.data_root)
 
 
+def exclude_caches(data) -> list[str]:
+    """`data.exclude_caches`: comma-separated distillation caches whose prompts "train" passes over."""
+    return [part.strip() for part in str(data.get("exclude_caches", "")).split(",") if part.strip()]
+
+
 def run(config) -> int:
     from ppow_jax import multihost
-    from ppow_jax.data.distill import check_responses, check_sizes
+    from ppow_jax.data.distill import cached_prompt_keys, check_responses, check_sizes
     from ppow_jax.weights.registry import load_model
 
     # Before the target is loaded:
     check_sizes(batch_size=config.data.batch_size, max_prompts=config.data.max_prompts,
                 dev_prompts=config.data.get("dev_prompts", 0), skip_prompts=config.data.get("skip_prompts", 0))
     check_responses(config.data.get("responses", "target"))
+    cached_prompt_keys(exclude_caches(config.data))
     multihost.initialize(config.get("distributed") or {})
     target = load_model(config.target, param_dtype=config.param_dtype)
     run_distillation(config, target)
@@ -74,8 +80,8 @@ def run_distillation(config, target, progress: bool = True) -> None:
         manifest = self_distill(decoder, target.tokenizer, prompts, cache_dir, split_settings[split],
                                 batch_size=config.data.batch_size, max_prompts=config.data.max_prompts,
                                 dev_prompts=dev_prompts, split=split, source_caps=source_caps,
-                                skip_prompts=config.data.get("skip_prompts", 0), progress=progress,
-                                share=share)
+                                skip_prompts=config.data.get("skip_prompts", 0),
+                                exclude_caches=exclude_caches(config.data), progress=progress, share=share)
         tokens = sum(s["response_tokens"] for s in manifest["shards"])
         answered = sum(len(s["keys"]) for s in manifest["shards"])
         no_reference = len(manifest.get("skipped_no_reference", []))

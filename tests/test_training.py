@@ -19,8 +19,8 @@ from conftest import REPO_ROOT, load_config, tiny_config, tiny_distillation, tin
 from ppow_jax.data import distill as distill_module
 from ppow_jax.data import features as features_module
 from ppow_jax.data import sources
-from ppow_jax.data.distill import (DistillSettings, read_manifest, read_records, select_prompts, self_distill,
-                                  shard_paths)
+from ppow_jax.data.distill import (DistillSettings, cached_prompt_keys, read_manifest, read_records, select_prompts,
+                                  self_distill, shard_paths)
 from ppow_jax.data.features import build_feature_cache, decode_example, feature_shards
 from ppow_jax.data.process_share import ProcessShare
 from ppow_jax.drafters.eagle import Eagle3Drafter, unrolled_hidden
@@ -136,6 +136,26 @@ def test_self_distillation_resumes_and_pins_settings(distilled, tiny_target, sha
     with pytest.raises(InputError, match="starts after its first 16 prompts under source_caps none, not at the start"):
         self_distill(decoder, tok, prompts, after, same, batch_size=4, max_prompts=4,
                      dev_prompts=config.data.dev_prompts, progress=False)
+    # A pool that passes over what both caches hold (data.exclude_caches): none of their prompts, in
+    # the order of the rest; the exclusion is part of its place, so a rerun without it is refused.
+    pool = pathlib.Path(config.data.cache_dir).parent / "pool"
+    held = cached_prompt_keys([config.data.cache_dir, after])
+    assert held == set(second_keys) | {k for s in read_manifest(after)["shards"] for k in s["keys"]}
+    self_distill(decoder, tok, prompts, pool, same, batch_size=4, max_prompts=4, dev_prompts=config.data.dev_prompts,
+                 exclude_caches=[config.data.cache_dir, after], progress=False)
+    pool_keys = [k for s in read_manifest(pool)["shards"] for k in s["keys"]]
+    rest = select_prompts(prompts, 0, dev_prompts=config.data.dev_prompts, exclude_keys=held)
+    assert sorted(pool_keys) == sorted(p.key for p in rest[:4]) and not set(pool_keys) & held
+    assert read_manifest(pool)["start"]["exclude_caches"] == [str(config.data.cache_dir), str(after)]
+    with pytest.raises(InputError, match="not at the start of the shuffle"):
+        self_distill(decoder, tok, prompts, pool, same, batch_size=4, max_prompts=4,
+                     dev_prompts=config.data.dev_prompts, progress=False)
+    with pytest.raises(InputError, match="no-such-cache, which holds no distillation"):
+        self_distill(decoder, tok, prompts, pool.parent / "other", same, batch_size=4, max_prompts=4,
+                     exclude_caches=[pool.parent / "no-such-cache"], progress=False)
+    with pytest.raises(InputError, match="names the cache being made"):
+        self_distill(decoder, tok, prompts, pool, same, batch_size=4, max_prompts=4, exclude_caches=[pool],
+                     progress=False)
 
 
 def test_readers_keep_the_records_own_answers_as_references(shared_data_root):
@@ -583,6 +603,26 @@ def test_dev_split_is_held_out_and_stable(shared_data_root):
     assert select_prompts(prompts, 0, dev_prompts=10, skip_prompts=40) == select_prompts(prompts, 0, dev_prompts=10)[40:]
     with pytest.raises(InputError, match="leaves no training prompts"):
         select_prompts(prompts, 0, dev_prompts=10, skip_prompts=len(prompts) - 10)
+
+
+def test_excluded_keys_leave_the_rest_in_order_whatever_the_caps_of_earlier_caches(shared_data_root):
+    prompts, _ = sources.read_training_prompts(shared_data_root, ["gsm8k_train", "alpaca_seed_tasks"])
+    first = select_prompts(prompts, 0, max_prompts=40, dev_prompts=10)
+    in_first = sum(p.source == "gsm8k_train" for p in first)
+    # A second pool under a cap passes over later gsm8k_train prompts: skip_prompts alone cannot reach them.
+    capped = select_prompts(prompts, 0, max_prompts=30, dev_prompts=10, skip_prompts=40,
+                            source_caps={"gsm8k_train": in_first})
+    held = {p.key for p in first + capped}
+    everything = select_prompts(prompts, 0, dev_prompts=10)
+    rest = select_prompts(prompts, 0, dev_prompts=10, exclude_keys=held)
+    assert rest == [p for p in everything if p.key not in held]
+    assert any(p.source == "gsm8k_train" for p in rest[:40]) and len(rest) == len(everything) - len(held)
+    dev = select_prompts(prompts, 0, dev_prompts=10, split="dev", exclude_keys=held)
+    assert dev == select_prompts(prompts, 0, dev_prompts=10, split="dev")
+    # Caps and skips count after the exclusion.
+    assert select_prompts(prompts, 0, max_prompts=7, dev_prompts=10, skip_prompts=5, exclude_keys=held) == rest[5:12]
+    with pytest.raises(InputError, match="without the excluded prompts"):
+        select_prompts(prompts, 0, max_prompts=len(rest) + 1, dev_prompts=10, exclude_keys=held)
 
 
 def test_source_caps_rebalance_train_and_extend_an_uncapped_prefix(shared_data_root):

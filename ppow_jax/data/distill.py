@@ -34,7 +34,7 @@ import json
 import pathlib
 import random
 import re
-from typing import Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Collection, Iterable, Iterator, Mapping, Optional, Sequence
 
 from array_record.python import array_record_module
 
@@ -104,6 +104,17 @@ def cache_settings(cache_dir: str | pathlib.Path) -> dict:
     return read_manifest(pathlib.Path(cache_dir))["settings"] or {}
 
 
+def cached_prompt_keys(cache_dirs: Sequence[str | pathlib.Path]) -> set[str]:
+    """The keys of every prompt some caches answered or plan to answer (`data.exclude_caches`)."""
+    keys: set[str] = set()
+    for cache_dir in map(pathlib.Path, cache_dirs):
+        if not (cache_dir / MANIFEST).exists():
+            raise InputError(f"data.exclude_caches names {cache_dir}, which holds no distillation ({MANIFEST} is missing)")
+        manifest = read_manifest(cache_dir)
+        keys.update(key for part in (manifest["shards"], _planned(manifest)) for entry in part for key in entry["keys"])
+    return keys
+
+
 def _shard_index(shard: dict) -> int:
     return int(re.fullmatch(r"shard-(\d+)\.array_record", shard["file"]).group(1))
 
@@ -162,7 +173,7 @@ def _checked_caps(source_caps: Optional[Mapping[str, int]]) -> dict[str, int]:
 
 def select_prompts(prompts: Sequence[Prompt], seed: int, *, max_prompts: int = 0, dev_prompts: int = 0,
                    split: str = "train", source_caps: Optional[Mapping[str, int]] = None,
-                   skip_prompts: int = 0) -> list[Prompt]:
+                   skip_prompts: int = 0, exclude_keys: Collection[str] = ()) -> list[Prompt]:
     """The prompts of one split, in answering order: a seeded shuffle of all prompts, whose first
     `max_prompts` (0: all but the dev split) are "train" and whose last `dev_prompts` are "dev", a
     held-out split for measuring drafters during training. Raising `max_prompts` later extends
@@ -176,6 +187,10 @@ def select_prompts(prompts: Sequence[Prompt], seed: int, *, max_prompts: int = 0
     contributed n prompts, its later prompts in the shuffle are passed over. The dev split is the
     same with or without caps. A cap no lower than what a source has in a cache's prefix leaves
     that prefix as it was, so a cache built without caps can be extended with them.
+
+    `exclude_keys` (prompt keys, e.g. those earlier caches answered) are passed over in "train"
+    before the caps and the skip are counted: a pool of prompts no earlier cache holds, whatever
+    caps and skips those caches were made under. The dev split is the same with or without them.
     """
     caps = _checked_caps(source_caps)
     if caps:
@@ -190,6 +205,9 @@ def select_prompts(prompts: Sequence[Prompt], seed: int, *, max_prompts: int = 0
     if split != "train":
         raise InputError(f"unknown prompt split {split!r} (train or dev)")
     available = order[:len(order) - dev_prompts]
+    if exclude_keys:
+        excluded = frozenset(exclude_keys)
+        available = [prompt for prompt in available if prompt.key not in excluded]
     if caps:
         taken: collections.Counter[str] = collections.Counter()
         capped: list[Prompt] = []
@@ -199,7 +217,7 @@ def select_prompts(prompts: Sequence[Prompt], seed: int, *, max_prompts: int = 0
                 capped.append(prompt)
         available = capped
     left = (f"only {len(available)} of {len(order)} prompts are left for training"
-            + (" under source_caps" if caps else ""))
+            + (" under source_caps" if caps else "") + (" without the excluded prompts" if exclude_keys else ""))
     if skip_prompts and skip_prompts >= len(available):
         raise InputError(f"skip_prompts={skip_prompts} leaves no training prompts: {left}")
     if skip_prompts + max_prompts > len(available):
@@ -220,11 +238,13 @@ def check_sizes(*, batch_size: int, max_prompts: int, dev_prompts: int, skip_pro
 def self_distill(decoder: Optional[AutoregressiveDecoder], tokenizer: Tokenizer, prompts: Sequence[Prompt],
                  cache_dir: str | pathlib.Path, settings: DistillSettings, *, batch_size: int,
                  max_prompts: int = 0, dev_prompts: int = 0, split: str = "train",
-                 source_caps: Optional[Mapping[str, int]] = None, skip_prompts: int = 0, progress: bool = True,
+                 source_caps: Optional[Mapping[str, int]] = None, skip_prompts: int = 0,
+                 exclude_caches: Sequence[str | pathlib.Path] = (), progress: bool = True,
                  share: ProcessShare = ProcessShare()) -> dict:
     """Answers the prompts of `split` (see `select_prompts`) into `cache_dir`, this process the
     planned batches of its `share`: with `decoder` (the target), or with the prompts' reference
-    answers when `settings.responses` is "reference" (no decoder needed).
+    answers when `settings.responses` is "reference" (no decoder needed). The prompts that
+    `exclude_caches` hold are passed over in "train" (`select_prompts`' `exclude_keys`).
 
     Returns the manifest. Prompts longer than `settings.max_prompt_tokens` are skipped and listed.
     """
@@ -236,7 +256,8 @@ def self_distill(decoder: Optional[AutoregressiveDecoder], tokenizer: Tokenizer,
     # Process 0 alone plans (and writes manifest.json); the split's size is known to it only.
     split_prompts = share.on_primary(
         lambda: _plan(tokenizer, prompts, cache_dir, settings, batch_size=batch_size, max_prompts=max_prompts,
-                      dev_prompts=dev_prompts, split=split, source_caps=source_caps, skip_prompts=skip_prompts),
+                      dev_prompts=dev_prompts, split=split, source_caps=source_caps, skip_prompts=skip_prompts,
+                      exclude_caches=exclude_caches),
         f"process 0 could not plan the distillation into {cache_dir}")
     manifest = share.read_agreed(lambda: read_manifest(cache_dir), str(cache_dir / MANIFEST))
     planned = _planned(manifest)
@@ -303,12 +324,16 @@ def _where(start: dict) -> str:
     """A cache's place in the training order, for errors."""
     if not start:
         return "at the start of the shuffle"
-    return f"after its first {start['skip_prompts']} prompts under source_caps {start['source_caps'] or 'none'}"
+    where = f"after its first {start['skip_prompts']} prompts under source_caps {start['source_caps'] or 'none'}"
+    if start.get("exclude_caches"):
+        where += f", passing over the prompts of {', '.join(start['exclude_caches'])}"
+    return where
 
 
 def _plan(tokenizer: Tokenizer, prompts: Sequence[Prompt], cache_dir: pathlib.Path, settings: DistillSettings, *,
           batch_size: int, max_prompts: int, dev_prompts: int, split: str,
-          source_caps: Optional[Mapping[str, int]], skip_prompts: int) -> int:
+          source_caps: Optional[Mapping[str, int]], skip_prompts: int,
+          exclude_caches: Sequence[str | pathlib.Path]) -> int:
     """Process 0's part before any answering: merges what an interrupted run finished, checks the
     settings and caps, lists the skipped prompts and writes the plan (`plan`: the batch size and the
     batches, each with its shard index) into manifest.json. A plan already there for the same batch
@@ -329,16 +354,22 @@ def _plan(tokenizer: Tokenizer, prompts: Sequence[Prompt], cache_dir: pathlib.Pa
     # existed), and so are the caps it was counted under.
     skip = skip_prompts if split == "train" else 0
     caps = _checked_caps(source_caps)
-    place = {"skip_prompts": skip, "source_caps": caps} if skip else {}
+    excluded_caches = [str(path) for path in exclude_caches] if split == "train" else []
+    if any(pathlib.Path(path).resolve() == cache_dir.resolve() for path in excluded_caches):
+        raise InputError(f"data.exclude_caches names the cache being made, {cache_dir}")
+    place = {"skip_prompts": skip, "source_caps": caps} if skip or excluded_caches else {}
+    if excluded_caches:
+        place["exclude_caches"] = excluded_caches
     if manifest.get("start", {}) != place and (manifest["shards"] or _planned(manifest)):
         raise InputError(f"cache {cache_dir} starts {_where(manifest.get('start', {}))}, not {_where(place)} "
-                         "(data.skip_prompts, data.source_caps); use another cache directory")
+                         "(data.skip_prompts, data.source_caps, data.exclude_caches); use another cache directory")
     manifest.pop("start", None)
     if place:
         manifest["start"] = place
 
     order = select_prompts(prompts, settings.seed, max_prompts=max_prompts, dev_prompts=dev_prompts, split=split,
-                           source_caps=source_caps, skip_prompts=skip)
+                           source_caps=source_caps, skip_prompts=skip,
+                           exclude_keys=cached_prompt_keys(excluded_caches))
     answered = [key for shard in manifest["shards"] for key in shard["keys"]]
     done = set(answered) | set(manifest["skipped_too_long"]) | set(manifest.get("skipped_no_reference", []))
     if split == "train" and caps:
