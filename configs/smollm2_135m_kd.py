@@ -37,8 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Training prompts passed over at the start of the shuffle (under the caps), with a cache_dir of
     # its own: 4096 takes the prompts after those the committed drafter was trained on (PPOW, tenth round).
     config.data.skip_prompts = 0
-    # Comma-separated distillation caches whose prompts "train" passes over (before caps and skip):
-    # a pool that no earlier cache holds, whatever caps and skips those were made under.
+    # Comma-separated distillation caches whose prompts "train" passes over (before caps and skip),
+    # with a cache_dir of its own: a pool that no earlier cache holds, whatever caps and skips those
+    # were made under. Prompts they skipped as too long are not passed over (they are skipped again).
     config.data.exclude_caches = ""
     # Held-out prompts (the last of the seeded shuffle, never trained on): training logs the greedy
     # acceptance of drafts on their responses every train.eval_every steps. 0: no dev split.
@@ -61,7 +62,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.features_dir = ""  # the target-feature cache; empty: WORKDIR/features
     # More self-distilled caches of this target to train on beside cache_dir, mixed in one shuffle:
     # comma-separated DISTILL_DIR:FEATURES_DIR pairs (each feature cache is built on first use), e.g. a
-    # distillation of new prompts made with data.skip_prompts. Their prompts must differ from cache_dir's.
+    # distillation of new prompts made with data.skip_prompts or data.exclude_caches. Their prompts must
+    # differ from cache_dir's.
     config.data.extra_caches = ""
 
     config.drafter = ml_collections.ConfigDict()

@@ -177,7 +177,7 @@ def check_training_caches(config) -> None:
             if owner.setdefault(key, index) != index:
                 raise InputError(f"prompt {key!r} is in both {caches[owner[key]]} and {cache}: the caches in "
                                  "data.cache_dir, data.extra_caches and data.dev_cache_dir must hold different "
-                                 "prompts (distill new ones with data.skip_prompts)")
+                                 "prompts (distill new ones with data.skip_prompts or data.exclude_caches)")
 
 
 def training_features(config, target, progress: bool) -> list[pathlib.Path]:

@@ -146,10 +146,21 @@ def test_self_distillation_resumes_and_pins_settings(distilled, tiny_target, sha
     pool_keys = [k for s in read_manifest(pool)["shards"] for k in s["keys"]]
     rest = select_prompts(prompts, 0, dev_prompts=config.data.dev_prompts, exclude_keys=held)
     assert sorted(pool_keys) == sorted(p.key for p in rest[:4]) and not set(pool_keys) & held
-    assert read_manifest(pool)["start"]["exclude_caches"] == [str(config.data.cache_dir), str(after)]
-    with pytest.raises(InputError, match="not at the start of the shuffle"):
+    assert read_manifest(pool)["start"]["excluded_prompts"]["count"] == len(held)
+    with pytest.raises(InputError, match=f"passing over {len(held)} prompts of earlier caches .*, not at the start"):
         self_distill(decoder, tok, prompts, pool, same, batch_size=4, max_prompts=4,
                      dev_prompts=config.data.dev_prompts, progress=False)
+    # An excluded cache that has grown moves the pool's place: refused, not silently reordered.
+    grown = json.loads((after / "manifest.json").read_text())
+    grown["plan"] = {"batch_size": 4, "batches": [{"index": 9, "keys": [rest[5].key]}]}
+    (after / "manifest.json").write_text(json.dumps(grown))
+    with pytest.raises(InputError, match=f"passing over {len(held) + 1} prompts"):
+        self_distill(decoder, tok, prompts, pool, same, batch_size=4, max_prompts=4,
+                     dev_prompts=config.data.dev_prompts, exclude_caches=[config.data.cache_dir, after], progress=False)
+    # The dev split is the same for every pool: it passes over nothing and records no place.
+    self_distill(decoder, tok, prompts, config.data.dev_cache_dir, same, batch_size=4, split="dev",
+                 dev_prompts=config.data.dev_prompts, exclude_caches=[config.data.cache_dir], progress=False)
+    assert "start" not in read_manifest(pathlib.Path(config.data.dev_cache_dir))
     with pytest.raises(InputError, match="no-such-cache, which holds no distillation"):
         self_distill(decoder, tok, prompts, pool.parent / "other", same, batch_size=4, max_prompts=4,
                      exclude_caches=[pool.parent / "no-such-cache"], progress=False)
@@ -619,10 +630,35 @@ def test_excluded_keys_leave_the_rest_in_order_whatever_the_caps_of_earlier_cach
     assert any(p.source == "gsm8k_train" for p in rest[:40]) and len(rest) == len(everything) - len(held)
     dev = select_prompts(prompts, 0, dev_prompts=10, split="dev", exclude_keys=held)
     assert dev == select_prompts(prompts, 0, dev_prompts=10, split="dev")
-    # Caps and skips count after the exclusion.
+    # Caps and skips count after the exclusion: the cap here admits the GSM8K prompts of `rest` only
+    # when those of `first` are passed over first.
     assert select_prompts(prompts, 0, max_prompts=7, dev_prompts=10, skip_prompts=5, exclude_keys=held) == rest[5:12]
+    cap = 5
+    capped_rest = select_prompts(prompts, 0, dev_prompts=10, exclude_keys=held, source_caps={"gsm8k_train": cap})
+    gsm8k_rest = [p for p in rest if p.source == "gsm8k_train"]
+    assert [p for p in capped_rest if p.source == "gsm8k_train"] == gsm8k_rest[:cap]
+    assert [p for p in capped_rest if p.source != "gsm8k_train"] == [p for p in rest if p.source != "gsm8k_train"]
     with pytest.raises(InputError, match="without the excluded prompts"):
         select_prompts(prompts, 0, max_prompts=len(rest) + 1, dev_prompts=10, exclude_keys=held)
+
+
+def test_cached_prompt_keys_hold_planned_prompts_and_refuse_what_is_not_a_distillation(tmp_path):
+    cache = tmp_path / "distill"
+    cache.mkdir()
+    (cache / "manifest.json").write_text(json.dumps({
+        "settings": {}, "skipped_too_long": ["long"], "shards": [{"file": "shard-00000.array_record", "keys": ["a", "b"]}],
+        "plan": {"batch_size": 2, "batches": [{"index": 1, "keys": ["c"]}]}}))
+    assert cached_prompt_keys([cache]) == {"a", "b", "c"}  # planned, not yet answered: "c" counts too
+    features = tmp_path / "features"
+    features.mkdir()
+    (features / "manifest.json").write_text(json.dumps({"settings": {}, "shards": [{"file": "records-0.array_record",
+                                                                                      "examples": 8}]}))
+    with pytest.raises(InputError, match="features, which is not a distillation cache"):
+        cached_prompt_keys([cache, features])
+    with pytest.raises(InputError, match="missing, which holds no distillation"):
+        cached_prompt_keys([tmp_path / "missing"])
+    with pytest.raises(TypeError, match="not one"):
+        cached_prompt_keys(str(cache))
 
 
 def test_source_caps_rebalance_train_and_extend_an_uncapped_prefix(shared_data_root):
@@ -932,6 +968,15 @@ def test_the_distill_cli_refuses_an_unknown_response_source_before_loading_the_t
     assert distill.main(["--config", "configs/tiny_kd.py", "--config.target=/no/such/model",
                          "--config.data.responses=teacher"]) == 2
     assert "data.responses must be one of target, reference, got 'teacher'" in capsys.readouterr().err
+
+
+def test_the_distill_cli_refuses_a_missing_excluded_cache_before_loading_the_target(capsys, monkeypatch, tmp_path):
+    from ppow_jax import distill
+
+    monkeypatch.chdir(REPO_ROOT)
+    assert distill.main(["--config", "configs/tiny_kd.py", "--config.target=/no/such/model",
+                         f"--config.data.exclude_caches= {tmp_path}/gone ,"]) == 2
+    assert f"data.exclude_caches names {tmp_path}/gone, which holds no distillation" in capsys.readouterr().err
 
 
 def test_distillation_refuses_bad_sizes_before_any_work(tmp_path):

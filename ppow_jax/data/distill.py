@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
+import os
 import pathlib
 import random
 import re
@@ -105,14 +107,28 @@ def cache_settings(cache_dir: str | pathlib.Path) -> dict:
 
 
 def cached_prompt_keys(cache_dirs: Sequence[str | pathlib.Path]) -> set[str]:
-    """The keys of every prompt some caches answered or plan to answer (`data.exclude_caches`)."""
+    """The keys of every prompt some caches answered or plan to answer (`data.exclude_caches`).
+    Prompts a cache skipped (too long, no reference) are not among them: under the same limits
+    they are skipped again."""
+    if isinstance(cache_dirs, (str, os.PathLike)):
+        raise TypeError(f"cache_dirs is a sequence of cache directories, not one: {cache_dirs!r}")
     keys: set[str] = set()
     for cache_dir in map(pathlib.Path, cache_dirs):
         if not (cache_dir / MANIFEST).exists():
             raise InputError(f"data.exclude_caches names {cache_dir}, which holds no distillation ({MANIFEST} is missing)")
         manifest = read_manifest(cache_dir)
-        keys.update(key for part in (manifest["shards"], _planned(manifest)) for entry in part for key in entry["keys"])
+        entries = [*manifest.get("shards", []), *_planned(manifest)]
+        if "skipped_too_long" not in manifest or any("keys" not in entry for entry in entries):
+            raise InputError(f"data.exclude_caches names {cache_dir}, which is not a distillation cache "
+                             "(a feature cache?)")
+        keys.update(key for entry in entries for key in entry["keys"])
     return keys
+
+
+def _fingerprint(keys: Collection[str]) -> dict:
+    """What a cache's place records of the prompts it passed over: their count and a digest, so that
+    a rerun after an excluded cache has grown or changed is refused rather than silently reordered."""
+    return {"count": len(keys), "sha256": hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()}
 
 
 def _shard_index(shard: dict) -> int:
@@ -324,9 +340,10 @@ def _where(start: dict) -> str:
     """A cache's place in the training order, for errors."""
     if not start:
         return "at the start of the shuffle"
-    where = f"after its first {start['skip_prompts']} prompts under source_caps {start['source_caps'] or 'none'}"
-    if start.get("exclude_caches"):
-        where += f", passing over the prompts of {', '.join(start['exclude_caches'])}"
+    where = f"after its first {start['skip_prompts']} prompts" if start["skip_prompts"] else "at the start of the shuffle"
+    where += f" under source_caps {start['source_caps'] or 'none'}"
+    if excluded := start.get("excluded_prompts"):
+        where += f", passing over {excluded['count']} prompts of earlier caches (sha256 {excluded['sha256'][:12]})"
     return where
 
 
@@ -351,25 +368,25 @@ def _plan(tokenizer: Tokenizer, prompts: Sequence[Prompt], cache_dir: pathlib.Pa
     if stored is None:
         manifest["settings"] = wanted
     # Where "train" starts in the shuffle is part of what a cache holds (absent: 0, as before it
-    # existed), and so are the caps it was counted under.
+    # existed), and so are the caps it was counted under and the prompts it passed over.
     skip = skip_prompts if split == "train" else 0
     caps = _checked_caps(source_caps)
-    excluded_caches = [str(path) for path in exclude_caches] if split == "train" else []
-    if any(pathlib.Path(path).resolve() == cache_dir.resolve() for path in excluded_caches):
+    if split == "train" and any(pathlib.Path(path).resolve() == cache_dir.resolve() for path in exclude_caches):
         raise InputError(f"data.exclude_caches names the cache being made, {cache_dir}")
-    place = {"skip_prompts": skip, "source_caps": caps} if skip or excluded_caches else {}
-    if excluded_caches:
-        place["exclude_caches"] = excluded_caches
+    excluded = cached_prompt_keys(exclude_caches) if split == "train" else set()
+    place = {"skip_prompts": skip, "source_caps": caps} if skip or excluded else {}
+    if excluded:
+        place["excluded_prompts"] = _fingerprint(excluded)
     if manifest.get("start", {}) != place and (manifest["shards"] or _planned(manifest)):
         raise InputError(f"cache {cache_dir} starts {_where(manifest.get('start', {}))}, not {_where(place)} "
-                         "(data.skip_prompts, data.source_caps, data.exclude_caches); use another cache directory")
+                         "(data.skip_prompts, data.source_caps, data.exclude_caches: an excluded cache that has "
+                         "grown or changed moves it); use another cache directory")
     manifest.pop("start", None)
     if place:
         manifest["start"] = place
 
     order = select_prompts(prompts, settings.seed, max_prompts=max_prompts, dev_prompts=dev_prompts, split=split,
-                           source_caps=source_caps, skip_prompts=skip,
-                           exclude_keys=cached_prompt_keys(excluded_caches))
+                           source_caps=source_caps, skip_prompts=skip, exclude_keys=excluded)
     answered = [key for shard in manifest["shards"] for key in shard["keys"]]
     done = set(answered) | set(manifest["skipped_too_long"]) | set(manifest.get("skipped_no_reference", []))
     if split == "train" and caps:
