@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
         change = "-"
         if name != first:
             difference, error = by_set["overall"].tau_difference(results[first]["overall"])
-            change = f"{difference:+.3f} ± {error:.3f} ({difference / results[first]['overall'].tau():+.1%})"
+            change = f"{difference:+.3f} ± {error:.3f} ({difference / results[first]['overall'].tau():+.2%})"
         print(f"| {name} | " + " | ".join(f"{by_set[c].tau():.3f}" for c in columns)
               + f" | {change} | {by_set['overall'].accept_length():.3f} |")
     if args.compare:
