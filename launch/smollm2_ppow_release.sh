@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Reproduces the committed PPOW drafter for SmolLM2-135M-Instruct, checkpoints/smollm2-135m-instruct/ppow
-# (BENCHMARKS.md, PPOW, eighteenth and nineteenth rounds), from the committed token-level drafter:
+# (BENCHMARKS.md, PPOW, eighteenth to twentieth rounds), from the committed token-level drafter:
 #
-#   1. the target answers three pools of 1,536 training prompts that the token-level drafter never saw
+#   1. the target answers four pools of 1,536 training prompts that the token-level drafter never saw
 #      (the seeded prompt order after its 4,096; the second and third pools pass over GSM8K, which
-#      made up most of the first 5,632); their feature caches are built on first use;
+#      made up most of the first 5,632; the fourth takes every prompt outside GSM8K that the others
+#      left, and fills up with GSM8K); their feature caches are built on first use;
 #   2. PPOW full (the exact estimator at K = 3, ADAW's priorities at temperature 4, lr 1e-4) on the
 #      first two pools in one shuffle: 1,600 updates, then 800 more (seed 1);
-#   3. on all three pools in one shuffle: 1,600 more (seed 2), then 800 more (seed 3);
+#   3. on the first three pools in one shuffle: 1,600 more (seed 2), then 800 more (seed 3);
+#   4. on all four pools in one shuffle: 1,600 more (seed 4), then 800 more (seed 5);
 #      each run starts from the drafter the one before exported (a fresh optimiser and shuffle);
-#   4. the last drafter is copied to checkpoints/smollm2-135m-instruct/ppow.
+#   5. the last drafter is copied to checkpoints/smollm2-135m-instruct/ppow.
 #
-# On the 2-core CPU it was measured on: about 45 min of distillation on both cores, 20 min of
-# features, then 4,800 updates of about 2.65 s each on one core (about 3.5 h). Every stage resumes when
+# On the 2-core CPU it was measured on: about 1 h of distillation on both cores, 27 min of
+# features, then 7,200 updates of about 2.65 s each on one core (about 5.3 h). Every stage resumes when
 # the script is run again (the distillation keeps each batch it finished, training resumes from its
 # last checkpoint, a finished run only exports). RUNS (runs/release-ppow) holds the data and runs,
 # RELEASE_DIR (checkpoints/smollm2-135m-instruct/ppow) gets the drafter; relative paths count from
@@ -24,7 +26,7 @@ RUNS=${RUNS:-runs/release-ppow}
 RELEASE_DIR=${RELEASE_DIR:-checkpoints/smollm2-135m-instruct/ppow}
 KD=configs/smollm2_135m_kd.py
 
-distill() {  # NAME SKIP [--config.data.source_caps...]
+distill() {  # NAME SKIP [more --config flags]
     local name=$1 skip=$2; shift 2
     python -m ppow_jax.distill --config "$KD" --config.data.max_prompts=1536 --config.data.skip_prompts="$skip" \
         --config.data.cache_dir="$RUNS/distill-$name" --config.data.dev_cache_dir="$RUNS/distill-dev" "$@"
@@ -32,6 +34,10 @@ distill() {  # NAME SKIP [--config.data.source_caps...]
 distill unseen 4096
 distill chat 5632 --config.data.source_caps.gsm8k_train=3241
 distill chat2 7168 --config.data.source_caps.gsm8k_train=3241
+# The prompts no pool above holds, counted after the token-level drafter's 4,096: all 481 left that are
+# not GSM8K, and GSM8K up to 3,413 (the 2,358 of the first 4,096, then 1,055 more).
+distill rest 4096 --config.data.source_caps.gsm8k_train=3413 \
+    --config.data.exclude_caches="$RUNS/distill-unseen,$RUNS/distill-chat,$RUNS/distill-chat2"
 
 pool() { echo "$RUNS/distill-$1:$RUNS/features-$1"; }
 DATA=(--config.data.cache_dir="$RUNS/distill-unseen" --config.data.features_dir="$RUNS/features-unseen"
@@ -49,10 +55,13 @@ ppow() {  # WORKDIR STEPS SEED GAMMA EXTRA_CACHES: runs on from the drafter the 
 start=checkpoints/smollm2-135m-instruct/kd
 TWO_POOLS=$(pool chat)
 THREE_POOLS="$(pool chat),$(pool chat2)"
+FOUR_POOLS="$THREE_POOLS,$(pool rest)"
 ppow two-pools-1600 1600 0 0.030757320663000225 "$TWO_POOLS"
 ppow two-pools-2400 800 1 0.035790467013908006 "$TWO_POOLS"
 ppow three-pools-1600 1600 2 0.03536882543299646 "$THREE_POOLS"
 ppow three-pools-2400 800 3 0.03422735549944404 "$THREE_POOLS"
+ppow four-pools-1600 1600 4 0.03716231751144343 "$FOUR_POOLS"
+ppow four-pools-2400 800 5 0.0334023262693851 "$FOUR_POOLS"
 
 # Copied beside the release first, so that a failed copy leaves the released drafter as it was.
 rm -rf "$RELEASE_DIR.new"
