@@ -27,9 +27,14 @@ def data_root(config) -> pathlib.Path:
     return pathlib.Path(os.environ.get("PPOW_DATA_ROOT") or config.data_root)
 
 
+def comma_separated(data, key: str) -> list[str]:
+    """The non-empty, stripped entries of a comma-separated `data` setting (absent: none)."""
+    return [part.strip() for part in str(data.get(key, "")).split(",") if part.strip()]
+
+
 def exclude_caches(data) -> list[str]:
     """`data.exclude_caches`: comma-separated distillation caches whose prompts "train" passes over."""
-    return [part.strip() for part in str(data.get("exclude_caches", "")).split(",") if part.strip()]
+    return comma_separated(data, "exclude_caches")
 
 
 def run(config) -> int:

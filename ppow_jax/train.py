@@ -118,10 +118,11 @@ def extra_caches(data) -> list[tuple[pathlib.Path, pathlib.Path]]:
     """`data.extra_caches` (of a config's `data`, or of a checkpoint's saved one): more self-distilled
     caches of the target to train on beside `data.cache_dir`, as comma-separated DISTILL_DIR:FEATURES_DIR
     pairs; -> [(distill_dir, features_dir)]."""
+    from ppow_jax.distill import comma_separated
     from ppow_jax.errors import InputError
 
     pairs = []
-    for item in filter(None, (part.strip() for part in str(data.get("extra_caches", "")).split(","))):
+    for item in comma_separated(data, "extra_caches"):
         distill_dir, colon, features_dir = item.partition(":")
         if not colon or not distill_dir or not features_dir or ":" in features_dir:
             raise InputError(f"data.extra_caches entry {item!r} is not DISTILL_DIR:FEATURES_DIR")
