@@ -215,3 +215,48 @@ def test_the_ppow_table_gives_tau_per_set_and_refuses_a_run_without_results(tmp_
     missing = subprocess.run(script + ["--run", f"PPOW={tmp_path / 'run'}", "--run", f"CST={tmp_path / 'none'}"],
                              capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
     assert missing.returncode == 2 and "'CST'" in missing.stderr and "no results.json" in missing.stderr
+
+
+def _paired_run(directory, turns: list[dict], shard: str = "0/1", max_new_tokens: int = 8) -> str:
+    """A `benchmarks/paired_speedup.py` output directory with these turns."""
+    directory.mkdir(parents=True)
+    config = {"drafters": {"A": "a", "B": "b"}, "window": "fixed", "k_max": 3, "temperature": 0,
+              "max_new_tokens": max_new_tokens, "limit": 0, "shard": shard, "seed": 0, "matmul_precision": "highest"}
+    (directory / "results.json").write_text(json.dumps({"config": config, "machine": "cpu", "turns": turns}))
+    return str(directory)
+
+
+def _paired_turn(set_name, question_id, plain, a, b, match_b=True) -> dict:
+    return {"set": set_name, "question_id": question_id, "turn": 0, "seconds": {"plain": plain, "A": a, "B": b},
+            "new_tokens": {"plain": 8, "A": 8, "B": 8}, "accept_hist": {"A": [1, 0, 0, 1], "B": [2, 0, 0, 0]},
+            "match": {"A": True, "B": match_b}}
+
+
+def test_the_paired_speedup_shares_one_baseline_across_shards_and_refuses_mixed_runs(tmp_path, capsys):
+    """Speedups are plain seconds over each drafter's, summed over every shard's turns; the paired
+    difference's bootstrap interval holds it; shards of different runs, or a greedy mismatch, fail."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paired_speedup", REPO_ROOT / "benchmarks" / "paired_speedup.py")
+    paired = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired)
+    first = _paired_run(tmp_path / "0", [_paired_turn("mt_bench", 1, 2.0, 1.0, 2.0), _paired_turn("gsm8k", 2, 2.0, 1.0, 1.5)])
+    second = _paired_run(tmp_path / "1", [_paired_turn("gsm8k", 3, 2.0, 2.0, 2.5)], shard="1/2")
+    assert paired.main(["--report", first, second, "--compare", "A", "B"]) == 0
+    out = capsys.readouterr().out
+    # τ: A (1 + 4) / 2 = 2.5, B 1.0, in every set. 24 tokens: plain in 6 s; A in 4 s, 6.0 tokens/s, 1.5x
+    # (mt_bench 2/1, gsm8k 4/3); B in 6 s, 1.0x.
+    assert "3 questions, 3 turns" in out
+    assert "| A | 2.500 | 2.500 | 2.500 | 6.0 | 1.500x | 2.000x | 1.333x | yes |" in out
+    assert "| B | 1.000 | 1.000 | 1.000 | 4.0 | 1.000x | 1.000x | 1.000x | yes |" in out
+    low, high = map(float, out.split("95% interval ")[1].split(",")[0].split(" to "))
+    assert "speedup A - B: +0.500x" in out and low <= 0.5 <= high
+
+    other = _paired_run(tmp_path / "other", [_paired_turn("gsm8k", 3, 2.0, 2.0, 2.5)], shard="1/2", max_new_tokens=16)
+    assert paired.main(["--report", first, other]) == 2
+    assert "differ in their settings" in capsys.readouterr().err
+    mismatch = _paired_run(tmp_path / "mismatch", [_paired_turn("gsm8k", 3, 2.0, 2.0, 2.5, match_b=False)])
+    assert paired.main(["--report", mismatch]) == 1
+    assert "| **NO** |" in capsys.readouterr().out
+    assert paired.main(["--drafter", "plain=self:1", "--out", str(tmp_path / "x")]) == 2
+    assert "NAME other than 'plain'" in capsys.readouterr().err
