@@ -1,5 +1,6 @@
 """`python -m ppow_jax.eval`: question files, results layout, and clear errors for bad input."""
 
+import collections
 import json
 
 import pytest
@@ -232,15 +233,34 @@ def _paired_turn(set_name, question_id, plain, a, b, match_b=True) -> dict:
             "match": {"A": True, "B": match_b}}
 
 
-def test_the_paired_speedup_shares_one_baseline_across_shards_and_refuses_mixed_runs(tmp_path, capsys):
-    """Speedups are plain seconds over each drafter's, summed over every shard's turns; the paired
-    difference's bootstrap interval holds it; shards of different runs, or a greedy mismatch, fail."""
+def _paired_speedup_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("paired_speedup", REPO_ROOT / "benchmarks" / "paired_speedup.py")
-    paired = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(paired)
-    first = _paired_run(tmp_path / "0", [_paired_turn("mt_bench", 1, 2.0, 1.0, 2.0), _paired_turn("gsm8k", 2, 2.0, 1.0, 1.5)])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5])
+def test_the_paired_speedup_balances_who_goes_first_and_who_follows_whom(count):
+    names = [f"d{k}" for k in range(count)]
+    orders = _paired_speedup_module().decoder_orders(names, 2 * count)
+    cycle = orders[:count if count % 2 == 0 else 2 * count]
+    assert all(sorted(order) == names for order in orders)
+    firsts = [order[0] for order in cycle]
+    assert all(firsts.count(name) == len(cycle) // count for name in names)
+    follows = collections.Counter((x, y) for order in cycle for x, y in zip(order, order[1:]))
+    assert set(follows) == {(x, y) for x in names for y in names if x != y} and len(set(follows.values())) <= 1
+
+
+def test_the_paired_speedup_shares_one_baseline_across_shards_and_refuses_mixed_runs(tmp_path, capsys):
+    """Speedups are plain decoding's seconds over each drafter's (equal greedy answers), summed over
+    every shard's turns; the paired difference comes with its bootstrap interval over questions within
+    each set; shards of different runs, a shard twice, or a greedy mismatch, fail."""
+    paired = _paired_speedup_module()
+    first = _paired_run(tmp_path / "0", [_paired_turn("mt_bench", 1, 2.0, 1.0, 2.0), _paired_turn("gsm8k", 2, 2.0, 1.0, 1.5)],
+                        shard="0/2")
     second = _paired_run(tmp_path / "1", [_paired_turn("gsm8k", 3, 2.0, 2.0, 2.5)], shard="1/2")
     assert paired.main(["--report", first, second, "--compare", "A", "B"]) == 0
     out = capsys.readouterr().out
@@ -249,8 +269,11 @@ def test_the_paired_speedup_shares_one_baseline_across_shards_and_refuses_mixed_
     assert "3 questions, 3 turns" in out
     assert "| A | 2.500 | 2.500 | 2.500 | 6.0 | 1.500x | 2.000x | 1.333x | yes |" in out
     assert "| B | 1.000 | 1.000 | 1.000 | 4.0 | 1.000x | 1.000x | 1.000x | yes |" in out
-    low, high = map(float, out.split("95% interval ")[1].split(",")[0].split(" to "))
-    assert "speedup A - B: +0.500x" in out and low <= 0.5 <= high
+    # mt_bench's one question is always drawn; gsm8k's two give plain 6 s, A 3, 4 or 5 s and B 5, 6 or 7 s
+    # with chances 1/4, 1/2, 1/4: differences 0.8, 0.5 and 6/5 - 6/7 = 0.343.
+    assert "speedup A - B: +0.500x (95% interval +0.343 to +0.800" in out
+    assert paired.main(["--report", first, first]) == 2
+    assert "distinct shards" in capsys.readouterr().err
 
     other = _paired_run(tmp_path / "other", [_paired_turn("gsm8k", 3, 2.0, 2.0, 2.5)], shard="1/2", max_new_tokens=16)
     assert paired.main(["--report", first, other]) == 2
@@ -260,3 +283,23 @@ def test_the_paired_speedup_shares_one_baseline_across_shards_and_refuses_mixed_
     assert "| **NO** |" in capsys.readouterr().out
     assert paired.main(["--drafter", "plain=self:1", "--out", str(tmp_path / "x")]) == 2
     assert "NAME other than 'plain'" in capsys.readouterr().err
+    assert paired.main(["--drafter", "A=self:1", "--drafter", "B=self:2", "--compare", "A", "A", "--out", str(tmp_path / "x")]) == 2
+    assert "two different drafters" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_the_paired_speedup_times_drafters_of_different_cache_margins_on_smollm2(tmp_path, shared_data_root, capsys):
+    """A trained feature drafter and a self-speculative one (each with its own cache margin) beside
+    plain decoding, on MT-bench's first question (two turns): every greedy answer equals plain decoding's."""
+    out = tmp_path / "paired"
+    code = _paired_speedup_module().main([
+        "--drafter", f"kd={REPO_ROOT / 'checkpoints' / 'smollm2-135m-instruct' / 'kd'}", "--drafter", "self=self:6",
+        "--limit", "1", "--shard", "0/4", "--max-new-tokens", "8", "--data-root", str(shared_data_root),
+        "--compare", "kd", "self", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [(t["set"], t["turn"]) for t in results["turns"]] == [("mt_bench", 0), ("mt_bench", 1)]
+    assert results["config"]["target"] == "smollm2-135m-instruct"
+    for t in results["turns"]:
+        assert t["match"] == {"kd": True, "self": True} and set(t["seconds"]) == {"plain", "kd", "self"}
+        assert len({n for n in t["new_tokens"].values()}) == 1 and all(s > 0 for s in t["seconds"].values())
+    assert "speedup kd - self:" in capsys.readouterr().out
