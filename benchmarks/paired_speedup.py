@@ -258,8 +258,8 @@ def report(directories: Sequence[str], compare: Optional[Sequence[str]]) -> int:
         lines.append(f"| {name} | " + " | ".join(format_tau(g, name) for g in by_set) + f" | {format_tau(turns, name)} | "
                      f"{rate:.1f} | {overall[name]:.3f}x | " + " | ".join(f"{speedups(g, [name])[name]:.3f}x" for g in by_set)
                      + f" | {match} |")
-    plain_rate = sum(t["new_tokens"][PLAIN] for t in turns) / sum(t["seconds"][PLAIN] for t in turns)
-    lines.append(f"\nplain decoding: {plain_rate:.1f} tokens/s")
+    plain_tokens, plain_seconds = sum(t["new_tokens"][PLAIN] for t in turns), sum(t["seconds"][PLAIN] for t in turns)
+    lines.append(f"\nplain decoding: {plain_tokens / plain_seconds:.1f} tokens/s ({plain_tokens} tokens in {plain_seconds:.1f} s)")
     if not greedy:
         lines.append("greedy match: '-' when sampling (T > 0): outputs are draws, not checked for equality")
     if compare:
