@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 import numpy as np
 
 from ppow_jax.cli import load_config_file, run_entry_point
+from ppow_jax.evaluation.questions import EVAL_SETS
 
 if TYPE_CHECKING:
     from ml_collections import ConfigDict
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
     from ppow_jax.training.ppow import PPOWTarget
     from ppow_jax.weights.registry import LoadedModel
 
-SETS = ("mt_bench", "humaneval", "gsm8k", "alpaca")
 
 
 class ReplayedCycles(NamedTuple):
@@ -155,7 +155,7 @@ def main() -> int:
                         help="answer length (64: as the timed evals of BENCHMARKS.md's PPOW rounds)")
     parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("NAME", "BASELINE"),
                         help="also the change in τ of drafter NAME against drafter BASELINE, on the same questions")
-    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
+    parser.add_argument("--sets", nargs="+", default=list(EVAL_SETS), choices=EVAL_SETS)
     parser.add_argument("--cache-root", help="where the answers and their features are cached "
                                              "(default: beside the config's dev split)")
     return run_entry_point(parser, run)

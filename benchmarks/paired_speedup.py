@@ -1,7 +1,7 @@
 """Wall-clock speedup of several drafters on the same turns, timed in one process, interleaved.
 
 `benchmarks/eval_sets.py` times one drafter per process, each against its own plain-decoding
-baseline: the machine's drift between runs (on this CPU, plain decoding ran anywhere from 34 to 47
+baseline: the machine's drift between runs (on this CPU, plain decoding ran anywhere from 34 to 45
 tokens/s) then swamps a speedup difference of a few percent between two drafters. Here every turn
 is decoded by plain decoding and by each drafter in turn, back to back in one process, so all of
 them share one baseline and the same machine state:
@@ -37,8 +37,8 @@ import numpy as np
 
 from ppow_jax.cli import add_matmul_precision_argument, matmul_precision, run_entry_point
 from ppow_jax.errors import InputError
+from ppow_jax.evaluation.questions import EVAL_SETS
 
-SETS = ("mt_bench", "humaneval", "gsm8k", "alpaca")
 PLAIN = "plain"
 
 
@@ -109,7 +109,7 @@ def time_turns(args: argparse.Namespace, drafters: dict[str, str]) -> dict:
     for name, spec in drafters.items():  # a calibrated window is each drafter's own
         windows[name] = window_policy(argparse.Namespace(**{**vars(args), "drafter": spec}))
         windows[name].check_sampling(sampling.greedy)
-    questions = [q for name in SETS for q in load_questions(pathlib.Path(args.data_root) / "eval" / name / "question.jsonl",
+    questions = [q for name in EVAL_SETS for q in load_questions(pathlib.Path(args.data_root) / "eval" / name / "question.jsonl",
                                                             args.limit)][shard_index::shard_count]
     if not questions:
         raise InputError(f"--shard {args.shard} holds no questions (--limit {args.limit} per set)")
@@ -175,12 +175,14 @@ def time_turns(args: argparse.Namespace, drafters: dict[str, str]) -> dict:
             "turns": turns}
 
 
-def speedups(turns: list[dict], names: Sequence[str]) -> dict[str, float]:
-    """Per drafter, its tokens/s over plain decoding's, each summed over the turns."""
-    def rate(name: str) -> float:
-        return sum(t["new_tokens"][name] for t in turns) / sum(t["seconds"][name] for t in turns)
+def tokens_per_second(turns: list[dict], name: str) -> float:
+    """One decoder's new tokens over its seconds, each summed over the turns."""
+    return sum(t["new_tokens"][name] for t in turns) / sum(t["seconds"][name] for t in turns)
 
-    return {name: rate(name) / rate(PLAIN) for name in names}
+
+def speedups(turns: list[dict], names: Sequence[str]) -> dict[str, float]:
+    """Per drafter, its tokens/s over plain decoding's."""
+    return {name: tokens_per_second(turns, name) / tokens_per_second(turns, PLAIN) for name in names}
 
 
 def format_tau(turns: list[dict], name: str) -> str:
@@ -246,17 +248,16 @@ def report(directories: Sequence[str], compare: Optional[Sequence[str]]) -> int:
           f"{'target ' + config['target'] + '; ' if 'target' in config else ''}"  # cd5ce72's results record no target
           f"window {config['window']} (K_max {config['k_max']}), T = {config['temperature']:g}, "
           f"{config['max_new_tokens']} new tokens; {'; '.join(machines)}\n")
-    sets = sorted({t["set"] for t in turns}, key=SETS.index)
+    sets = sorted({t["set"] for t in turns}, key=EVAL_SETS.index)
     by_set = [[t for t in turns if t["set"] == s] for s in sets]
     lines = ["| drafter | " + " | ".join(f"τ {s}" for s in sets) + " | τ | tokens/s | speedup | "
              + " | ".join(f"speedup {s}" for s in sets) + " | greedy match |"]
     lines.append("|" + "---|" * (len(sets) * 2 + 5))
     overall = speedups(turns, names)
     for name in names:
-        rate = sum(t["new_tokens"][name] for t in turns) / sum(t["seconds"][name] for t in turns)
         match = "-" if not greedy else ("yes" if all(t["match"][name] for t in turns) else "**NO**")
         lines.append(f"| {name} | " + " | ".join(format_tau(g, name) for g in by_set) + f" | {format_tau(turns, name)} | "
-                     f"{rate:.1f} | {overall[name]:.3f}x | " + " | ".join(f"{speedups(g, [name])[name]:.3f}x" for g in by_set)
+                     f"{tokens_per_second(turns, name):.1f} | {overall[name]:.3f}x | " + " | ".join(f"{speedups(g, [name])[name]:.3f}x" for g in by_set)
                      + f" | {match} |")
     plain_tokens, plain_seconds = sum(t["new_tokens"][PLAIN] for t in turns), sum(t["seconds"][PLAIN] for t in turns)
     lines.append(f"\nplain decoding: {plain_tokens / plain_seconds:.1f} tokens/s ({plain_tokens} tokens in {plain_seconds:.1f} s)")

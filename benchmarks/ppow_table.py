@@ -15,7 +15,7 @@ import json
 import pathlib
 import sys
 
-SETS = ("mt_bench", "humaneval", "gsm8k", "alpaca")
+from ppow_jax.evaluation.questions import EVAL_SETS
 
 
 def set_metrics(results: dict) -> dict[str, dict]:
@@ -57,7 +57,7 @@ def main() -> int:
             config = results["config"]
             key = (f"T = {config['temperature']:g}", f"{config['window']} window, K_max {config['k_max']}")
             m = set_metrics(results)
-            cells = [format_tau(m[s]["tau"]) if s in m else "-" for s in SETS]
+            cells = [format_tau(m[s]["tau"]) if s in m else "-" for s in EVAL_SETS]
             match = m["overall"]["greedy_match"]
             tables.setdefault(key, []).append(
                 f"| {name} | " + " | ".join(cells) + f" | **{format_tau(m['overall']['tau'])}** | "
@@ -66,8 +66,8 @@ def main() -> int:
     # Greedy before sampled; within each, the fixed window first.
     for (temperature, window), rows in sorted(tables.items(), key=lambda item: (item[0][0], not item[0][1].startswith("fixed"))):
         print(f"\n#### {temperature}, {window}\n")
-        print("| drafter | " + " | ".join(f"τ {s}" for s in SETS) + " | τ overall | speedup | greedy match |")
-        print("|---" * (len(SETS) + 4) + "|")
+        print("| drafter | " + " | ".join(f"τ {s}" for s in EVAL_SETS) + " | τ overall | speedup | greedy match |")
+        print("|---" * (len(EVAL_SETS) + 4) + "|")
         print("\n".join(rows))
     return 0
 

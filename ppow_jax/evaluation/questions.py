@@ -8,6 +8,9 @@ import pathlib
 
 from ppow_jax.errors import InputError
 
+# The four question sets under `<data root>/eval/`, in the order the benchmarks tabulate them.
+EVAL_SETS = ("mt_bench", "humaneval", "gsm8k", "alpaca")
+
 
 @dataclasses.dataclass(frozen=True)
 class Question:
