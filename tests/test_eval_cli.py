@@ -2,6 +2,7 @@
 
 import collections
 import json
+import math
 
 import pytest
 
@@ -233,10 +234,11 @@ def _paired_turn(set_name, question_id, plain, a, b, match_b=True) -> dict:
             "match": {"A": True, "B": match_b}}
 
 
-def _paired_speedup_module():
+def _benchmark_module(name: str):
+    """A script of benchmarks/ (not a package) as a module."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("paired_speedup", REPO_ROOT / "benchmarks" / "paired_speedup.py")
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -245,7 +247,7 @@ def _paired_speedup_module():
 @pytest.mark.parametrize("count", [1, 2, 3, 4, 5])
 def test_the_paired_speedup_balances_who_goes_first_and_who_follows_whom(count):
     names = [f"d{k}" for k in range(count)]
-    orders = _paired_speedup_module().decoder_orders(names, 2 * count)
+    orders = _benchmark_module("paired_speedup").decoder_orders(names, 2 * count)
     cycle = orders[:count if count % 2 == 0 else 2 * count]
     assert all(sorted(order) == names for order in orders)
     firsts = [order[0] for order in cycle]
@@ -258,7 +260,7 @@ def test_the_paired_speedup_shares_one_baseline_across_shards_and_refuses_mixed_
     """Speedups are plain decoding's seconds over each drafter's (equal greedy answers), summed over
     every shard's turns; the paired difference comes with its bootstrap interval over questions within
     each set; shards of different runs, a shard twice, or a greedy mismatch, fail."""
-    paired = _paired_speedup_module()
+    paired = _benchmark_module("paired_speedup")
     first = _paired_run(tmp_path / "0", [_paired_turn("mt_bench", 1, 2.0, 1.0, 2.0), _paired_turn("gsm8k", 2, 2.0, 1.0, 1.5)],
                         shard="0/2")
     second = _paired_run(tmp_path / "1", [_paired_turn("gsm8k", 3, 2.0, 2.0, 2.5)], shard="1/2")
@@ -291,7 +293,7 @@ def test_the_paired_speedup_times_drafters_of_different_cache_margins_on_smollm2
     """A trained feature drafter and a self-speculative one (each with its own cache margin) beside
     plain decoding, on MT-bench's first question (two turns): every greedy answer equals plain decoding's."""
     out = tmp_path / "paired"
-    code = _paired_speedup_module().main([
+    code = _benchmark_module("paired_speedup").main([
         "--drafter", f"kd={REPO_ROOT / 'checkpoints' / 'smollm2-135m-instruct' / 'kd'}", "--drafter", "self=self:6",
         "--limit", "1", "--shard", "0/4", "--max-new-tokens", "8", "--data-root", str(shared_data_root),
         "--compare", "kd", "self", "--out", str(out)])
@@ -303,3 +305,28 @@ def test_the_paired_speedup_times_drafters_of_different_cache_margins_on_smollm2
         assert t["match"] == {"kd": True, "self": True} and set(t["seconds"]) == {"plain", "kd", "self"}
         assert len({n for n in t["new_tokens"].values()}) == 1 and all(s > 0 for s in t["seconds"].values())
     assert "speedup kd - self:" in capsys.readouterr().out
+
+
+def test_the_data_scaling_fit_recovers_a_log_linear_law_and_refuses_what_it_cannot_fit(capsys):
+    scaling = _benchmark_module("data_scaling")
+
+    def law(responses: float) -> float:
+        return 0.25 + 0.125 * math.log2(responses)
+
+    points = [scaling.Measurement(n, law(n)) for n in (500, 2000, 8000)]
+    fit = scaling.fit(points)
+    assert fit.intercept == pytest.approx(0.25) and fit.per_doubling == pytest.approx(0.125)
+    assert fit.responses_for(law(64000)) == pytest.approx(64000)
+    args = [f"--point={n:g}:{law(n)!r}" for n in (500, 2000, 8000)]
+    assert scaling.main(args + ["--check", "16000:1.0", "--target", f"{law(32000)!r}", "--seconds-per-response", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"| 16,000 | 1.000 | {law(16000):.3f} | {1.0 - law(16000):+.3f} | no (a check) |" in out
+    assert "at 32,000 responses: 1.0 doublings past the largest measured (16,000)" in out
+    assert "making the 16,000 more at 2 s each: 9 hours" in out
+    assert scaling.main(["--point", "500:1.0", "--point", "2000:0.9"]) == 2
+    assert "does not rise with the data" in capsys.readouterr().err
+    assert scaling.main(["--point", "500:1.0", "--point", "500:1.1"]) == 2
+    assert "two or more data sizes" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        scaling.main(["--point", "0:1.0"])
+    assert "RESPONSES must be positive" in capsys.readouterr().err
