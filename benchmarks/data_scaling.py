@@ -1,14 +1,15 @@
 """How much distilled data a drafter would need: a log-linear fit of accept length against data size.
 
-Each `--point RESPONSES:ACCEPT` is one measured drafter: the self-distilled responses it was
-trained on and its dev accept length (drafts accepted per greedy window, as the training runs'
-dev probe and `benchmarks/dev_acceptance.py` report it). The fit is accept = a + b * log2(RESPONSES).
-`--check` points are drafters left out of the fit; their residuals test it. `--target` is the
-accept length wanted; the script prints the data the fit puts there and, with
-`--seconds-per-response`, what making that data would cost at the given rate.
+Each `--point RESPONSES:ACCEPT` is one measured drafter: the distinct self-distilled responses it
+was trained on and its accept length (drafts accepted per greedy window, as the training runs' dev
+probe and `benchmarks/dev_acceptance.py` report it; τ - 1 of an eval works too). The fit is
+accept = a + b * log2(RESPONSES), with b's standard error. `--check` points are drafters left out of
+the fit; their residuals test it. `--target` is the accept length wanted: the script prints the data
+the fit puts there, the data with the slope two standard errors steeper (the fewest the fit allows)
+and, with `--seconds-per-response`, what making that data would cost at the given rate.
 
     python benchmarks/data_scaling.py --point 439:0.846 --point 1997:1.126 --point 3983:1.249 \
-        --check 9745:1.419 --target 2.5 --seconds-per-response 1.19
+        --check 9745:1.419 --target 2.5 --seconds-per-response 1.22
 """
 
 from __future__ import annotations
@@ -27,14 +28,25 @@ class Measurement(NamedTuple):
 
 
 class LogLinearFit(NamedTuple):
-    intercept: float
+    """accept = mean_accept + per_doubling * (log2(responses) - mean_log2): the least-squares line, held at
+    the measurements' centre, where the slope's error does not move the line."""
+
+    mean_log2: float
+    mean_accept: float
     per_doubling: float  # accept length gained each time the data doubles
+    per_doubling_se: float  # its standard error (nan from two measurements)
+
+    @property
+    def intercept(self) -> float:
+        return self.mean_accept - self.per_doubling * self.mean_log2
 
     def predict(self, responses: float) -> float:
-        return self.intercept + self.per_doubling * math.log2(responses)
+        return self.mean_accept + self.per_doubling * (math.log2(responses) - self.mean_log2)
 
-    def responses_for(self, accept_length: float) -> float:
-        return 2.0 ** ((accept_length - self.intercept) / self.per_doubling)
+    def responses_for(self, accept_length: float, per_doubling: float | None = None) -> float:
+        """The data at which the line (or the line through the centre at another slope) reaches accept_length."""
+        slope = self.per_doubling if per_doubling is None else per_doubling
+        return 2.0 ** (self.mean_log2 + (accept_length - self.mean_accept) / slope)
 
 
 def parse_measurement(text: str) -> Measurement:
@@ -49,36 +61,52 @@ def parse_measurement(text: str) -> Measurement:
 
 
 def fit(points: list[Measurement]) -> LogLinearFit:
-    sizes = {point.responses for point in points}
-    if len(sizes) < 2:
+    log2_sizes = np.log2([p.responses for p in points])
+    accepts = np.array([p.accept_length for p in points])
+    if len(set(log2_sizes.tolist())) < 2:
         raise ValueError("a fit needs measurements at two or more data sizes")
-    per_doubling, intercept = np.polyfit([math.log2(p.responses) for p in points],
-                                         [p.accept_length for p in points], 1)
+    centred = log2_sizes - log2_sizes.mean()
+    per_doubling = float(centred @ (accepts - accepts.mean()) / (centred @ centred))
     if per_doubling <= 0:
         raise ValueError(f"accept length does not rise with the data ({per_doubling:+.4f} per doubling): "
                          "no data size reaches a target")
-    return LogLinearFit(float(intercept), float(per_doubling))
+    residuals = accepts - accepts.mean() - per_doubling * centred
+    per_doubling_se = (math.sqrt(residuals @ residuals / (len(points) - 2) / (centred @ centred))
+                       if len(points) > 2 else math.nan)
+    return LogLinearFit(float(log2_sizes.mean()), float(accepts.mean()), per_doubling, per_doubling_se)
 
 
 def report(points: list[Measurement], checks: list[Measurement], target: float | None,
            seconds_per_response: float | None) -> str:
     line_fit = fit(points)
     lines = [f"fit over {len(points)} drafters: accept length = {line_fit.intercept:+.4f} "
-             f"+ {line_fit.per_doubling:.4f} * log2(responses)",
+             f"+ {line_fit.per_doubling:.4f} (s.e. {line_fit.per_doubling_se:.4f}) * log2(responses)",
              "", "| responses | measured | fitted | residual | in the fit |", "|---|---|---|---|---|"]
     for point, in_fit in [(p, "yes") for p in points] + [(c, "no (a check)") for c in checks]:
         fitted = line_fit.predict(point.responses)
         lines.append(f"| {point.responses:,.0f} | {point.accept_length:.3f} | {fitted:.3f} | "
                      f"{point.accept_length - fitted:+.3f} | {in_fit} |")
-    if target is not None:
+    if target is None:
+        return "\n".join(lines)
+    largest = max(p.responses for p in points + checks)
+    try:
         needed = line_fit.responses_for(target)
-        largest = max(p.responses for p in points + checks)
-        lines += ["", f"accept length {target:g} at {needed:,.0f} responses: "
-                      f"{math.log2(needed / largest):.1f} doublings past the largest measured ({largest:,.0f})"]
-        if seconds_per_response is not None:
-            hours = (needed - largest) * seconds_per_response / 3600
-            lines.append(f"making the {needed - largest:,.0f} more at {seconds_per_response:g} s each: "
-                         f"{hours:,.0f} hours")
+        # The slope two standard errors steeper: the fewest responses the fit allows for the target.
+        fewest = (line_fit.responses_for(target, line_fit.per_doubling + 2 * line_fit.per_doubling_se)
+                  if math.isfinite(line_fit.per_doubling_se) else math.nan)
+    except OverflowError:
+        raise ValueError(f"the target {target:g} lies beyond any data size a float can hold") from None
+    if needed <= largest:
+        lines += ["", f"accept length {target:g}: the fit puts it at {needed:,.0f} responses, "
+                      f"within the data measured (up to {largest:,.0f})"]
+        return "\n".join(lines)
+    lines += ["", f"accept length {target:g} at {needed:,.0f} responses: "
+                  f"{math.log2(needed / largest):.1f} doublings past the largest measured ({largest:,.0f})"]
+    if math.isfinite(fewest):
+        lines.append(f"with the slope two standard errors steeper: {fewest:,.0f} responses")
+    if seconds_per_response is not None:
+        hours = (needed - largest) * seconds_per_response / 3600
+        lines.append(f"making the {needed - largest:,.0f} more at {seconds_per_response:g} s each: {hours:,.0f} hours")
     return "\n".join(lines)
 
 
@@ -91,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, help="the accept length wanted")
     parser.add_argument("--seconds-per-response", type=float, help="what one more response costs to make")
     args = parser.parse_args(argv)
+    if args.target is not None and not math.isfinite(args.target):
+        parser.error(f"--target must be a finite accept length, not {args.target}")
+    if args.seconds_per_response is not None and not (args.seconds_per_response > 0 and
+                                                      math.isfinite(args.seconds_per_response)):
+        parser.error(f"--seconds-per-response must be a positive number of seconds, not {args.seconds_per_response}")
     try:
         print(report(args.point, args.check, args.target, args.seconds_per_response))
     except ValueError as error:

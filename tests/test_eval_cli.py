@@ -3,6 +3,7 @@
 import collections
 import json
 import math
+import types
 
 import pytest
 
@@ -234,7 +235,7 @@ def _paired_turn(set_name, question_id, plain, a, b, match_b=True) -> dict:
             "match": {"A": True, "B": match_b}}
 
 
-def _benchmark_module(name: str):
+def _benchmark_module(name: str) -> types.ModuleType:
     """A script of benchmarks/ (not a package) as a module."""
     import importlib.util
 
@@ -313,20 +314,32 @@ def test_the_data_scaling_fit_recovers_a_log_linear_law_and_refuses_what_it_cann
     def law(responses: float) -> float:
         return 0.25 + 0.125 * math.log2(responses)
 
-    points = [scaling.Measurement(n, law(n)) for n in (500, 2000, 8000)]
-    fit = scaling.fit(points)
-    assert fit.intercept == pytest.approx(0.25) and fit.per_doubling == pytest.approx(0.125)
-    assert fit.responses_for(law(64000)) == pytest.approx(64000)
+    exact = scaling.fit([scaling.Measurement(n, law(n)) for n in (500, 2000, 8000)])
+    assert exact.intercept == pytest.approx(0.25) and exact.per_doubling == pytest.approx(0.125)
+    assert exact.per_doubling_se == pytest.approx(0.0, abs=1e-9)
+    assert exact.responses_for(law(64000)) == pytest.approx(64000)
+    # Noisy points: the slope's standard error by hand (residuals +-0.01 at log2 sizes 1, 2, 3, 4).
+    noisy = scaling.fit([scaling.Measurement(2.0 ** k, k / 10 + (0.01 if k % 2 else -0.01)) for k in (1, 2, 3, 4)])
+    assert noisy.per_doubling == pytest.approx(0.1 - 0.004)
+    residuals = [k / 10 + (0.01 if k % 2 else -0.01) - noisy.predict(2.0 ** k) for k in (1, 2, 3, 4)]
+    assert noisy.per_doubling_se == pytest.approx(math.sqrt(sum(r * r for r in residuals) / 2 / 5))
+
     args = [f"--point={n:g}:{law(n)!r}" for n in (500, 2000, 8000)]
     assert scaling.main(args + ["--check", "16000:1.0", "--target", f"{law(32000)!r}", "--seconds-per-response", "2"]) == 0
     out = capsys.readouterr().out
     assert f"| 16,000 | 1.000 | {law(16000):.3f} | {1.0 - law(16000):+.3f} | no (a check) |" in out
     assert "at 32,000 responses: 1.0 doublings past the largest measured (16,000)" in out
     assert "making the 16,000 more at 2 s each: 9 hours" in out
-    assert scaling.main(["--point", "500:1.0", "--point", "2000:0.9"]) == 2
-    assert "does not rise with the data" in capsys.readouterr().err
-    assert scaling.main(["--point", "500:1.0", "--point", "500:1.1"]) == 2
-    assert "two or more data sizes" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        scaling.main(["--point", "0:1.0"])
-    assert "RESPONSES must be positive" in capsys.readouterr().err
+    assert scaling.main(args + ["--target", f"{law(1000)!r}"]) == 0
+    assert "at 1,000 responses, within the data measured (up to 8,000)" in capsys.readouterr().out
+    for bad, message in [(["--point", "500:1.0", "--point", "2000:0.9"], "does not rise with the data"),
+                         (["--point", "500:1.0", "--point", "500:1.1"], "two or more data sizes"),
+                         (args + ["--target", "5000"], "beyond any data size")]:
+        assert scaling.main(bad) == 2
+        assert message in capsys.readouterr().err
+    for bad, message in [(["--point", "0:1.0"], "RESPONSES must be positive"),
+                         (args + ["--target", "nan"], "--target must be a finite"),
+                         (args + ["--target", "3", "--seconds-per-response", "-1"], "--seconds-per-response must be a positive")]:
+        with pytest.raises(SystemExit) as exit_info:
+            scaling.main(bad)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
