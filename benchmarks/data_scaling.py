@@ -97,8 +97,10 @@ def report(points: list[Measurement], checks: list[Measurement], target: float |
     except OverflowError:
         raise ValueError(f"the target {target:g} lies beyond any data size a float can hold") from None
     if needed <= largest:
+        smallest = min(p.responses for p in points + checks)
+        where = "within the data measured" if needed >= smallest else "below the data measured"
         lines += ["", f"accept length {target:g}: the fit puts it at {needed:,.0f} responses, "
-                      f"within the data measured (up to {largest:,.0f})"]
+                      f"{where} ({smallest:,.0f} to {largest:,.0f})"]
         return "\n".join(lines)
     lines += ["", f"accept length {target:g} at {needed:,.0f} responses: "
                   f"{math.log2(needed / largest):.1f} doublings past the largest measured ({largest:,.0f})"]
@@ -121,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.target is not None and not math.isfinite(args.target):
         parser.error(f"--target must be a finite accept length, not {args.target}")
+    if args.seconds_per_response is not None and args.target is None:
+        parser.error("--seconds-per-response prices the data a --target needs: give a --target too")
     if args.seconds_per_response is not None and not (args.seconds_per_response > 0 and
                                                       math.isfinite(args.seconds_per_response)):
         parser.error(f"--seconds-per-response must be a positive number of seconds, not {args.seconds_per_response}")

@@ -331,13 +331,28 @@ def test_the_data_scaling_fit_recovers_a_log_linear_law_and_refuses_what_it_cann
     assert "at 32,000 responses: 1.0 doublings past the largest measured (16,000)" in out
     assert "making the 16,000 more at 2 s each: 9 hours" in out
     assert scaling.main(args + ["--target", f"{law(1000)!r}"]) == 0
-    assert "at 1,000 responses, within the data measured (up to 8,000)" in capsys.readouterr().out
+    assert "at 1,000 responses, within the data measured (500 to 8,000)" in capsys.readouterr().out
+    assert scaling.main(args + ["--target", f"{law(100)!r}"]) == 0
+    assert "at 100 responses, below the data measured (500 to 8,000)" in capsys.readouterr().out
+    # Two measurements: no standard error, so no optimistic bound.
+    assert scaling.main(args[:2] + ["--target", f"{law(8000)!r}"]) == 0
+    out = capsys.readouterr().out
+    assert "(s.e. nan)" in out and "at 8,000 responses: 2.0 doublings" in out and "steeper" not in out
+    # Noisy points: the data at the slope two standard errors steeper, through the points' centre.
+    noisy_args = [f"--point={2.0 ** k:g}:{k / 10 + (0.01 if k % 2 else -0.01)!r}" for k in (1, 2, 3, 4)]
+    assert scaling.main(noisy_args + ["--target", "1.0"]) == 0
+    steeper = noisy.per_doubling + 2 * noisy.per_doubling_se
+    fewest = 2.0 ** (2.5 + (1.0 - 0.25) / steeper)  # centre: log2 size 2.5, accept 0.25
+    assert f"with the slope two standard errors steeper: {fewest:,.0f} responses" in capsys.readouterr().out
     for bad, message in [(["--point", "500:1.0", "--point", "2000:0.9"], "does not rise with the data"),
                          (["--point", "500:1.0", "--point", "500:1.1"], "two or more data sizes"),
                          (args + ["--target", "5000"], "beyond any data size")]:
         assert scaling.main(bad) == 2
         assert message in capsys.readouterr().err
     for bad, message in [(["--point", "0:1.0"], "RESPONSES must be positive"),
+                         (["--point", "1:2:3"], "is not RESPONSES:ACCEPT_LENGTH"),
+                         (["--point", "abc:1"], "is not RESPONSES:ACCEPT_LENGTH"),
+                         (args + ["--seconds-per-response", "2"], "give a --target too"),
                          (args + ["--target", "nan"], "--target must be a finite"),
                          (args + ["--target", "3", "--seconds-per-response", "-1"], "--seconds-per-response must be a positive")]:
         with pytest.raises(SystemExit) as exit_info:
