@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 import numpy as np
 
 from ppow_jax.cli import load_config_file, run_entry_point
-from ppow_jax.evaluation.questions import EVAL_SETS
+from ppow_jax.evaluation.questions import EVAL_SETS, eval_set_path
 
 if TYPE_CHECKING:
     from ml_collections import ConfigDict
@@ -45,7 +45,6 @@ if TYPE_CHECKING:
     from ppow_jax.inference.autoregressive import AutoregressiveDecoder
     from ppow_jax.training.ppow import PPOWTarget
     from ppow_jax.weights.registry import LoadedModel
-
 
 
 class ReplayedCycles(NamedTuple):
@@ -107,7 +106,7 @@ def question_prompts(data_root: pathlib.Path, set_name: str) -> list["Prompt"]:
 
     return [Prompt(key=f"{set_name}/{q.question_id}", source=set_name,
                    messages=({"role": "user", "content": q.turns[0]},))
-            for q in load_questions(data_root / "eval" / set_name / "question.jsonl")]
+            for q in load_questions(eval_set_path(data_root, set_name))]
 
 
 def answer_questions(config: "ConfigDict", target: "LoadedModel", decoder: "AutoregressiveDecoder",

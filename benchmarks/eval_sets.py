@@ -16,7 +16,7 @@ import pathlib
 import subprocess
 import sys
 
-from ppow_jax.evaluation.questions import EVAL_SETS
+from ppow_jax.evaluation.questions import EVAL_SETS, eval_set_path
 
 
 def per_set_table(results: dict) -> str:
@@ -50,7 +50,7 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    questions = [str(pathlib.Path(args.data_root) / "eval" / name / "question.jsonl") for name in EVAL_SETS]
+    questions = [str(eval_set_path(args.data_root, name)) for name in EVAL_SETS]
     status = 0
     for temperature in args.temperatures:
         out = pathlib.Path(args.out) / f"T{temperature:g}"

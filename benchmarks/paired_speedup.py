@@ -37,7 +37,7 @@ import numpy as np
 
 from ppow_jax.cli import add_matmul_precision_argument, matmul_precision, run_entry_point
 from ppow_jax.errors import InputError
-from ppow_jax.evaluation.questions import EVAL_SETS
+from ppow_jax.evaluation.questions import EVAL_SETS, eval_set_path
 
 PLAIN = "plain"
 
@@ -109,8 +109,8 @@ def time_turns(args: argparse.Namespace, drafters: dict[str, str]) -> dict:
     for name, spec in drafters.items():  # a calibrated window is each drafter's own
         windows[name] = window_policy(argparse.Namespace(**{**vars(args), "drafter": spec}))
         windows[name].check_sampling(sampling.greedy)
-    questions = [q for name in EVAL_SETS for q in load_questions(pathlib.Path(args.data_root) / "eval" / name / "question.jsonl",
-                                                            args.limit)][shard_index::shard_count]
+    questions = [q for name in EVAL_SETS
+                 for q in load_questions(eval_set_path(args.data_root, name), args.limit)][shard_index::shard_count]
     if not questions:
         raise InputError(f"--shard {args.shard} holds no questions (--limit {args.limit} per set)")
 
@@ -260,7 +260,7 @@ def report(directories: Sequence[str], compare: Optional[Sequence[str]]) -> int:
                      f"{tokens_per_second(turns, name):.1f} | {overall[name]:.3f}x | " + " | ".join(f"{speedups(g, [name])[name]:.3f}x" for g in by_set)
                      + f" | {match} |")
     plain_tokens, plain_seconds = sum(t["new_tokens"][PLAIN] for t in turns), sum(t["seconds"][PLAIN] for t in turns)
-    lines.append(f"\nplain decoding: {plain_tokens / plain_seconds:.1f} tokens/s ({plain_tokens} tokens in {plain_seconds:.1f} s)")
+    lines.append(f"\nplain decoding: {tokens_per_second(turns, PLAIN):.1f} tokens/s ({plain_tokens} tokens in {plain_seconds:.1f} s)")
     if not greedy:
         lines.append("greedy match: '-' when sampling (T > 0): outputs are draws, not checked for equality")
     if compare:

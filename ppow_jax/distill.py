@@ -32,11 +32,6 @@ def comma_separated(data, key: str) -> list[str]:
     return [part.strip() for part in str(data.get(key, "")).split(",") if part.strip()]
 
 
-def exclude_caches(data) -> list[str]:
-    """`data.exclude_caches`: comma-separated distillation caches whose prompts "train" passes over."""
-    return comma_separated(data, "exclude_caches")
-
-
 def run(config) -> int:
     from ppow_jax import multihost
     from ppow_jax.data.distill import cached_prompt_keys, check_responses, check_sizes
@@ -46,7 +41,7 @@ def run(config) -> int:
     check_sizes(batch_size=config.data.batch_size, max_prompts=config.data.max_prompts,
                 dev_prompts=config.data.get("dev_prompts", 0), skip_prompts=config.data.get("skip_prompts", 0))
     check_responses(config.data.get("responses", "target"))
-    cached_prompt_keys(exclude_caches(config.data))
+    cached_prompt_keys(comma_separated(config.data, "exclude_caches"))
     multihost.initialize(config.get("distributed") or {})
     target = load_model(config.target, param_dtype=config.param_dtype)
     run_distillation(config, target)
@@ -86,7 +81,7 @@ def run_distillation(config, target, progress: bool = True) -> None:
                                 batch_size=config.data.batch_size, max_prompts=config.data.max_prompts,
                                 dev_prompts=dev_prompts, split=split, source_caps=source_caps,
                                 skip_prompts=config.data.get("skip_prompts", 0),
-                                exclude_caches=exclude_caches(config.data), progress=progress, share=share)
+                                exclude_caches=comma_separated(config.data, "exclude_caches"), progress=progress, share=share)
         tokens = sum(s["response_tokens"] for s in manifest["shards"])
         answered = sum(len(s["keys"]) for s in manifest["shards"])
         no_reference = len(manifest.get("skipped_no_reference", []))

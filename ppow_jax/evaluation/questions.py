@@ -12,6 +12,11 @@ from ppow_jax.errors import InputError
 EVAL_SETS = ("mt_bench", "humaneval", "gsm8k", "alpaca")
 
 
+def eval_set_path(data_root: str | pathlib.Path, name: str) -> pathlib.Path:
+    """The question file of eval set `name` under a data root."""
+    return pathlib.Path(data_root) / "eval" / name / "question.jsonl"
+
+
 @dataclasses.dataclass(frozen=True)
 class Question:
     question_id: str
